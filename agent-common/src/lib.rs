@@ -1,0 +1,305 @@
+//! Map keys, map values and ring-buffer events shared by the kernel programs and the agent.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, and has no implicit padding, so its bytes mean the same
+//! on both sides. Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`),
+//! which is also how the kernel normalises an IPv4-mapped IPv6 destination.
+#![no_std]
+
+/// Map names, as the kernel programs declare them and the agent looks them up.
+pub mod map_names {
+    pub const ENDPOINTS_EXACT: &str = "ENDPOINTS_EXACT";
+    pub const ENDPOINTS_CIDR: &str = "ENDPOINTS_CIDR";
+    pub const WORKLOADS: &str = "WORKLOADS";
+    pub const RULES: &str = "RULES";
+    pub const PROCESS_GRANTS: &str = "PROCESS_GRANTS";
+    pub const WORKLOAD_GRANTS: &str = "WORKLOAD_GRANTS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_DROPS: &str = "EVENT_DROPS";
+    pub const SOCKET_TAGS: &str = "SOCKET_TAGS";
+}
+
+/// Program names (the Rust function names in `tessera-ebpf`).
+pub mod program_names {
+    pub const SOCK_CREATE: &str = "tessera_sock_create";
+    pub const SOCK_RELEASE: &str = "tessera_sock_release";
+    pub const CONNECT4: &str = "tessera_connect4";
+    pub const CONNECT6: &str = "tessera_connect6";
+    pub const SENDMSG4: &str = "tessera_sendmsg4";
+    pub const SENDMSG6: &str = "tessera_sendmsg6";
+    pub const PROCESS_EXIT: &str = "tessera_process_exit";
+}
+
+/// Map capacities. The agent refuses a policy that needs more entries than these.
+pub mod capacity {
+    pub const ENDPOINTS_EXACT: u32 = 262_144;
+    pub const ENDPOINTS_CIDR: u32 = 262_144;
+    pub const WORKLOADS: u32 = 65_536;
+    pub const RULES: u32 = 262_144;
+    pub const PROCESS_GRANTS: u32 = 65_536;
+    pub const WORKLOAD_GRANTS: u32 = 65_536;
+    pub const SOCKET_TAGS: u32 = 131_072;
+    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+}
+
+/// Ancestor levels the kernel walks to find the workload of a cgroup (the deepest match wins).
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+/// Grant slots per process: one per endpoint the process holds a credential for.
+pub const GRANT_SLOTS: usize = 8;
+
+/// `WorkloadKey::uid` that matches every uid.
+pub const ANY_UID: u32 = u32::MAX;
+/// `WorkloadKey::cgroup_id` that matches every cgroup.
+pub const ANY_CGROUP: u64 = 0;
+/// `EndpointKey::port` that matches every port.
+pub const ANY_PORT: u16 = 0;
+/// Marks an absent workload, rule or endpoint id in an event.
+pub const NONE_ID: u32 = u32::MAX;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+pub const MODE_ENFORCE: u32 = 0;
+pub const MODE_AUDIT: u32 = 1;
+
+/// `Config::mode_override` values: the `--mode` flag of `tessera run`.
+pub const MODE_OVERRIDE_NONE: u32 = 0;
+pub const MODE_OVERRIDE_ENFORCE: u32 = 1;
+pub const MODE_OVERRIDE_AUDIT: u32 = 2;
+
+/// `RuleValue::flags`: the rule requires a credential.
+pub const RULE_CREDENTIAL_REQUIRED: u32 = 1;
+
+/// `GrantSlot::state` values.
+pub const GRANT_EMPTY: u32 = 0;
+pub const GRANT_ACTIVE: u32 = 1;
+pub const GRANT_REVOKED: u32 = 2;
+
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+pub const REASON_CREDENTIAL_VALID: u8 = 1;
+pub const REASON_ALLOWLISTED: u8 = 2;
+pub const REASON_NO_CREDENTIAL: u8 = 3;
+pub const REASON_CREDENTIAL_EXPIRED: u8 = 4;
+pub const REASON_CREDENTIAL_REVOKED: u8 = 5;
+pub const REASON_WORKLOAD_NOT_ALLOWED: u8 = 6;
+pub const REASON_UNKNOWN_WORKLOAD: u8 = 7;
+
+/// Exact endpoint match: `ENDPOINTS_EXACT` key. `port` in host byte order; `ANY_PORT` for
+/// an endpoint without ports. `protocol` is `PROTO_TCP` or `PROTO_UDP` (an endpoint with
+/// `protocol: any` has one entry for each).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// CIDR endpoint match: the data of an `ENDPOINTS_CIDR` LPM-trie key. The prefix always
+/// covers `protocol`, `_pad` and `port` (32 bits), then the address prefix: an IPv4 /n is
+/// `32 + 96 + n` bits, an IPv6 /n is `32 + n`. `port` in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointCidrKey {
+    pub protocol: u8,
+    pub _pad: u8,
+    pub port_be: u16,
+    pub addr: [u8; 16],
+}
+
+/// Bits of `EndpointCidrKey` before the address.
+pub const CIDR_KEY_HEADER_BITS: u32 = 32;
+
+/// What an endpoint lookup finds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub endpoint_id: u32,
+    /// Mode of the policy that declared the endpoint: used for denies that no rule covers
+    /// (`unknown_workload`, `workload_not_allowed`).
+    pub mode: u32,
+}
+
+/// `WORKLOADS` key: a workload is found by an ancestor cgroup id of the caller (or
+/// `ANY_CGROUP`) and its uid (or `ANY_UID`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WorkloadKey {
+    pub cgroup_id: u64,
+    pub uid: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadValue {
+    pub workload_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKey {
+    pub workload_id: u32,
+    pub endpoint_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleValue {
+    pub rule_id: u32,
+    /// `RULE_CREDENTIAL_REQUIRED`
+    pub flags: u32,
+    /// `MODE_ENFORCE` or `MODE_AUDIT`
+    pub mode: u32,
+    pub _pad: u32,
+}
+
+/// One credential's grant in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GrantSlot {
+    /// Kernel boot clock (`bpf_ktime_get_boot_ns`); valid while later than now.
+    pub expires_at_ns: u64,
+    /// The agent's id for the credential (maps to its `jti`); never the token.
+    pub credential_id: u64,
+    pub endpoint_id: u32,
+    /// The workload the holder was attested as: the grant applies only while the caller
+    /// still maps to this workload.
+    pub workload_id: u32,
+    /// `GRANT_EMPTY`, `GRANT_ACTIVE` or `GRANT_REVOKED`
+    pub state: u32,
+    pub _pad: u32,
+}
+
+/// `PROCESS_GRANTS` value, keyed by tgid (`u32`). Deleted in the kernel when the process exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProcessGrants {
+    pub slots: [GrantSlot; GRANT_SLOTS],
+}
+
+/// `WORKLOAD_GRANTS` key (value: `GrantSlot`), for `bind: workload` credentials.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WorkloadGrantKey {
+    pub workload_id: u32,
+    pub endpoint_id: u32,
+}
+
+/// `CONFIG[0]`
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// `MODE_OVERRIDE_*`
+    pub mode_override: u32,
+    /// Bumped by the agent on every policy sync; copied into events.
+    pub policy_generation: u32,
+}
+
+/// `SOCKET_TAGS` value, keyed by socket cookie (`u64`): who created the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SocketTag {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad: u32,
+}
+
+/// One decision, sent through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecisionEvent {
+    /// Kernel boot clock.
+    pub timestamp_ns: u64,
+    pub cgroup_id: u64,
+    /// 0 when no grant was involved.
+    pub credential_id: u64,
+    pub socket_cookie: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// tgid of the socket's creator (from `SOCKET_TAGS`); 0 when unknown.
+    pub creator_tgid: u32,
+    pub endpoint_id: u32,
+    /// `NONE_ID` when the caller maps to no workload.
+    pub workload_id: u32,
+    /// `NONE_ID` when no rule covers the pair.
+    pub rule_id: u32,
+    pub policy_generation: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// `HOOK_*`
+    pub hook: u8,
+    /// `PROTO_*`
+    pub protocol: u8,
+    /// `VERDICT_*`: the policy's verdict. In audit mode a deny is still `VERDICT_DENY`.
+    pub verdict: u8,
+    /// `REASON_*`
+    pub reason: u8,
+    /// 1 when the verdict was enforced (a deny returned EPERM), 0 in audit mode.
+    pub enforced: u8,
+    /// 4 or 6: the family of the normalised destination.
+    pub family: u8,
+    /// Normalised destination, IPv4 as IPv4-mapped.
+    pub addr: [u8; 16],
+    pub comm: [u8; 16],
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], Copy, made only of integers and arrays of integers,
+    // and has no implicit padding (checked by the size tests below).
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointCidrKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for WorkloadKey {}
+    unsafe impl aya::Pod for WorkloadValue {}
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for RuleValue {}
+    unsafe impl aya::Pod for GrantSlot {}
+    unsafe impl aya::Pod for ProcessGrants {}
+    unsafe impl aya::Pod for WorkloadGrantKey {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SocketTag {}
+    unsafe impl aya::Pod for DecisionEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    /// The sum of the field sizes equals the struct size: no implicit padding.
+    #[test]
+    fn no_implicit_padding() {
+        assert_eq!(size_of::<EndpointKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<EndpointCidrKey>(), 1 + 1 + 2 + 16);
+        assert_eq!(size_of::<EndpointValue>(), 8);
+        assert_eq!(size_of::<WorkloadKey>(), 16);
+        assert_eq!(size_of::<WorkloadValue>(), 8);
+        assert_eq!(size_of::<RuleKey>(), 8);
+        assert_eq!(size_of::<RuleValue>(), 16);
+        assert_eq!(size_of::<GrantSlot>(), 8 + 8 + 4 * 4);
+        assert_eq!(size_of::<ProcessGrants>(), 32 * GRANT_SLOTS);
+        assert_eq!(size_of::<WorkloadGrantKey>(), 8);
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<SocketTag>(), 8 + 4 * 4);
+        assert_eq!(size_of::<DecisionEvent>(), 4 * 8 + 9 * 4 + 2 + 6 + 16 + 16 + 4);
+    }
+}
