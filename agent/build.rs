@@ -6,9 +6,12 @@ use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let root_dir = manifest_dir.join("../agent-ebpf");
-    let root_dir = root_dir.to_str().context("the path of agent-ebpf is not UTF-8")?;
+    let root_dir = root_dir
+        .to_str()
+        .context("the path of agent-ebpf is not UTF-8")?;
     aya_build::build_ebpf(
         [Package {
             name: "tessera-ebpf",

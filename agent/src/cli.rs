@@ -1,3 +1,44 @@
 //! The `tessera` command line: one file per subcommand, each with its clap `Args` and a `run`.
+use clap::{Parser, Subcommand};
+
 pub mod check;
 pub mod logs;
+pub mod revoke;
+pub mod run;
+pub mod status;
+pub mod token;
+
+pub const DEFAULT_POLICY_DIR: &str = "/etc/tessera/policies";
+pub const DEFAULT_API_SOCKET: &str = "/run/tessera/workload.sock";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tessera/admin.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera";
+pub const DEFAULT_DECISION_LOG: &str = "/var/log/tessera/decisions.jsonl";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Enforces workload identity on outbound calls: eBPF decides every connect to a \
+             protected endpoint; the agent issues short-lived credentials and logs each decision."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent in the foreground: load and attach the programs, serve the Workload API,
+    /// write the decision log.
+    Run(run::RunArgs),
+    /// Validate policy files.
+    Check(check::CheckArgs),
+    /// Ask the Workload API for a credential for this process; print the JWT.
+    Token(token::TokenArgs),
+    /// Revoke credentials now.
+    Revoke(revoke::RevokeArgs),
+    /// Read or follow the decision log.
+    Logs(logs::LogsArgs),
+    /// Show what the running agent enforces, and its counters.
+    Status(status::StatusArgs),
+}

@@ -1,1 +1,49 @@
-//! credential
+//! Credentials: the Workload API, JWT signing and verification, the signing key, and the
+//! kernel grants written for each credential issued.
+
+mod admin;
+mod api;
+mod client;
+mod errors;
+mod http;
+mod jwt;
+mod keys;
+mod registry;
+mod service;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
+
+pub use admin::{StatusFn, serve_admin_api};
+pub use api::{TokenRequest, TokenResponse, bind_socket, serve_workload_api};
+pub use client::{admin_revoke, admin_status, end_credential, request_token};
+pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
+pub use jwt::Claims;
+pub use keys::KEY_FILE;
+pub use registry::{CredentialInfo, RevokeTarget};
+pub use service::CredentialService;
+
+use tessera_common::{GrantSlot, WorkloadGrantKey};
+
+/// Where credentials become kernel grants. Implemented over `kernel::GrantMaps`; unit tests use
+/// a recording double.
+pub trait GrantStore: Send + Sync {
+    /// Puts `slot` into the process's grants (replacing a slot for the same endpoint).
+    fn put_process_grant(&self, tgid: u32, slot: GrantSlot) -> Result<(), GrantStoreError>;
+    /// Marks the slot holding `credential_id` revoked; false when there is none.
+    fn revoke_process_grant(&self, tgid: u32, credential_id: u64) -> Result<bool, GrantStoreError>;
+    /// Deletes the slot holding `credential_id`; false when there is none.
+    fn remove_process_grant(&self, tgid: u32, credential_id: u64) -> Result<bool, GrantStoreError>;
+    fn put_workload_grant(
+        &self,
+        key: WorkloadGrantKey,
+        slot: GrantSlot,
+    ) -> Result<(), GrantStoreError>;
+    /// Marks the workload grant revoked if it still holds `credential_id`; false otherwise.
+    fn revoke_workload_grant(
+        &self,
+        key: WorkloadGrantKey,
+        credential_id: u64,
+    ) -> Result<bool, GrantStoreError>;
+}

@@ -1,1 +1,21 @@
-//! decision
+//! The decision log: kernel decision events enriched into `tessera.decision/v1` records,
+//! written as JSON lines, and read back (filtered, followed, formatted) by `tessera logs`.
+mod compact;
+mod enrich;
+mod filter;
+mod follow;
+mod record;
+mod sink;
+
+pub use compact::{format_compact, format_compact_coloured};
+pub use enrich::{CredentialLookup, CredentialRef, Enricher, NoCredentials};
+pub use filter::RecordFilter;
+pub use follow::{FollowError, LogFollower, LogLine};
+pub use record::{
+    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PolicyRecord, ProcessRecord,
+    Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
+};
+pub use sink::{DecisionSink, SinkError};
+
+#[cfg(test)]
+pub(crate) mod test_support;

@@ -1,1 +1,364 @@
-//! kernel
+//! The kernel side of the agent: loads and attaches Tessera's eBPF programs, writes the
+//! policy and grant maps, and reads decision events.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::{
+    Ebpf, EbpfError,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
+        cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+    },
+};
+use tessera_common::{
+    Config, EndpointCidrKey, EndpointKey, EndpointValue, MODE_OVERRIDE_AUDIT,
+    MODE_OVERRIDE_ENFORCE, MODE_OVERRIDE_NONE, RuleKey, RuleValue, WorkloadKey, WorkloadValue,
+    map_names, program_names,
+};
+use tracing::{debug, info};
+
+use crate::policy::PolicySet;
+
+mod compile;
+mod events;
+mod grants;
+mod stats;
+mod sync;
+mod system;
+
+pub use compile::{CompiledPolicy, SyncWarning, compile};
+pub use events::EventReader;
+pub use grants::GrantMaps;
+pub use stats::{BpfStatsGuard, ProgramStats, enable_bpf_stats};
+pub use sync::SyncReport;
+pub use system::{boot_time_ns, cgroup_id, cgroup2_root};
+
+/// The kernel programs, built by agent/build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera"));
+
+const SOCK_PROGRAMS: [&str; 2] = [program_names::SOCK_CREATE, program_names::SOCK_RELEASE];
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("parsing or creating the maps of the eBPF object failed")]
+    Object(#[source] EbpfError),
+    /// The source's Display carries the verifier log when the kernel refused the program.
+    #[error("eBPF program {program} could not be loaded or attached")]
+    Program {
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object has no program {0}: rebuild the agent")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0}: rebuild the agent")]
+    MissingMap(&'static str),
+    #[error("map {map} failed")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("mounting {fs} at {} failed: run as root or mount it yourself", path.display())]
+    Mount {
+        fs: &'static str,
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("reading {} failed", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo): mount cgroup2 first")]
+    NoCgroup2,
+    #[error("the policy needs {needed} entries in {map}, which holds at most {capacity}")]
+    PolicyTooLarge {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error("mode override {0} is not one of MODE_OVERRIDE_NONE, _ENFORCE, _AUDIT")]
+    InvalidModeOverride(u32),
+    #[error("process {tgid} holds too many credentials ({slots} at once): end one first")]
+    TooManyGrants { tgid: u32, slots: usize },
+    #[error("the decision event ring buffer was already taken")]
+    EventsTaken,
+    #[error("enabling BPF run-time statistics failed")]
+    Stats(#[source] aya::sys::SyscallError),
+    #[error("a kernel map lock was poisoned by a panic elsewhere")]
+    Poisoned,
+}
+
+/// The policy maps, written together by `sync_policy`.
+struct PolicyMaps {
+    exact: HashMap<MapData, EndpointKey, EndpointValue>,
+    cidr: LpmTrie<MapData, EndpointCidrKey, EndpointValue>,
+    workloads: HashMap<MapData, WorkloadKey, WorkloadValue>,
+    rules: HashMap<MapData, RuleKey, RuleValue>,
+    config: Array<MapData, Config>,
+}
+
+/// One attachment to a cgroup, kept so that `detach` can undo it.
+enum Attachment {
+    Sock(&'static str, CgroupSockLinkId),
+    SockAddr(&'static str, CgroupSockAddrLinkId),
+}
+
+/// Tessera's loaded programs and maps. Dropping it detaches and unloads everything.
+pub struct Enforcer {
+    ebpf: Ebpf,
+    policy: Mutex<PolicyMaps>,
+    drops: PerCpuArray<MapData, u64>,
+    grants: GrantMaps,
+    events: Option<RingBuf<MapData>>,
+    attachments: Vec<Attachment>,
+    cgroup: Option<PathBuf>,
+}
+
+impl Enforcer {
+    /// Loads every program (the verifier runs here) and attaches the process-exit tracepoint,
+    /// mounting bpffs and tracefs first when they are absent. Attaches nothing to cgroups.
+    pub fn load() -> Result<Enforcer, KernelError> {
+        system::ensure_mounted()?;
+        let mut ebpf = Ebpf::load(PROGRAMS).map_err(KernelError::Object)?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+            prog.load().map_err(program_error(name))?;
+        }
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(program_error(name))?;
+        }
+        let name = program_names::PROCESS_EXIT;
+        let exit: &mut TracePoint = program(&mut ebpf, name)?;
+        exit.load().map_err(program_error(name))?;
+        exit.attach("sched", "sched_process_exit")
+            .map_err(program_error(name))?;
+
+        let mut policy = PolicyMaps {
+            exact: take_map(&mut ebpf, map_names::ENDPOINTS_EXACT)?,
+            cidr: take_map(&mut ebpf, map_names::ENDPOINTS_CIDR)?,
+            workloads: take_map(&mut ebpf, map_names::WORKLOADS)?,
+            rules: take_map(&mut ebpf, map_names::RULES)?,
+            config: take_map(&mut ebpf, map_names::CONFIG)?,
+        };
+        policy
+            .config
+            .set(0, Config::default(), 0)
+            .map_err(map_error(map_names::CONFIG))?;
+        let grants = GrantMaps::new(
+            take_map(&mut ebpf, map_names::PROCESS_GRANTS)?,
+            take_map(&mut ebpf, map_names::WORKLOAD_GRANTS)?,
+        );
+        let drops = take_map(&mut ebpf, map_names::EVENT_DROPS)?;
+        let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
+        info!("eBPF programs loaded");
+        Ok(Enforcer {
+            ebpf,
+            policy: Mutex::new(policy),
+            drops,
+            grants,
+            events,
+            attachments: Vec::new(),
+            cgroup: None,
+        })
+    }
+
+    /// Attaches the socket and sock_addr programs to `cgroup` (and so to its subtree), next to
+    /// any programs already there. Attaching again first detaches from the previous cgroup.
+    ///
+    /// aya attaches through BPF links (kernel 5.7+), which the kernel always runs alongside the
+    /// cgroup's other programs and which refuse attach flags: hence `Single`, which sends none.
+    /// (On older kernels aya falls back to BPF_PROG_ATTACH, where `Single` is exclusive.)
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), KernelError> {
+        self.detach()?;
+        let dir = std::fs::File::open(cgroup).map_err(|source| KernelError::Io {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
+            let link = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            self.attachments.push(Attachment::Sock(name, link));
+        }
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let link = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            self.attachments.push(Attachment::SockAddr(name, link));
+        }
+        info!(cgroup = %cgroup.display(), "eBPF programs attached");
+        self.cgroup = Some(cgroup.to_path_buf());
+        Ok(())
+    }
+
+    /// Detaches from the cgroup (a no-op when not attached). The tracepoint stays.
+    pub fn detach(&mut self) -> Result<(), KernelError> {
+        while let Some(attachment) = self.attachments.pop() {
+            match attachment {
+                Attachment::Sock(name, link) => {
+                    let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
+                    prog.detach(link).map_err(program_error(name))?;
+                }
+                Attachment::SockAddr(name, link) => {
+                    let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+                    prog.detach(link).map_err(program_error(name))?;
+                }
+            }
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            info!(cgroup = %cgroup.display(), "eBPF programs detached");
+        }
+        Ok(())
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn attached_cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// Compiles `policy` (workload cgroups resolved under `cgroup_root`) and writes it.
+    pub fn sync_policy(
+        &self,
+        policy: &PolicySet,
+        cgroup_root: &Path,
+    ) -> Result<SyncReport, KernelError> {
+        let compiled = compile(policy, |path| {
+            let relative = path.trim_start_matches('/');
+            cgroup_id(&cgroup_root.join(relative))
+        });
+        self.sync_compiled(&compiled)
+    }
+
+    /// Writes compiled map entries: new and changed keys first, then stale keys are removed,
+    /// then the policy generation is bumped.
+    pub fn sync_compiled(&self, compiled: &CompiledPolicy) -> Result<SyncReport, KernelError> {
+        let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
+        let report = sync::write(&mut maps, compiled)?;
+        debug!(generation = report.generation, "policy maps written");
+        Ok(report)
+    }
+
+    /// `MODE_OVERRIDE_NONE`, `MODE_OVERRIDE_ENFORCE` or `MODE_OVERRIDE_AUDIT`.
+    pub fn set_mode_override(&self, mode: u32) -> Result<(), KernelError> {
+        if ![
+            MODE_OVERRIDE_NONE,
+            MODE_OVERRIDE_ENFORCE,
+            MODE_OVERRIDE_AUDIT,
+        ]
+        .contains(&mode)
+        {
+            return Err(KernelError::InvalidModeOverride(mode));
+        }
+        let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
+        let config = &mut maps.config;
+        let mut value = config.get(&0, 0).map_err(map_error(map_names::CONFIG))?;
+        value.mode_override = mode;
+        config
+            .set(0, value, 0)
+            .map_err(map_error(map_names::CONFIG))
+    }
+
+    pub fn grants(&self) -> GrantMaps {
+        self.grants.clone()
+    }
+
+    /// The decision events; can be taken once.
+    pub fn events(&mut self) -> Result<EventReader, KernelError> {
+        self.events
+            .take()
+            .map(EventReader::new)
+            .ok_or(KernelError::EventsTaken)
+    }
+
+    /// Events lost because the ring buffer was full, summed over CPUs.
+    pub fn dropped_events(&self) -> Result<u64, KernelError> {
+        let values = self
+            .drops
+            .get(&0, 0)
+            .map_err(map_error(map_names::EVENT_DROPS))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Run counts and times of every program (zero unless BPF stats are enabled, see
+    /// [`enable_bpf_stats`]).
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>, KernelError> {
+        stats::collect(&self.ebpf)
+    }
+}
+
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        if let Err(error) = self.detach() {
+            tracing::warn!(error = %error, "detaching the eBPF programs failed");
+        }
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, KernelError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+    M::try_from(map).map_err(map_error(name))
+}
+
+fn program_error(program: &'static str) -> impl Fn(ProgramError) -> KernelError {
+    move |source| KernelError::Program {
+        program: program.to_owned(),
+        source,
+    }
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> KernelError {
+    move |source| KernelError::Map { map, source }
+}
+
+/// Deleting a key that is already gone (a process exited, a concurrent removal) is success.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    /// The daemon shares these across tokio tasks.
+    #[test]
+    fn handles_cross_threads() {
+        send::<Enforcer>();
+        send::<EventReader>();
+        send_sync::<GrantMaps>();
+        send_sync::<KernelError>();
+    }
+}

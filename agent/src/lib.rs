@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod credential;
+pub mod daemon;
 pub mod decision;
 pub mod identity;
 pub mod kernel;

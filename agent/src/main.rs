@@ -1,1 +1,30 @@
-fn main() {}
+//! `tessera`: parse the command line, set up telemetry, dispatch.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tessera_agent::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tessera: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => tessera_agent::cli::run::run(args).await,
+            Command::Check(args) => tessera_agent::cli::check::run(&args),
+            Command::Token(args) => tessera_agent::cli::token::run(&args).await,
+            Command::Revoke(args) => tessera_agent::cli::revoke::run(&args).await,
+            Command::Logs(args) => tessera_agent::cli::logs::run(&args).await,
+            Command::Status(args) => tessera_agent::cli::status::run(&args).await,
+        }
+    })
+}

@@ -1,1 +1,65 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod cgroup;
+mod demo;
+mod setup;
+mod test;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Tessera's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs when it is missing: nightly rust-src and bpf-linker.
+    Setup,
+    /// Build the agent (and its kernel programs).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Unit tests and the privileged integration tests (real kernel; run as root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the agent on policies/demo.yaml in a sandbox cgroup and show allowed and denied calls.
+    Demo,
+    /// Measure the connect path: programs attached vs detached, 1k vs 100k endpoints.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            setup::cargo(&build_args(release))
+        }
+        Task::Test { args } => test::run(&args),
+        Task::Demo => demo::run(),
+        Task::Bench(args) => bench::run(&args),
+    }
+}
+
+fn build_args(release: bool) -> Vec<&'static str> {
+    let mut args = vec!["build", "--package", "tessera-agent", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    args
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}

@@ -1,0 +1,292 @@
+//! The connect/sendmsg decision: destination → endpoint → workload → rule → grant → verdict,
+//! and the decision event for every connection to a protected endpoint.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+    },
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use tessera_common::{
+    ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, DecisionEvent, EndpointCidrKey,
+    EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS, GrantSlot,
+    MAX_CGROUP_DEPTH, MODE_AUDIT, MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, NONE_ID,
+    REASON_ALLOWLISTED, REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED,
+    REASON_CREDENTIAL_VALID, REASON_NO_CREDENTIAL, REASON_UNKNOWN_WORKLOAD,
+    REASON_WORKLOAD_NOT_ALLOWED, RULE_CREDENTIAL_REQUIRED, RuleKey, VERDICT_ALLOW, VERDICT_DENY,
+    WorkloadGrantKey, WorkloadKey,
+};
+
+use crate::maps::{
+    CONFIG, ENDPOINTS_CIDR, ENDPOINTS_EXACT, EVENT_DROPS, EVENTS, PROCESS_GRANTS, RULES,
+    SOCKET_TAGS, WORKLOAD_GRANTS, WORKLOADS,
+};
+
+/// Return values of a cgroup sock_addr program.
+pub const ALLOW: i32 = 1;
+pub const DENY: i32 = 0;
+
+/// A normalised destination: IPv4 (and IPv4-mapped IPv6) as IPv4-mapped, port in host order.
+pub struct Destination {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub family: u8,
+}
+
+/// What the policy says about one connection, before the mode is applied.
+struct Verdict {
+    verdict: u8,
+    reason: u8,
+    /// The rule's mode, or the endpoint's when no rule applies.
+    mode: u32,
+    workload_id: u32,
+    rule_id: u32,
+    credential_id: u64,
+}
+
+/// Decides one connect/sendmsg to `dest`; unprotected destinations return at once.
+#[inline(always)]
+pub fn decide(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i32 {
+    let Some(endpoint) = find_endpoint(dest) else {
+        return ALLOW;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let uid = uid_gid as u32;
+
+    let v = verdict(tgid, uid, &endpoint);
+
+    let audit = match CONFIG.get(0).map(|c| c.mode_override) {
+        Some(MODE_OVERRIDE_AUDIT) => true,
+        Some(MODE_OVERRIDE_ENFORCE) => false,
+        _ => v.mode == MODE_AUDIT,
+    };
+    let enforced = v.verdict == VERDICT_DENY && !audit;
+    emit(ctx, hook, dest, &endpoint, &v, pid_tgid, uid_gid, enforced);
+    if enforced { DENY } else { ALLOW }
+}
+
+#[inline(always)]
+fn find_endpoint(dest: &Destination) -> Option<EndpointValue> {
+    let mut key = EndpointKey {
+        addr: dest.addr,
+        port: dest.port,
+        protocol: dest.protocol,
+        _pad: 0,
+    };
+    if let Some(v) = ENDPOINTS_EXACT.get_ptr(&key) {
+        return Some(unsafe { *v });
+    }
+    key.port = ANY_PORT;
+    if let Some(v) = ENDPOINTS_EXACT.get_ptr(&key) {
+        return Some(unsafe { *v });
+    }
+    let mut cidr = Key::new(
+        CIDR_KEY_HEADER_BITS + 128,
+        EndpointCidrKey {
+            protocol: dest.protocol,
+            _pad: 0,
+            port_be: dest.port.to_be(),
+            addr: dest.addr,
+        },
+    );
+    if let Some(v) = ENDPOINTS_CIDR.get(&cidr) {
+        return Some(*v);
+    }
+    cidr.data.port_be = ANY_PORT;
+    ENDPOINTS_CIDR.get(&cidr).copied()
+}
+
+/// The workload of the caller: the deepest ancestor cgroup with a workload (one for this uid
+/// before one for any uid), else a uid-only workload.
+#[inline(always)]
+fn find_workload(uid: u32) -> u32 {
+    let mut found = NONE_ID;
+    let mut level: i32 = 0;
+    while level < MAX_CGROUP_DEPTH as i32 {
+        let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if cgroup_id == 0 {
+            break;
+        }
+        let mut key = WorkloadKey {
+            cgroup_id,
+            uid,
+            _pad: 0,
+        };
+        if let Some(v) = WORKLOADS.get_ptr(&key) {
+            found = unsafe { (*v).workload_id };
+        } else {
+            key.uid = ANY_UID;
+            if let Some(v) = WORKLOADS.get_ptr(&key) {
+                found = unsafe { (*v).workload_id };
+            }
+        }
+        level += 1;
+    }
+    if found != NONE_ID {
+        return found;
+    }
+    let key = WorkloadKey {
+        cgroup_id: ANY_CGROUP,
+        uid,
+        _pad: 0,
+    };
+    match WORKLOADS.get_ptr(&key) {
+        Some(v) => unsafe { (*v).workload_id },
+        None => NONE_ID,
+    }
+}
+
+#[inline(always)]
+fn verdict(tgid: u32, uid: u32, endpoint: &EndpointValue) -> Verdict {
+    let mut v = Verdict {
+        verdict: VERDICT_DENY,
+        reason: REASON_UNKNOWN_WORKLOAD,
+        mode: endpoint.mode,
+        workload_id: find_workload(uid),
+        rule_id: NONE_ID,
+        credential_id: 0,
+    };
+    if v.workload_id == NONE_ID {
+        return v;
+    }
+    let key = RuleKey {
+        workload_id: v.workload_id,
+        endpoint_id: endpoint.endpoint_id,
+    };
+    let Some(rule) = RULES.get_ptr(&key) else {
+        v.reason = REASON_WORKLOAD_NOT_ALLOWED;
+        return v;
+    };
+    let rule = unsafe { *rule };
+    v.rule_id = rule.rule_id;
+    v.mode = rule.mode;
+    if rule.flags & RULE_CREDENTIAL_REQUIRED == 0 {
+        v.verdict = VERDICT_ALLOW;
+        v.reason = REASON_ALLOWLISTED;
+        return v;
+    }
+    let mut check = GrantCheck {
+        now: unsafe { bpf_ktime_get_boot_ns() },
+        workload_id: v.workload_id,
+        endpoint_id: endpoint.endpoint_id,
+        reason: REASON_NO_CREDENTIAL,
+        credential_id: 0,
+    };
+    if let Some(grants) = PROCESS_GRANTS.get_ptr(&tgid) {
+        let mut i = 0;
+        while i < GRANT_SLOTS {
+            // SAFETY: a map value pointer from a successful lookup; i < GRANT_SLOTS.
+            let slot = unsafe { (*grants).slots[i] };
+            if check.consider(&slot) {
+                break;
+            }
+            i += 1;
+        }
+    }
+    if check.reason != REASON_CREDENTIAL_VALID {
+        let key = WorkloadGrantKey {
+            workload_id: v.workload_id,
+            endpoint_id: endpoint.endpoint_id,
+        };
+        if let Some(slot) = WORKLOAD_GRANTS.get_ptr(&key) {
+            check.consider(unsafe { &*slot });
+        }
+    }
+    v.reason = check.reason;
+    v.credential_id = check.credential_id;
+    if check.reason == REASON_CREDENTIAL_VALID {
+        v.verdict = VERDICT_ALLOW;
+    }
+    v
+}
+
+/// The most telling grant seen so far for one (workload, endpoint).
+struct GrantCheck {
+    now: u64,
+    workload_id: u32,
+    endpoint_id: u32,
+    reason: u8,
+    credential_id: u64,
+}
+
+impl GrantCheck {
+    /// Returns true once a valid grant is found.
+    #[inline(always)]
+    fn consider(&mut self, slot: &GrantSlot) -> bool {
+        if slot.endpoint_id != self.endpoint_id || slot.workload_id != self.workload_id {
+            return false;
+        }
+        if slot.state == GRANT_ACTIVE && slot.expires_at_ns > self.now {
+            self.reason = REASON_CREDENTIAL_VALID;
+            self.credential_id = slot.credential_id;
+            return true;
+        }
+        if slot.state == GRANT_REVOKED {
+            self.reason = REASON_CREDENTIAL_REVOKED;
+            self.credential_id = slot.credential_id;
+        } else if slot.state == GRANT_ACTIVE && self.reason == REASON_NO_CREDENTIAL {
+            self.reason = REASON_CREDENTIAL_EXPIRED;
+            self.credential_id = slot.credential_id;
+        }
+        false
+    }
+}
+
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one call site; inlined")]
+fn emit(
+    ctx: &SockAddrContext,
+    hook: u8,
+    dest: &Destination,
+    endpoint: &EndpointValue,
+    v: &Verdict,
+    pid_tgid: u64,
+    uid_gid: u64,
+    enforced: bool,
+) {
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let creator_tgid = match SOCKET_TAGS.get_ptr(&socket_cookie) {
+        Some(tag) => unsafe { (*tag).tgid },
+        None => 0,
+    };
+    let policy_generation = CONFIG.get(0).map_or(0, |c| c.policy_generation);
+    let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
+        if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
+            // Per-CPU value: no other writer.
+            unsafe { *drops += 1 };
+        }
+        return;
+    };
+    entry.write(DecisionEvent {
+        timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
+        cgroup_id: unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() },
+        credential_id: v.credential_id,
+        socket_cookie,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        creator_tgid,
+        endpoint_id: endpoint.endpoint_id,
+        workload_id: v.workload_id,
+        rule_id: v.rule_id,
+        policy_generation,
+        port: dest.port,
+        hook,
+        protocol: dest.protocol,
+        verdict: v.verdict,
+        reason: v.reason,
+        enforced: enforced as u8,
+        family: dest.family,
+        addr: dest.addr,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        _pad: 0,
+    });
+    entry.submit(0);
+}

@@ -1,0 +1,65 @@
+//! The maps shared with the agent: names from `tessera_common::map_names` (the static's
+//! identifier is the map name), sizes from `tessera_common::capacity`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use tessera_common::{
+    Config, EndpointCidrKey, EndpointKey, EndpointValue, ProcessGrants, RuleKey, RuleValue,
+    SocketTag, WorkloadGrantKey, WorkloadKey, WorkloadValue, GrantSlot, capacity, map_names,
+};
+
+#[map]
+pub static ENDPOINTS_EXACT: HashMap<EndpointKey, EndpointValue> =
+    HashMap::with_max_entries(capacity::ENDPOINTS_EXACT, 0);
+
+#[map]
+pub static ENDPOINTS_CIDR: LpmTrie<EndpointCidrKey, EndpointValue> =
+    LpmTrie::with_max_entries(capacity::ENDPOINTS_CIDR, 0);
+
+#[map]
+pub static WORKLOADS: HashMap<WorkloadKey, WorkloadValue> =
+    HashMap::with_max_entries(capacity::WORKLOADS, 0);
+
+#[map]
+pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(capacity::RULES, 0);
+
+/// Keyed by tgid.
+#[map]
+pub static PROCESS_GRANTS: HashMap<u32, ProcessGrants> =
+    HashMap::with_max_entries(capacity::PROCESS_GRANTS, 0);
+
+#[map]
+pub static WORKLOAD_GRANTS: HashMap<WorkloadGrantKey, GrantSlot> =
+    HashMap::with_max_entries(capacity::WORKLOAD_GRANTS, 0);
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// Index 0: events lost because the ring buffer was full.
+#[map]
+pub static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Keyed by socket cookie. LRU, because a socket whose release we miss must not pin an entry.
+#[map]
+pub static SOCKET_TAGS: LruHashMap<u64, SocketTag> =
+    LruHashMap::with_max_entries(capacity::SOCKET_TAGS, 0);
+
+// The map names are the statics' identifiers: keep them equal to the names the agent looks up.
+const _: () = {
+    use crate::same;
+    assert!(same(map_names::ENDPOINTS_EXACT, "ENDPOINTS_EXACT"));
+    assert!(same(map_names::ENDPOINTS_CIDR, "ENDPOINTS_CIDR"));
+    assert!(same(map_names::WORKLOADS, "WORKLOADS"));
+    assert!(same(map_names::RULES, "RULES"));
+    assert!(same(map_names::PROCESS_GRANTS, "PROCESS_GRANTS"));
+    assert!(same(map_names::WORKLOAD_GRANTS, "WORKLOAD_GRANTS"));
+    assert!(same(map_names::CONFIG, "CONFIG"));
+    assert!(same(map_names::EVENTS, "EVENTS"));
+    assert!(same(map_names::EVENT_DROPS, "EVENT_DROPS"));
+    assert!(same(map_names::SOCKET_TAGS, "SOCKET_TAGS"));
+};

@@ -1,0 +1,305 @@
+//! The connect-path benchmark behind `cargo xtask bench` (root only).
+//!
+//! In one run, alternating so that machine noise hits both sides alike: the loopback TCP
+//! connect+close rate of this process with the programs attached to its own cgroup vs detached;
+//! and, from the kernel's BPF run-time statistics, the mean run time per call of connect4 and
+//! sendmsg4. Each with 1k and with 100k endpoint entries loaded. Reports medians and ratios,
+//! prints a table and writes JSON. Numbers here are measurements, never pass/fail.
+use std::{
+    net::{TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+use tessera_agent::{kernel, policy::PolicySet};
+use tessera_common::{GRANT_ACTIVE, GrantSlot};
+
+/// Connects per measured batch, and batches per side.
+const BATCH: usize = 2_000;
+const ROUNDS: usize = 7;
+
+fn main() -> Result<()> {
+    let json_out = std::env::args()
+        .skip_while(|a| a != "--json")
+        .nth(1)
+        .unwrap_or_else(|| "target/bench/connect.json".into());
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the benchmark loads eBPF programs and creates a cgroup: run it as root");
+    }
+    let root = kernel::cgroup2_root()?;
+    let cgroup = BenchCgroup::create(&root)?;
+    let server = TcpListener::bind("127.0.0.1:0")?;
+    let tcp_port = server.local_addr()?.port();
+    std::thread::spawn(move || for _c in server.incoming() {});
+    let udp_sink = UdpSocket::bind("127.0.0.1:0")?;
+    let udp_port = udp_sink.local_addr()?.port();
+    let _udp_sink = Arc::new(udp_sink);
+
+    // This process is the workload: its own connects are the ones decided.
+    cgroup.enter()?;
+    let mut results = Vec::new();
+    for entries in [1_000usize, 100_000] {
+        results.push(measure(entries, &root, &cgroup, tcp_port, udp_port)?);
+    }
+    cgroup.leave()?;
+
+    print_table(&results);
+    let report = json!({
+        "benchmark": "tessera.connect/v1",
+        "batch": BATCH,
+        "rounds": ROUNDS,
+        "results": results,
+    });
+    let path = PathBuf::from(json_out);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwritten to {}", path.display());
+    Ok(())
+}
+
+fn measure(
+    entries: usize,
+    root: &Path,
+    cg: &BenchCgroup,
+    tcp_port: u16,
+    udp_port: u16,
+) -> Result<Value> {
+    let policy = bench_policy(entries, &cg.rel, tcp_port, udp_port)?;
+    let mut enforcer = kernel::Enforcer::load()?;
+    enforcer.sync_policy(&policy, root)?;
+    let (_, vault) = policy.endpoint_by_name("vault").context("vault")?;
+    let _ = vault;
+    // A grant for this process, so the connects take the full path: endpoint, workload, rule,
+    // grant, event.
+    let workload = policy
+        .match_workload(&cg.rel, nix::unistd::getuid().as_raw())
+        .context("workload")?;
+    let grants = enforcer.grants();
+    for name in ["vault", "dns"] {
+        let (endpoint, _) = policy.endpoint_by_name(name).context("endpoint")?;
+        grants.put_process_grant(
+            std::process::id(),
+            GrantSlot {
+                expires_at_ns: kernel::boot_time_ns() + 3_600_000_000_000,
+                credential_id: 1,
+                endpoint_id: endpoint.0,
+                workload_id: workload.0,
+                state: GRANT_ACTIVE,
+                _pad: 0,
+            },
+        )?;
+    }
+    // Drain events so the ring buffer never fills (a full buffer would be a different path).
+    let mut events = enforcer.events()?;
+    let drain = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(rt) = rt {
+            rt.block_on(async move {
+                let mut n = 0u64;
+                while tokio::time::timeout(std::time::Duration::from_secs(3), events.next())
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
+                    n += 1;
+                }
+                n
+            })
+        } else {
+            0
+        }
+    });
+    let _stats = kernel::enable_bpf_stats()?;
+
+    let mut detached = Vec::new();
+    let mut attached = Vec::new();
+    let mut connect4_ns = Vec::new();
+    let mut sendmsg4_ns = Vec::new();
+    let udp = UdpSocket::bind("127.0.0.1:0")?;
+    for _ in 0..ROUNDS {
+        detached.push(connect_rate(tcp_port)?);
+        enforcer.attach(&cg.path)?;
+        let before = stats(&enforcer)?;
+        attached.push(connect_rate(tcp_port)?);
+        for _ in 0..BATCH {
+            udp.send_to(b"x", ("127.0.0.1", udp_port))?;
+        }
+        let after = stats(&enforcer)?;
+        enforcer.detach()?;
+        connect4_ns.push(per_run(
+            &before,
+            &after,
+            tessera_common::program_names::CONNECT4,
+        ));
+        sendmsg4_ns.push(per_run(
+            &before,
+            &after,
+            tessera_common::program_names::SENDMSG4,
+        ));
+    }
+    drop(enforcer);
+    let drained = drain.join().unwrap_or(0);
+    let ratios: Vec<f64> = attached.iter().zip(&detached).map(|(a, d)| a / d).collect();
+    Ok(json!({
+        "endpoint_entries": entries,
+        "connect_rate_detached_per_s": median(&detached),
+        "connect_rate_attached_per_s": median(&attached),
+        "rate_ratio_attached_vs_detached": median(&ratios),
+        "connect4_mean_run_ns": median(&connect4_ns),
+        "sendmsg4_mean_run_ns": median(&sendmsg4_ns),
+        "events_read": drained,
+        "samples": { "detached": detached, "attached": attached, "ratios": ratios,
+                     "connect4_ns": connect4_ns, "sendmsg4_ns": sendmsg4_ns },
+    }))
+}
+
+/// Loopback TCP connect+close per second over one batch.
+fn connect_rate(port: u16) -> Result<f64> {
+    let start = Instant::now();
+    for _ in 0..BATCH {
+        let s = TcpStream::connect(("127.0.0.1", port)).context("benchmark connect")?;
+        drop(s);
+    }
+    Ok(BATCH as f64 / start.elapsed().as_secs_f64())
+}
+
+fn stats(enforcer: &kernel::Enforcer) -> Result<Vec<kernel::ProgramStats>> {
+    Ok(enforcer.program_stats()?)
+}
+
+fn per_run(before: &[kernel::ProgramStats], after: &[kernel::ProgramStats], name: &str) -> f64 {
+    let find = |s: &[kernel::ProgramStats]| {
+        s.iter()
+            .find(|p| p.name == name)
+            .map(|p| (p.run_count, p.run_time_ns))
+            .unwrap_or((0, 0))
+    };
+    let (c0, t0) = find(before);
+    let (c1, t1) = find(after);
+    if c1 > c0 {
+        (t1 - t0) as f64 / (c1 - c0) as f64
+    } else {
+        f64::NAN
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+fn print_table(results: &[Value]) {
+    println!(
+        "\n{:>9} | {:>14} | {:>14} | {:>11} | {:>14} | {:>14}",
+        "endpoints", "detached/s", "attached/s", "rate ratio", "connect4 ns", "sendmsg4 ns"
+    );
+    println!("{}", "-".repeat(90));
+    for r in results {
+        println!(
+            "{:>9} | {:>14.0} | {:>14.0} | {:>11.3} | {:>14.0} | {:>14.0}",
+            r["endpoint_entries"],
+            r["connect_rate_detached_per_s"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["connect_rate_attached_per_s"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["rate_ratio_attached_vs_detached"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["connect4_mean_run_ns"].as_f64().unwrap_or(f64::NAN),
+            r["sendmsg4_mean_run_ns"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+}
+
+/// `entries` endpoints in all: `vault` (tcp) and `dns` (udp) on loopback, the rest /32s in
+/// 10.0.0.0/8 and a share of CIDRs, as a large allow-list would have.
+fn bench_policy(
+    entries: usize,
+    cgroup_rel: &str,
+    tcp_port: u16,
+    udp_port: u16,
+) -> Result<PolicySet> {
+    use std::fmt::Write as _;
+    let mut y = String::with_capacity(entries * 80);
+    writeln!(
+        y,
+        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: bench }}\nspec:\n  trustDomain: bench.tessera.dev\n  workloads:\n    - {{ name: bench, match: {{ cgroup: {cgroup_rel} }} }}\n  endpoints:\n    - {{ name: vault, addresses: [\"127.0.0.1/32\"], ports: [{tcp_port}] }}\n    - {{ name: dns, addresses: [\"127.0.0.1/32\"], ports: [{udp_port}], protocol: udp }}"
+    )?;
+    for i in 2..entries {
+        let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+        if i % 10 == 0 {
+            writeln!(
+                y,
+                "    - {{ name: e{i}, addresses: [\"10.{a}.{b}.0/24\"], ports: [443] }}"
+            )?;
+        } else {
+            writeln!(
+                y,
+                "    - {{ name: e{i}, addresses: [\"10.{a}.{b}.{c}/32\"], ports: [443] }}"
+            )?;
+        }
+    }
+    writeln!(
+        y,
+        "  rules:\n    - name: bench\n      workloads: [bench]\n      endpoints: [vault, dns]\n      credential: {{ required: true, maxTtl: 1h, bind: process }}"
+    )?;
+    Ok(PolicySet::from_str(Path::new("bench.yaml"), &y)?)
+}
+
+/// `<cgroup2>/tessera-bench-<pid>`: this process moves in for the measurement and back out;
+/// removed on drop.
+struct BenchCgroup {
+    path: PathBuf,
+    rel: String,
+    root: PathBuf,
+}
+
+impl BenchCgroup {
+    fn create(root: &Path) -> Result<Self> {
+        let rel = format!("/tessera-bench-{}", std::process::id());
+        let path = root.join(&rel[1..]);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self {
+            path,
+            rel,
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn enter(&self) -> Result<()> {
+        std::fs::write(
+            self.path.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )?;
+        Ok(())
+    }
+
+    fn leave(&self) -> Result<()> {
+        std::fs::write(
+            self.root.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        let _ = self.leave();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}

@@ -1,0 +1,81 @@
+//! The admin API (socket mode 0600): `POST /v1/admin/revoke`, `GET /v1/admin/status`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use tokio::net::UnixListener;
+use tracing::warn;
+
+use super::CredentialError;
+use super::http::{self, HttpResponse};
+use super::registry::RevokeTarget;
+use super::service::{CredentialService, Refusal};
+
+/// The `status` callback: what `tessera status` prints.
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+const REVOKE_SHAPE: &str = r#"one of {"jti": ID}, {"workload": SPIFFE_ID}, {"pid": PID}"#;
+
+/// Serves the admin API until `shutdown` resolves. Besides the socket's mode, only root and the
+/// agent's own uid are served.
+pub async fn serve_admin_api(
+    listener: UnixListener,
+    svc: Arc<CredentialService>,
+    status: StatusFn,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CredentialError> {
+    let own_uid = nix::unistd::geteuid().as_raw();
+    http::accept_loop(listener, shutdown, "admin", move |stream| {
+        let allowed = match getsockopt(&stream, PeerCredentials) {
+            Ok(cred) => cred.uid() == 0 || cred.uid() == own_uid,
+            Err(e) => {
+                warn!(error = %e, "cannot read the admin caller's credentials");
+                false
+            }
+        };
+        let svc = svc.clone();
+        let status = status.clone();
+        http::spawn_connection(stream, "admin", move |req| {
+            let svc = svc.clone();
+            let status = status.clone();
+            async move {
+                if !allowed {
+                    return http::refusal(&Refusal::Forbidden {
+                        reason: "not_admin",
+                        error: "only root or the agent's user may use the admin API".to_owned(),
+                    });
+                }
+                route(&svc, &status, req).await
+            }
+        });
+    })
+    .await
+}
+
+async fn route(svc: &CredentialService, status: &StatusFn, req: Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path().to_owned();
+    match (path.as_str(), req.method()) {
+        ("/v1/admin/revoke", &Method::POST) => {
+            let target: RevokeTarget = match http::read_json(req, REVOKE_SHAPE).await {
+                Ok(t) => t,
+                Err(r) => return http::refusal(&r),
+            };
+            match svc.revoke(&target) {
+                Ok(revoked) => {
+                    http::json(StatusCode::OK, &serde_json::json!({ "revoked": revoked }))
+                }
+                Err(e) => {
+                    warn!(error = %e, source = ?std::error::Error::source(&e), "revocation failed");
+                    http::refusal(&Refusal::Internal(format!("revocation failed: {e}")))
+                }
+            }
+        }
+        ("/v1/admin/revoke", _) => http::method_not_allowed("POST"),
+        ("/v1/admin/status", &Method::GET) => http::json(StatusCode::OK, &status()),
+        ("/v1/admin/status", _) => http::method_not_allowed("GET"),
+        (p, _) => http::not_found(p),
+    }
+}

@@ -1,0 +1,194 @@
+//! The Workload API server: `POST /v1/credentials`, `DELETE /v1/credentials/{jti}`, `GET /v1/jwks`
+//! over HTTP/1.1 on a unix socket, the caller attested from the socket's peer pidfd.
+
+use std::fs::{self, DirBuilder};
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tracing::warn;
+
+use super::CredentialError;
+use super::http::{self, HttpResponse};
+use super::service::{CredentialService, Refusal};
+use crate::identity::attest::{ProcessEvidence, attest_pidfd, pidfd_alive};
+use crate::identity::spiffe::SpiffeId;
+
+/// Longest `task` accepted.
+const MAX_TASK_LEN: usize = 256;
+const REQUEST_SHAPE: &str =
+    r#"{"audience": ENDPOINT, "task": ID (optional), "ttl_seconds": N (optional, >= 1)}"#;
+
+/// `POST /v1/credentials` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The endpoint name the token is for.
+    pub audience: String,
+    /// Names the task in the token; the jti when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Defaults to the rule's maxTtl; more than that is refused, not shortened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `POST /v1/credentials` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub jti: String,
+    pub spiffe_id: SpiffeId,
+    pub audience: String,
+    /// RFC 3339, UTC.
+    pub expires_at: String,
+}
+
+impl TokenRequest {
+    /// Checks what the type cannot; returns the task, if any.
+    pub(crate) fn validate(&self) -> Result<Option<String>, Refusal> {
+        if self.audience.is_empty() {
+            return Err(Refusal::BadRequest(
+                "audience is empty: give the name of the endpoint the token is for".to_owned(),
+            ));
+        }
+        if self.ttl_seconds == Some(0) {
+            return Err(Refusal::BadRequest(
+                "ttl_seconds must be at least 1; leave it out to get the rule's maxTtl".to_owned(),
+            ));
+        }
+        if let Some(task) = &self.task
+            && (task.is_empty() || task.len() > MAX_TASK_LEN || task.chars().any(char::is_control))
+        {
+            return Err(Refusal::BadRequest(format!(
+                "task must be 1 to {MAX_TASK_LEN} bytes without control characters"
+            )));
+        }
+        Ok(self.task.clone())
+    }
+}
+
+/// Binds a unix socket at `path` with permissions `mode`: creates the parent directory (0755),
+/// replaces a stale socket, refuses to replace anything else or a socket still in use.
+/// Call it inside a tokio runtime.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, CredentialError> {
+    let fail = |source: io::Error| CredentialError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(fail)?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(fail(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is serving this socket (is another agent running?)",
+                )));
+            }
+            fs::remove_file(path).map_err(fail)?;
+        }
+        Ok(_) => {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; remove it or choose another path",
+            )));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(fail)?;
+    Ok(listener)
+}
+
+/// Serves the Workload API until `shutdown` resolves.
+pub async fn serve_workload_api(
+    listener: UnixListener,
+    svc: Arc<CredentialService>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CredentialError> {
+    http::accept_loop(listener, shutdown, "workload", move |stream| {
+        // Take the pidfd at once: it pins the connecting process, whatever happens to its pid.
+        let caller = getsockopt(&stream, PeerPidfd).inspect_err(|e| {
+            warn!(error = %e, "cannot get the caller's pidfd (SO_PEERPIDFD needs Linux 6.5 or later)");
+        });
+        let caller = Arc::new(caller.ok());
+        let svc = svc.clone();
+        http::spawn_connection(stream, "workload", move |req| {
+            route(svc.clone(), caller.clone(), req)
+        });
+    })
+    .await
+}
+
+async fn route(
+    svc: Arc<CredentialService>,
+    caller: Arc<Option<OwnedFd>>,
+    req: Request<Incoming>,
+) -> HttpResponse {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match path.as_str() {
+        "/v1/credentials" if method == Method::POST => {
+            let result = async {
+                let body: TokenRequest = http::read_json(req, REQUEST_SHAPE).await?;
+                let (pidfd, evidence) = attest(&caller)?;
+                svc.issue(&evidence, &body, &|| pidfd_alive(pidfd))
+            }
+            .await;
+            match result {
+                Ok(resp) => http::json(StatusCode::OK, &resp),
+                Err(r) => http::refusal(&r),
+            }
+        }
+        "/v1/credentials" => http::method_not_allowed("POST"),
+        "/v1/jwks" if method == Method::GET => http::json(StatusCode::OK, &svc.jwks()),
+        "/v1/jwks" => http::method_not_allowed("GET"),
+        p => match p.strip_prefix("/v1/credentials/") {
+            Some(jti) if !jti.is_empty() && !jti.contains('/') => {
+                if method != Method::DELETE {
+                    return http::method_not_allowed("DELETE");
+                }
+                let result = attest(&caller).and_then(|(_, evidence)| svc.end_own(&evidence, jti));
+                match result {
+                    Ok(jti) => http::json(StatusCode::OK, &serde_json::json!({ "revoked": jti })),
+                    Err(r) => http::refusal(&r),
+                }
+            }
+            _ => http::not_found(p),
+        },
+    }
+}
+
+fn attest(caller: &Option<OwnedFd>) -> Result<(&OwnedFd, ProcessEvidence), Refusal> {
+    let Some(pidfd) = caller else {
+        return Err(Refusal::Internal(
+            "the agent cannot identify the calling process (no SO_PEERPIDFD)".to_owned(),
+        ));
+    };
+    match attest_pidfd(pidfd) {
+        Ok(evidence) => Ok((pidfd, evidence)),
+        Err(e) if e.is_exited() => Err(Refusal::Forbidden {
+            reason: "caller_exited",
+            error: "the calling process exited".to_owned(),
+        }),
+        Err(e) => {
+            warn!(error = %e, "cannot attest a caller");
+            Err(Refusal::Internal(format!("cannot attest the caller: {e}")))
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! `CredentialService`: decides, signs, writes the grant, remembers; and revokes.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::time::{ClockId, clock_gettime};
+use tessera_common::{GRANT_ACTIVE, GrantSlot, WorkloadGrantKey};
+use tracing::{info, warn};
+
+use super::GrantStore;
+use super::api::{TokenRequest, TokenResponse};
+use super::errors::{CredentialError, GrantStoreError, TokenError};
+use super::jwt::Claims;
+use super::keys::SigningKeys;
+use super::registry::{CredentialInfo, Registry, RevokeTarget};
+use crate::identity::attest::ProcessEvidence;
+use crate::policy::{Bind, PolicySet};
+
+/// Issues credentials to attested callers and keeps the kernel grants in step.
+pub struct CredentialService {
+    keys: SigningKeys,
+    issuer: String,
+    policy: RwLock<Arc<PolicySet>>,
+    grants: Arc<dyn GrantStore>,
+    registry: Registry,
+}
+
+/// Why a request gets no credential: an HTTP status, a stable reason, a message saying what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// 400
+    BadRequest(String),
+    /// 403 `{"error", "reason"}`
+    Forbidden { reason: &'static str, error: String },
+    /// 404
+    NotFound(String),
+    /// 500; the message is for the caller, details are logged.
+    Internal(String),
+}
+
+impl Refusal {
+    fn forbidden(reason: &'static str, error: impl Into<String>) -> Refusal {
+        Refusal::Forbidden {
+            reason,
+            error: error.into(),
+        }
+    }
+}
+
+impl CredentialService {
+    /// Loads (or creates) the signing key in `state_dir`.
+    pub fn new(
+        state_dir: &Path,
+        issuer: String,
+        policy: Arc<PolicySet>,
+        grants: Arc<dyn GrantStore>,
+    ) -> Result<Self, CredentialError> {
+        Ok(CredentialService {
+            keys: SigningKeys::load_or_generate(state_dir)?,
+            issuer,
+            policy: RwLock::new(policy),
+            grants,
+            registry: Registry::default(),
+        })
+    }
+
+    /// Replaces the policy used for new requests (after a reload).
+    pub fn set_policy(&self, policy: Arc<PolicySet>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    fn policy(&self) -> Arc<PolicySet> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The credential behind a kernel `credential_id` (for the decision log).
+    pub fn lookup(&self, credential_id: u64) -> Option<CredentialInfo> {
+        self.registry.by_credential_id(credential_id)
+    }
+
+    /// Credentials neither revoked nor expired.
+    pub fn active_count(&self) -> usize {
+        self.registry.active_count(SystemTime::now())
+    }
+
+    /// The public keys that verify issued tokens.
+    pub fn jwks(&self) -> serde_json::Value {
+        self.keys.jwks()
+    }
+
+    /// The signing key's id (the `kid` of tokens, RFC 7638 thumbprint).
+    pub fn key_id(&self) -> &str {
+        self.keys.kid()
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Verifies a token this agent issued, for `audience`.
+    pub fn verify(&self, token: &str, audience: &str) -> Result<Claims, TokenError> {
+        self.keys.verify(token, &self.issuer, audience)
+    }
+
+    /// Marks the kernel grants of the targeted credentials revoked; returns their jtis.
+    pub fn revoke(&self, target: &RevokeTarget) -> Result<Vec<String>, CredentialError> {
+        let mut revoked = Vec::new();
+        for c in self.registry.select(target, SystemTime::now()) {
+            self.revoke_grant(&c).map_err(CredentialError::Grants)?;
+            self.registry.mark_revoked(&c.jti);
+            info!(jti = %c.jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = c.pid, "credential revoked");
+            revoked.push(c.jti);
+        }
+        Ok(revoked)
+    }
+
+    fn revoke_grant(&self, c: &CredentialInfo) -> Result<bool, GrantStoreError> {
+        match c.bind {
+            Bind::Process => self.grants.revoke_process_grant(c.pid, c.credential_id),
+            Bind::Workload => self
+                .grants
+                .revoke_workload_grant(workload_key(c), c.credential_id),
+        }
+    }
+
+    /// `POST /v1/credentials`: decide, sign, write the grant, then make sure the caller is
+    /// still there (`still_alive`) before answering.
+    pub(crate) fn issue(
+        &self,
+        caller: &ProcessEvidence,
+        req: &TokenRequest,
+        still_alive: &dyn Fn() -> bool,
+    ) -> Result<TokenResponse, Refusal> {
+        let task = req.validate()?;
+        let policy = self.policy();
+        let Some(wid) = policy.match_workload(&caller.cgroup_path, caller.uid) else {
+            return Err(Refusal::forbidden(
+                "unknown_workload",
+                format!(
+                    "process {} ({}, uid {}, cgroup {}) matches no workload of the policy",
+                    caller.pid, caller.comm, caller.uid, caller.cgroup_path
+                ),
+            ));
+        };
+        let workload = policy.workload(wid);
+        let Some((eid, endpoint)) = policy.endpoint_by_name(&req.audience) else {
+            return Err(Refusal::forbidden(
+                "unknown_audience",
+                format!(
+                    "no endpoint named {:?}: the audience is an endpoint name of the policy",
+                    req.audience
+                ),
+            ));
+        };
+        let Some((_, rule)) = policy.rule_for(wid, eid) else {
+            return Err(Refusal::forbidden(
+                "workload_not_allowed",
+                format!(
+                    "no rule lets workload {} reach endpoint {}",
+                    workload.spiffe_id, endpoint.name
+                ),
+            ));
+        };
+        let Some(cred_policy) = rule.credential else {
+            return Err(Refusal::forbidden(
+                "credential_not_required",
+                format!(
+                    "rule {} allows {} to reach {} without a credential: nothing to issue",
+                    rule.name, workload.spiffe_id, endpoint.name
+                ),
+            ));
+        };
+        let max_ttl = cred_policy.max_ttl.as_secs().max(1);
+        let ttl = req.ttl_seconds.unwrap_or(max_ttl);
+        if ttl > max_ttl {
+            return Err(Refusal::forbidden(
+                "ttl_exceeds_max",
+                format!(
+                    "ttl_seconds {ttl} is over the rule {}'s maxTtl of {max_ttl} s; ask for {max_ttl} or less",
+                    rule.name
+                ),
+            ));
+        }
+
+        let now = SystemTime::now();
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let iat = since_epoch.as_secs();
+        let exp = iat + ttl;
+        let credential_id = self.registry.fresh_id();
+        let jti = uuid::Uuid::now_v7().to_string();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: workload.spiffe_id.clone(),
+            aud: endpoint.name.clone(),
+            iat,
+            nbf: iat,
+            exp,
+            jti: jti.clone(),
+            task: task.unwrap_or_else(|| jti.clone()),
+        };
+        let token = self.keys.sign(&claims).map_err(|e| {
+            warn!(error = %e, "cannot sign a token");
+            Refusal::Internal("the agent could not sign the token".to_owned())
+        })?;
+
+        // The kernel grant ends when the token does: `exp` is whole seconds, so take off the
+        // fraction of the current second.
+        let ttl_ns = Duration::from_secs(ttl)
+            .saturating_sub(Duration::from_nanos(u64::from(since_epoch.subsec_nanos())));
+        let slot = GrantSlot {
+            expires_at_ns: boot_time_ns().saturating_add(duration_ns(ttl_ns)),
+            credential_id,
+            endpoint_id: eid.0,
+            workload_id: wid.0,
+            state: GRANT_ACTIVE,
+            _pad: 0,
+        };
+        let info = CredentialInfo {
+            credential_id,
+            jti: jti.clone(),
+            spiffe_id: workload.spiffe_id.clone(),
+            workload: wid,
+            audience: endpoint.name.clone(),
+            endpoint: eid,
+            task: claims.task.clone(),
+            pid: caller.pid,
+            issued_at: UNIX_EPOCH + Duration::from_secs(iat),
+            expires_at: UNIX_EPOCH + Duration::from_secs(exp),
+            bind: cred_policy.bind,
+            revoked: false,
+        };
+        let written = match cred_policy.bind {
+            Bind::Process => self.grants.put_process_grant(caller.pid, slot),
+            Bind::Workload => self.grants.put_workload_grant(workload_key(&info), slot),
+        };
+        if let Err(e) = written {
+            return Err(match e {
+                GrantStoreError::NoFreeSlot { .. } => {
+                    Refusal::forbidden("too_many_credentials", e.to_string())
+                }
+                GrantStoreError::Kernel(_) => {
+                    warn!(error = %e, source = ?std::error::Error::source(&e), "cannot write a grant");
+                    Refusal::Internal("the agent could not write the kernel grant".to_owned())
+                }
+            });
+        }
+        self.registry.insert(info.clone());
+
+        // The grant went in for this tgid; if the process exited meanwhile, the kernel's exit
+        // hook may already have run, and the tgid could be reused: take the grant back out.
+        if !still_alive() {
+            let removed = match info.bind {
+                Bind::Process => self.grants.remove_process_grant(info.pid, credential_id),
+                Bind::Workload => self
+                    .grants
+                    .revoke_workload_grant(workload_key(&info), credential_id),
+            };
+            if let Err(e) = removed {
+                warn!(error = %e, jti = %jti, "cannot withdraw the grant of an exited caller");
+            }
+            self.registry.remove(&jti);
+            return Err(Refusal::forbidden(
+                "caller_exited",
+                "the calling process exited before the credential was issued",
+            ));
+        }
+
+        info!(
+            workload = %info.spiffe_id,
+            endpoint = %info.audience,
+            jti = %jti,
+            pid = caller.pid,
+            ttl_seconds = ttl,
+            bind = info.bind.as_str(),
+            "credential issued"
+        );
+        Ok(TokenResponse {
+            token,
+            jti,
+            spiffe_id: info.spiffe_id,
+            audience: info.audience,
+            expires_at: humantime::format_rfc3339_seconds(info.expires_at).to_string(),
+        })
+    }
+
+    /// `DELETE /v1/credentials/{jti}`: the holder's workload ends a credential early.
+    pub(crate) fn end_own(&self, caller: &ProcessEvidence, jti: &str) -> Result<String, Refusal> {
+        let not_found = || {
+            Refusal::NotFound(format!(
+                "no credential {jti:?} issued to your workload; check the jti"
+            ))
+        };
+        let policy = self.policy();
+        let wid = policy
+            .match_workload(&caller.cgroup_path, caller.uid)
+            .ok_or_else(not_found)?;
+        let c = self
+            .registry
+            .get(jti)
+            .filter(|c| c.workload == wid && c.spiffe_id == policy.workload(wid).spiffe_id)
+            .ok_or_else(not_found)?;
+        if !c.revoked {
+            self.revoke_grant(&c).map_err(|e| {
+                warn!(error = %e, jti, "cannot revoke a grant");
+                Refusal::Internal("the agent could not update the kernel grant".to_owned())
+            })?;
+            self.registry.mark_revoked(jti);
+            info!(jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = caller.pid, "credential ended by its holder");
+        }
+        Ok(c.jti)
+    }
+}
+
+fn workload_key(c: &CredentialInfo) -> WorkloadGrantKey {
+    WorkloadGrantKey {
+        workload_id: c.workload.0,
+        endpoint_id: c.endpoint.0,
+    }
+}
+
+/// Now on the kernel's boot clock (`bpf_ktime_get_boot_ns`).
+fn boot_time_ns() -> u64 {
+    match clock_gettime(ClockId::CLOCK_BOOTTIME) {
+        Ok(ts) => {
+            let secs = u64::try_from(ts.tv_sec()).unwrap_or(0);
+            let nanos = u64::try_from(ts.tv_nsec()).unwrap_or(0);
+            secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+        }
+        // CLOCK_BOOTTIME exists on every kernel Tessera runs on; 0 yields an already-expired grant.
+        Err(_) => 0,
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}

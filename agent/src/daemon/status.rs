@@ -1,0 +1,83 @@
+//! What `tessera status` shows: built on demand from the kernel, the grants and the counters.
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde_json::{Value, json};
+use tessera_common::{DecisionEvent, VERDICT_ALLOW};
+
+use crate::{
+    cli::run::ModeArg,
+    kernel::{self, Enforcer, GrantMaps},
+    policy::PolicySet,
+};
+
+/// Decisions written since start.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub decisions: AtomicU64,
+    pub allow: AtomicU64,
+    pub deny: AtomicU64,
+    pub dropped_events: AtomicU64,
+    pub sink_errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn record(&self, event: &DecisionEvent) {
+        self.decisions.fetch_add(1, Ordering::Relaxed);
+        if event.verdict == VERDICT_ALLOW {
+            self.allow.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.deny.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pub type StatusProvider = Arc<dyn Fn() -> Value + Send + Sync>;
+
+pub fn provider(
+    attach_point: PathBuf,
+    mode: Option<ModeArg>,
+    policy: Arc<PolicySet>,
+    enforcer: Arc<Mutex<Enforcer>>,
+    grants: GrantMaps,
+    counters: Arc<Counters>,
+) -> StatusProvider {
+    Arc::new(move || {
+        let programs: Vec<Value> = enforcer
+            .lock()
+            .ok()
+            .and_then(|e| e.program_stats().ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(
+                |p| json!({"name": p.name, "run_count": p.run_count, "run_time_ns": p.run_time_ns}),
+            )
+            .collect();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "attach_point": attach_point.display().to_string(),
+            "mode_override": match mode { None => "none", Some(ModeArg::Enforce) => "enforce", Some(ModeArg::Audit) => "audit" },
+            "programs": programs,
+            "policy": {
+                "revision": policy.revision,
+                "sources": policy.sources.iter().map(|s| s.display().to_string()).collect::<Vec<_>>(),
+                "workloads": policy.workloads.len(),
+                "endpoints": policy.endpoints.len(),
+                "rules": policy.rules.len(),
+            },
+            "counters": {
+                "decisions": load(&counters.decisions),
+                "allow": load(&counters.allow),
+                "deny": load(&counters.deny),
+                "dropped_events": load(&counters.dropped_events),
+                "decision_log_errors": load(&counters.sink_errors),
+            },
+            "grants": { "active": grants.active_count(kernel::boot_time_ns()) },
+        })
+    })
+}

@@ -1,0 +1,289 @@
+//! `Enricher`: a kernel `DecisionEvent` plus the policy, the credential registry and /proc
+//! become a `DecisionRecord`.
+use std::collections::HashMap;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::time::{ClockId, clock_gettime};
+use tessera_common::{DecisionEvent, NONE_ID};
+use tracing::warn;
+
+use super::record::{
+    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PolicyRecord, ProcessRecord,
+    Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
+};
+use crate::policy::{Mode, PolicySet};
+
+/// What the decision log may say about an issued credential. Never the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRef {
+    pub jti: String,
+    pub expires_at: SystemTime,
+    /// "process" or "workload".
+    pub bind: &'static str,
+}
+
+/// The credential registry, as the enricher sees it.
+pub trait CredentialLookup: Send + Sync {
+    /// The credential with this kernel id (never 0), if the registry still knows it.
+    fn lookup(&self, credential_id: u64) -> Option<CredentialRef>;
+}
+
+impl<F> CredentialLookup for F
+where
+    F: Fn(u64) -> Option<CredentialRef> + Send + Sync,
+{
+    fn lookup(&self, credential_id: u64) -> Option<CredentialRef> {
+        self(credential_id)
+    }
+}
+
+/// A registry that knows no credential (tests, tools without a credential service).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoCredentials;
+
+impl CredentialLookup for NoCredentials {
+    fn lookup(&self, _credential_id: u64) -> Option<CredentialRef> {
+        None
+    }
+}
+
+/// Turns kernel events into decision records.
+pub struct Enricher {
+    policy: Arc<PolicySet>,
+    credentials: Arc<dyn CredentialLookup>,
+    cgroup_root: PathBuf,
+    /// Wall clock minus boot clock, in ns, measured once: the boot clock does not jump, so
+    /// every event converts the same way (a later wall-clock step is not followed).
+    boot_to_wall_ns: i128,
+    mode_override: Option<Mode>,
+    /// cgroup id → path, learnt from processes still alive, for those that are not.
+    cgroup_paths: Mutex<HashMap<u64, String>>,
+}
+
+/// Bound on the cgroup path cache; it is cleared when full (cgroups are few on a host).
+const CGROUP_CACHE_MAX: usize = 4096;
+
+impl Enricher {
+    /// `cgroup_root` is where the cgroup v2 hierarchy is mounted (cgroup ids are the inode
+    /// numbers of its directories).
+    pub fn new(
+        policy: Arc<PolicySet>,
+        credentials: Arc<dyn CredentialLookup>,
+        cgroup_root: PathBuf,
+    ) -> Self {
+        Self {
+            policy,
+            credentials,
+            cgroup_root,
+            boot_to_wall_ns: measure_boot_to_wall_ns(),
+            mode_override: None,
+            cgroup_paths: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The mode `tessera run --mode` forces on every rule (None: each rule's own).
+    pub fn with_mode_override(mut self, mode: Option<Mode>) -> Self {
+        self.mode_override = mode;
+        self
+    }
+
+    /// The same enricher (clock offset, credentials, cache) for a newly loaded policy.
+    pub fn with_policy(&self, policy: Arc<PolicySet>) -> Self {
+        let cache = self
+            .cgroup_paths
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
+        Self {
+            policy,
+            credentials: Arc::clone(&self.credentials),
+            cgroup_root: self.cgroup_root.clone(),
+            boot_to_wall_ns: self.boot_to_wall_ns,
+            mode_override: self.mode_override,
+            cgroup_paths: Mutex::new(cache),
+        }
+    }
+
+    /// The wall-clock time of a kernel boot-clock timestamp.
+    pub fn wall_time(&self, boot_ns: u64) -> SystemTime {
+        let wall_ns = i128::from(boot_ns) + self.boot_to_wall_ns;
+        u64::try_from(wall_ns)
+            .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns))
+            .unwrap_or(UNIX_EPOCH)
+    }
+
+    pub fn enrich(&self, ev: &DecisionEvent) -> DecisionRecord {
+        let policy = &*self.policy;
+        let verdict = Verdict::from_code(ev.verdict);
+        let reason = Reason::from_code(ev.reason);
+        let hook = Hook::from_code(ev.hook);
+        let protocol = Protocol::from_code(ev.protocol);
+        if reason == Reason::Unknown || hook == Hook::Unknown || protocol == Protocol::Unknown {
+            warn!(
+                reason = ev.reason,
+                hook = ev.hook,
+                protocol = ev.protocol,
+                "decision event with a code this agent does not know; is the kernel program newer?"
+            );
+        }
+
+        let workload = by_id(&policy.workloads, ev.workload_id);
+        let endpoint = by_id(&policy.endpoints, ev.endpoint_id);
+        let rule = by_id(&policy.rules, ev.rule_id);
+        let enforced = ev.enforced != 0;
+        let mode = match (verdict, enforced) {
+            (Verdict::Deny, false) => DecisionMode::Audit,
+            (Verdict::Deny, true) => DecisionMode::Enforce,
+            (Verdict::Allow, _) => self
+                .mode_override
+                .or(rule.map(|r| r.mode))
+                .or(endpoint.map(|e| e.mode))
+                .map_or(DecisionMode::Enforce, DecisionMode::from),
+        };
+        let credential = (ev.credential_id != 0)
+            .then(|| self.credentials.lookup(ev.credential_id))
+            .flatten()
+            .map(|c| CredentialRecord {
+                jti: c.jti,
+                expires_at: c.expires_at,
+                bind: c.bind.to_owned(),
+            });
+        let workload_cgroup = workload.and_then(|w| w.cgroup.as_deref());
+
+        DecisionRecord {
+            schema: SCHEMA.to_owned(),
+            ts: self.wall_time(ev.timestamp_ns),
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            verdict,
+            enforced,
+            mode,
+            reason,
+            hook,
+            protocol,
+            destination: Destination {
+                ip: destination_ip(ev),
+                port: ev.port,
+                endpoint: endpoint.map(|e| e.name.clone()),
+            },
+            process: ProcessRecord {
+                pid: ev.pid,
+                tgid: ev.tgid,
+                uid: ev.uid,
+                gid: ev.gid,
+                comm: comm_string(&ev.comm),
+                exe: fs::read_link(format!("/proc/{}/exe", ev.tgid))
+                    .ok()
+                    .map(|p| p.to_string_lossy().into_owned()),
+                cgroup: self.cgroup_path(ev.tgid, ev.cgroup_id, workload_cgroup),
+            },
+            workload: workload.map(|w| WorkloadRecord {
+                name: w.name.clone(),
+                spiffe_id: w.spiffe_id.clone(),
+            }),
+            credential,
+            policy: PolicyRecord {
+                revision: policy.revision.clone(),
+                rule: rule.map(|r| r.name.clone()),
+            },
+        }
+    }
+
+    /// The cgroup (relative to the root) whose id the kernel saw. Trusted only when the
+    /// directory's inode is that id: the process may have moved or exited, its pid reused.
+    fn cgroup_path(
+        &self,
+        tgid: u32,
+        cgroup_id: u64,
+        workload_cgroup: Option<&str>,
+    ) -> Option<String> {
+        if cgroup_id == 0 {
+            return None;
+        }
+        let from_proc = fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+            .ok()
+            .and_then(|text| unified_cgroup(&text).map(str::to_owned));
+        let mut cache = self.cgroup_paths.lock().ok()?;
+        let found = from_proc
+            .filter(|p| self.cgroup_inode(p) == Some(cgroup_id))
+            .or_else(|| cache.get(&cgroup_id).cloned())
+            .or_else(|| {
+                workload_cgroup
+                    .filter(|p| self.cgroup_inode(p) == Some(cgroup_id))
+                    .map(str::to_owned)
+            })?;
+        if cache.len() >= CGROUP_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(cgroup_id, found.clone());
+        Some(found)
+    }
+
+    fn cgroup_inode(&self, relative: &str) -> Option<u64> {
+        let dir = self.cgroup_root.join(relative.trim_start_matches('/'));
+        fs::metadata(Path::new(&dir)).ok().map(|m| m.ino())
+    }
+}
+
+fn by_id<T>(items: &[T], id: u32) -> Option<&T> {
+    if id == NONE_ID {
+        return None;
+    }
+    items.get(usize::try_from(id).ok()?)
+}
+
+/// The cgroup v2 path from the text of /proc/PID/cgroup (its "0::" line).
+fn unified_cgroup(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+fn destination_ip(ev: &DecisionEvent) -> IpAddr {
+    if ev.family == 4 {
+        let [.., a, b, c, d] = ev.addr;
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(ev.addr))
+    }
+}
+
+fn comm_string(comm: &[u8; 16]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
+}
+
+/// Wall clock minus boot clock, from the closest of a few (real, boot, real) samples.
+fn measure_boot_to_wall_ns() -> i128 {
+    let read = |clock| {
+        clock_gettime(clock)
+            .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+    };
+    let mut best: Option<(i128, i128)> = None; // (spread, offset)
+    for _ in 0..5 {
+        let (Ok(real1), Ok(boot), Ok(real2)) = (
+            read(ClockId::CLOCK_REALTIME),
+            read(ClockId::CLOCK_BOOTTIME),
+            read(ClockId::CLOCK_REALTIME),
+        ) else {
+            continue;
+        };
+        let spread = real2 - real1;
+        let offset = real1 + spread / 2 - boot;
+        if best.is_none_or(|(s, _)| spread < s) {
+            best = Some((spread, offset));
+        }
+    }
+    match best {
+        Some((_, offset)) => offset,
+        None => {
+            warn!("could not read CLOCK_REALTIME/CLOCK_BOOTTIME; decision timestamps will be off");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

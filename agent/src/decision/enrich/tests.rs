@@ -1,0 +1,324 @@
+use std::path::Path;
+
+use tessera_common as common;
+
+use super::*;
+use crate::policy::{EndpointId, RuleId, WorkloadId};
+
+const POLICY: &str = r#"
+apiVersion: tessera.dev/v1alpha1
+kind: Policy
+metadata: { name: payments }
+spec:
+  trustDomain: example.org
+  mode: enforce
+  workloads:
+    - name: payments-agent
+      spiffeId: spiffe://example.org/agents/payments
+      match: { cgroup: /payments/agent }
+    - name: intruder
+      match: { cgroup: /intruder }
+  endpoints:
+    - name: vault
+      kind: secret-store
+      addresses: ["127.0.0.1/32", "::1/128"]
+      ports: [8200]
+  rules:
+    - name: payments-to-vault
+      workloads: [payments-agent]
+      endpoints: [vault]
+      credential: { required: true, maxTtl: 10m, bind: process }
+---
+apiVersion: tessera.dev/v1alpha1
+kind: Policy
+metadata: { name: batch }
+spec:
+  trustDomain: example.org
+  mode: audit
+  workloads:
+    - name: batch
+      match: { cgroup: /batch }
+  endpoints:
+    - name: api
+      addresses: ["203.0.113.0/24"]
+      ports: [443]
+  rules:
+    - name: batch-to-api
+      workloads: [batch]
+      endpoints: [api]
+      credential: { required: true, maxTtl: 1h, bind: workload }
+"#;
+
+/// No process has this pid (pid_max is at most 2^22).
+const GONE_PID: u32 = 4_000_000_000;
+
+struct Fixture {
+    policy: Arc<PolicySet>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let policy = PolicySet::from_str(Path::new("test.yaml"), POLICY).unwrap();
+        Self {
+            policy: Arc::new(policy),
+        }
+    }
+
+    fn enricher(&self) -> Enricher {
+        Enricher::new(
+            self.policy.clone(),
+            Arc::new(NoCredentials),
+            PathBuf::from("/nonexistent"),
+        )
+    }
+
+    fn workload(&self, name: &str) -> u32 {
+        self.policy.workload_by_name(name).unwrap().0.0
+    }
+
+    fn endpoint(&self, name: &str) -> u32 {
+        self.policy.endpoint_by_name(name).unwrap().0.0
+    }
+
+    fn rule(&self, workload: &str, endpoint: &str) -> u32 {
+        let w = WorkloadId(self.workload(workload));
+        let e = EndpointId(self.endpoint(endpoint));
+        let (RuleId(id), _) = self.policy.rule_for(w, e).unwrap();
+        id
+    }
+
+    /// A connect4 from `payments-agent` to vault at 127.0.0.1:8200, denied: no credential.
+    fn event(&self) -> DecisionEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&[127, 0, 0, 1]);
+        DecisionEvent {
+            timestamp_ns: boot_now_ns(),
+            cgroup_id: 0,
+            credential_id: 0,
+            socket_cookie: 99,
+            pid: GONE_PID,
+            tgid: GONE_PID,
+            uid: 1001,
+            gid: 1002,
+            creator_tgid: GONE_PID,
+            endpoint_id: self.endpoint("vault"),
+            workload_id: self.workload("payments-agent"),
+            rule_id: self.rule("payments-agent", "vault"),
+            policy_generation: 1,
+            port: 8200,
+            hook: common::HOOK_CONNECT4,
+            protocol: common::PROTO_TCP,
+            verdict: common::VERDICT_DENY,
+            reason: common::REASON_NO_CREDENTIAL,
+            enforced: 1,
+            family: 4,
+            addr,
+            comm,
+            _pad: 0,
+        }
+    }
+}
+
+fn boot_now_ns() -> u64 {
+    let t = clock_gettime(ClockId::CLOCK_BOOTTIME).unwrap();
+    u64::try_from(t.tv_sec()).unwrap() * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap()
+}
+
+#[test]
+fn enforced_deny_gets_names_rule_mode_and_the_mapped_ipv4() {
+    let fx = Fixture::new();
+    let record = fx.enricher().enrich(&fx.event());
+    let value = serde_json::to_value(&record).unwrap();
+    let expected = serde_json::json!({
+        "schema": "tessera.decision/v1",
+        "ts": value["ts"], "decision_id": value["decision_id"],
+        "verdict": "deny", "enforced": true, "mode": "enforce", "reason": "no_credential",
+        "hook": "connect4", "protocol": "tcp",
+        "destination": {"ip": "127.0.0.1", "port": 8200, "endpoint": "vault"},
+        "process": {"pid": GONE_PID, "tgid": GONE_PID, "uid": 1001, "gid": 1002, "comm": "curl",
+                    "exe": null, "cgroup": null},
+        "workload": {"name": "payments-agent", "spiffe_id": "spiffe://example.org/agents/payments"},
+        "credential": null,
+        "policy": {"revision": fx.policy.revision, "rule": "payments-to-vault"}
+    });
+    assert_eq!(value, expected);
+    assert!(fx.policy.revision.starts_with("sha256:"));
+
+    let id = uuid::Uuid::parse_str(&record.decision_id).unwrap();
+    assert_eq!(id.get_version_num(), 7);
+    let age = SystemTime::now()
+        .duration_since(record.ts)
+        .unwrap_or_default();
+    assert!(
+        age < Duration::from_secs(5),
+        "ts {:?} is not now",
+        record.ts
+    );
+}
+
+#[test]
+fn unenforced_deny_is_audit() {
+    let fx = Fixture::new();
+    let mut ev = fx.event();
+    ev.enforced = 0;
+    let record = fx.enricher().enrich(&ev);
+    assert_eq!(record.verdict, Verdict::Deny);
+    assert!(!record.enforced);
+    assert_eq!(record.mode, DecisionMode::Audit);
+}
+
+#[test]
+fn allow_takes_the_rules_mode_and_shows_the_credential() {
+    let fx = Fixture::new();
+    let expires_at = UNIX_EPOCH + Duration::from_secs(1_795_428_300);
+    let lookup = move |id: u64| {
+        (id == 7).then(|| CredentialRef {
+            jti: "jti-7".to_owned(),
+            expires_at,
+            bind: "workload",
+        })
+    };
+    let enricher = Enricher::new(
+        fx.policy.clone(),
+        Arc::new(lookup),
+        PathBuf::from("/nonexistent"),
+    );
+    let mut ev = fx.event();
+    ev.workload_id = fx.workload("batch");
+    ev.endpoint_id = fx.endpoint("api");
+    ev.rule_id = fx.rule("batch", "api");
+    ev.verdict = common::VERDICT_ALLOW;
+    ev.reason = common::REASON_CREDENTIAL_VALID;
+    ev.credential_id = 7;
+    let record = enricher.enrich(&ev);
+    assert_eq!(record.mode, DecisionMode::Audit);
+    assert_eq!(record.policy.rule.as_deref(), Some("batch-to-api"));
+    assert_eq!(
+        record.workload.as_ref().unwrap().spiffe_id.to_string(),
+        "spiffe://example.org/batch"
+    );
+    assert_eq!(
+        record.credential,
+        Some(CredentialRecord {
+            jti: "jti-7".to_owned(),
+            expires_at,
+            bind: "workload".to_owned()
+        })
+    );
+
+    // A credential the registry no longer knows is null, not an error.
+    ev.credential_id = 8;
+    assert_eq!(enricher.enrich(&ev).credential, None);
+
+    // `tessera run --mode enforce` overrides the rule's audit.
+    let forced = enricher.with_mode_override(Some(Mode::Enforce));
+    ev.credential_id = 7;
+    assert_eq!(forced.enrich(&ev).mode, DecisionMode::Enforce);
+}
+
+#[test]
+fn unknown_workload_has_no_workload_nor_rule() {
+    let fx = Fixture::new();
+    let mut ev = fx.event();
+    ev.workload_id = NONE_ID;
+    ev.rule_id = NONE_ID;
+    ev.reason = common::REASON_UNKNOWN_WORKLOAD;
+    let record = fx.enricher().enrich(&ev);
+    assert_eq!(record.reason, Reason::UnknownWorkload);
+    assert_eq!(record.workload, None);
+    assert_eq!(record.policy.rule, None);
+    assert_eq!(record.destination.endpoint.as_deref(), Some("vault"));
+    assert_eq!(record.mode, DecisionMode::Enforce);
+
+    // Ids the policy does not have (an event from before a reload) do not panic.
+    ev.endpoint_id = 1000;
+    ev.workload_id = 1000;
+    let record = fx.enricher().enrich(&ev);
+    assert_eq!(record.destination.endpoint, None);
+    assert_eq!(record.workload, None);
+}
+
+#[test]
+fn ipv6_udp_sendmsg6() {
+    let fx = Fixture::new();
+    let mut ev = fx.event();
+    ev.family = 6;
+    ev.addr = std::net::Ipv6Addr::LOCALHOST.octets();
+    ev.hook = common::HOOK_SENDMSG6;
+    ev.protocol = common::PROTO_UDP;
+    let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
+    assert_eq!(value["destination"]["ip"], "::1");
+    assert_eq!(value["hook"], "sendmsg6");
+    assert_eq!(value["protocol"], "udp");
+}
+
+/// The cgroup v2 mount point, from this process's mountinfo.
+fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        (right.split(' ').next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+#[test]
+fn a_live_process_gets_its_exe_and_cgroup() {
+    let Some(root) = cgroup2_root() else {
+        eprintln!("skipped: no cgroup v2 mount");
+        return;
+    };
+    let own = unified_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap())
+        .unwrap()
+        .to_owned();
+    let dir = root.join(own.trim_start_matches('/'));
+    let Ok(meta) = fs::metadata(&dir) else {
+        eprintln!("skipped: {} is not visible", dir.display());
+        return;
+    };
+    let fx = Fixture::new();
+    let enricher = Enricher::new(fx.policy.clone(), Arc::new(NoCredentials), root);
+    let mut ev = fx.event();
+    ev.pid = std::process::id();
+    ev.tgid = std::process::id();
+    ev.cgroup_id = meta.ino();
+    let record = enricher.enrich(&ev);
+    let exe = std::env::current_exe().unwrap();
+    assert_eq!(record.process.exe.as_deref(), Some(exe.to_str().unwrap()));
+    assert_eq!(record.process.cgroup.as_deref(), Some(own.as_str()));
+
+    // Once learnt, the cgroup of an id is known even after the process is gone.
+    ev.tgid = GONE_PID;
+    assert_eq!(
+        enricher.enrich(&ev).process.cgroup.as_deref(),
+        Some(own.as_str())
+    );
+    // An id that is not that cgroup's is not reported as it.
+    ev.tgid = std::process::id();
+    ev.cgroup_id = meta.ino() + 1_000_000;
+    assert_eq!(enricher.enrich(&ev).process.cgroup, None);
+}
+
+#[test]
+fn boot_clock_converts_to_wall_clock() {
+    let fx = Fixture::new();
+    let enricher = fx.enricher();
+    let converted = enricher.wall_time(boot_now_ns());
+    let now = SystemTime::now();
+    let diff = now
+        .duration_since(converted)
+        .unwrap_or_else(|e| e.duration());
+    assert!(diff < Duration::from_millis(100), "off by {diff:?}");
+}
+
+#[test]
+fn comm_stops_at_nul() {
+    let mut comm = [0u8; 16];
+    comm.copy_from_slice(b"sixteen-bytes-xx");
+    assert_eq!(comm_string(&comm), "sixteen-bytes-xx");
+    assert_eq!(comm_string(&[0u8; 16]), "");
+}

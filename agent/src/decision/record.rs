@@ -1,0 +1,292 @@
+//! `DecisionRecord`: one line of the decision log, exactly as DESIGN 4.4 defines it.
+use std::fmt;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tessera_common as common;
+
+use crate::identity::spiffe::SpiffeId;
+
+/// The `schema` value of every record this version writes.
+pub const SCHEMA: &str = "tessera.decision/v1";
+
+/// One decision: who connected where, the verdict, why, and under which rule and credential.
+/// Never holds a token: a credential appears only as its `jti`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    /// Always [`SCHEMA`] when written by this version.
+    pub schema: String,
+    /// Wall-clock time of the decision, RFC 3339 UTC with microseconds.
+    #[serde(with = "rfc3339_micros")]
+    pub ts: SystemTime,
+    /// UUID v7.
+    pub decision_id: String,
+    pub verdict: Verdict,
+    /// False for a deny that audit mode let through.
+    pub enforced: bool,
+    pub mode: DecisionMode,
+    pub reason: Reason,
+    pub hook: Hook,
+    pub protocol: Protocol,
+    pub destination: Destination,
+    pub process: ProcessRecord,
+    pub workload: Option<WorkloadRecord>,
+    pub credential: Option<CredentialRecord>,
+    pub policy: PolicyRecord,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Destination {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// Name of the protected endpoint; null only when the event's endpoint id is unknown to
+    /// the loaded policy.
+    pub endpoint: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    /// Null when the process was gone before the record was written.
+    pub exe: Option<String>,
+    /// Relative to the cgroup v2 root; null when it could not be established.
+    pub cgroup: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    pub name: String,
+    pub spiffe_id: SpiffeId,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub jti: String,
+    #[serde(with = "rfc3339_micros")]
+    pub expires_at: SystemTime,
+    /// "process" or "workload".
+    pub bind: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// `sha256:<hex>` of the loaded policy files.
+    pub revision: String,
+    pub rule: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// Whether the decision was taken under an enforcing or an auditing policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionMode {
+    Enforce,
+    Audit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Reason {
+    CredentialValid,
+    /// The rule needs no credential.
+    Allowlisted,
+    NoCredential,
+    CredentialExpired,
+    CredentialRevoked,
+    WorkloadNotAllowed,
+    UnknownWorkload,
+    /// A code this version does not know (a newer kernel program or a newer log).
+    #[serde(other)]
+    #[value(skip)]
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    #[serde(other)]
+    Unknown,
+}
+
+impl DecisionRecord {
+    /// One JSON line, without the trailing newline.
+    pub fn to_json_line(&self) -> serde_json::Result<String> {
+        serde_json::to_string(self)
+    }
+}
+
+impl Verdict {
+    /// From a kernel `VERDICT_*` code; anything but allow counts as a deny.
+    pub fn from_code(code: u8) -> Self {
+        if code == common::VERDICT_ALLOW {
+            Self::Allow
+        } else {
+            Self::Deny
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl DecisionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+impl From<crate::policy::Mode> for DecisionMode {
+    fn from(mode: crate::policy::Mode) -> Self {
+        match mode {
+            crate::policy::Mode::Enforce => Self::Enforce,
+            crate::policy::Mode::Audit => Self::Audit,
+        }
+    }
+}
+
+impl Reason {
+    /// Every reason a record can carry, in the order of DESIGN 4.4.
+    pub const ALL: [Reason; 7] = [
+        Self::CredentialValid,
+        Self::Allowlisted,
+        Self::NoCredential,
+        Self::CredentialExpired,
+        Self::CredentialRevoked,
+        Self::WorkloadNotAllowed,
+        Self::UnknownWorkload,
+    ];
+
+    /// From a kernel `REASON_*` code.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            common::REASON_CREDENTIAL_VALID => Self::CredentialValid,
+            common::REASON_ALLOWLISTED => Self::Allowlisted,
+            common::REASON_NO_CREDENTIAL => Self::NoCredential,
+            common::REASON_CREDENTIAL_EXPIRED => Self::CredentialExpired,
+            common::REASON_CREDENTIAL_REVOKED => Self::CredentialRevoked,
+            common::REASON_WORKLOAD_NOT_ALLOWED => Self::WorkloadNotAllowed,
+            common::REASON_UNKNOWN_WORKLOAD => Self::UnknownWorkload,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CredentialValid => "credential_valid",
+            Self::Allowlisted => "allowlisted",
+            Self::NoCredential => "no_credential",
+            Self::CredentialExpired => "credential_expired",
+            Self::CredentialRevoked => "credential_revoked",
+            Self::WorkloadNotAllowed => "workload_not_allowed",
+            Self::UnknownWorkload => "unknown_workload",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl Hook {
+    /// From a kernel `HOOK_*` code.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            common::HOOK_CONNECT4 => Self::Connect4,
+            common::HOOK_CONNECT6 => Self::Connect6,
+            common::HOOK_SENDMSG4 => Self::Sendmsg4,
+            common::HOOK_SENDMSG6 => Self::Sendmsg6,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Sendmsg6 => "sendmsg6",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl Protocol {
+    /// From a kernel `PROTO_*` code (an IP protocol number).
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            common::PROTO_TCP => Self::Tcp,
+            common::PROTO_UDP => Self::Udp,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+    )*};
+}
+display_as_str!(Verdict, DecisionMode, Reason, Hook, Protocol);
+
+/// RFC 3339 in UTC with microseconds (`2026-11-23T10:00:00.123456Z`).
+mod rfc3339_micros {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(|e| {
+            D::Error::custom(format!("{text:?} is not an RFC 3339 UTC timestamp: {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,228 @@
+//! Turns a validated `PolicySet` into the entries of the kernel's policy maps.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use tessera_common::{
+    ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, EndpointCidrKey, EndpointKey,
+    EndpointValue, MODE_AUDIT, MODE_ENFORCE, PROTO_TCP, PROTO_UDP, RULE_CREDENTIAL_REQUIRED,
+    RuleKey, RuleValue, WorkloadKey, WorkloadValue,
+};
+
+use super::KernelError;
+use crate::policy::{Mode, PolicySet, Protocol};
+
+/// The policy maps' contents. CIDR keys are `(prefix length, data)`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CompiledPolicy {
+    pub exact: HashMap<EndpointKey, EndpointValue>,
+    pub cidr: HashMap<(u32, EndpointCidrKey), EndpointValue>,
+    pub workloads: HashMap<WorkloadKey, WorkloadValue>,
+    pub rules: HashMap<RuleKey, RuleValue>,
+    pub warnings: Vec<SyncWarning>,
+}
+
+/// Something in the policy that the kernel will not enforce as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncWarning {
+    /// The workload's cgroup does not exist (yet): the workload is not written, so its
+    /// processes map to no workload until the next sync after the cgroup appears.
+    MissingCgroup {
+        workload: String,
+        cgroup: String,
+        error: String,
+    },
+    /// Two endpoints cover the same destination; the first one wins.
+    OverlappingEndpoints {
+        kept: String,
+        ignored: String,
+        destination: String,
+    },
+}
+
+impl fmt::Display for SyncWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyncWarning::MissingCgroup {
+                workload,
+                cgroup,
+                error,
+            } => write!(
+                f,
+                "workload {workload} skipped: cgroup {cgroup} cannot be resolved ({error}); \
+                 create it and reload the policy"
+            ),
+            SyncWarning::OverlappingEndpoints {
+                kept,
+                ignored,
+                destination,
+            } => write!(
+                f,
+                "endpoints {kept} and {ignored} both cover {destination}; {kept} is enforced there"
+            ),
+        }
+    }
+}
+
+/// Compiles `policy`; `resolve_cgroup` maps a workload's cgroup path (`/a/b`, relative to
+/// the cgroup v2 root) to its cgroup id.
+pub fn compile(
+    policy: &PolicySet,
+    resolve_cgroup: impl Fn(&str) -> Result<u64, KernelError>,
+) -> CompiledPolicy {
+    let mut out = CompiledPolicy::default();
+    for (id, endpoint) in (0u32..).zip(&policy.endpoints) {
+        let value = EndpointValue {
+            endpoint_id: id,
+            mode: mode(endpoint.mode),
+        };
+        let protocols: &[u8] = match endpoint.protocol {
+            Protocol::Tcp => &[PROTO_TCP],
+            Protocol::Udp => &[PROTO_UDP],
+            Protocol::Any => &[PROTO_TCP, PROTO_UDP],
+        };
+        let ports: &[u16] = if endpoint.ports.is_empty() {
+            &[ANY_PORT]
+        } else {
+            &endpoint.ports
+        };
+        for net in &endpoint.addresses {
+            for &protocol in protocols {
+                for &port in ports {
+                    out.add_endpoint(policy, net, port, protocol, value);
+                }
+            }
+        }
+    }
+    for (id, workload) in (0u32..).zip(&policy.workloads) {
+        let cgroup_id = match &workload.cgroup {
+            None => ANY_CGROUP,
+            Some(path) => match resolve_cgroup(path) {
+                Ok(cgroup_id) => cgroup_id,
+                Err(error) => {
+                    out.warnings.push(SyncWarning::MissingCgroup {
+                        workload: workload.name.clone(),
+                        cgroup: path.to_string(),
+                        error: error_chain(&error),
+                    });
+                    continue;
+                }
+            },
+        };
+        let key = WorkloadKey {
+            cgroup_id,
+            uid: workload.uid.unwrap_or(ANY_UID),
+            _pad: 0,
+        };
+        // Validation refuses two workloads with the same selectors.
+        out.workloads.entry(key).or_insert(WorkloadValue {
+            workload_id: id,
+            _pad: 0,
+        });
+    }
+    for (id, rule) in (0u32..).zip(&policy.rules) {
+        let value = RuleValue {
+            rule_id: id,
+            flags: if rule.credential.is_some() {
+                RULE_CREDENTIAL_REQUIRED
+            } else {
+                0
+            },
+            mode: mode(rule.mode),
+            _pad: 0,
+        };
+        for workload in &rule.workloads {
+            for endpoint in &rule.endpoints {
+                let key = RuleKey {
+                    workload_id: workload.0,
+                    endpoint_id: endpoint.0,
+                };
+                out.rules.entry(key).or_insert(value);
+            }
+        }
+    }
+    out
+}
+
+impl CompiledPolicy {
+    fn add_endpoint(
+        &mut self,
+        policy: &PolicySet,
+        net: &IpNet,
+        port: u16,
+        protocol: u8,
+        value: EndpointValue,
+    ) {
+        let addr = mapped(net.network());
+        let existing = if net.prefix_len() == net.max_prefix_len() {
+            let key = EndpointKey {
+                addr,
+                port,
+                protocol,
+                _pad: 0,
+            };
+            *self.exact.entry(key).or_insert(value)
+        } else {
+            let prefix = match net {
+                IpNet::V4(v4) => 96 + u32::from(v4.prefix_len()),
+                IpNet::V6(v6) => u32::from(v6.prefix_len()),
+            };
+            let key = EndpointCidrKey {
+                protocol,
+                _pad: 0,
+                port_be: port.to_be(),
+                addr,
+            };
+            *self
+                .cidr
+                .entry((CIDR_KEY_HEADER_BITS + prefix, key))
+                .or_insert(value)
+        };
+        if existing.endpoint_id != value.endpoint_id {
+            let name = |id: u32| policy.endpoints[id as usize].name.clone();
+            let proto = if protocol == PROTO_TCP { "tcp" } else { "udp" };
+            self.warnings.push(SyncWarning::OverlappingEndpoints {
+                kept: name(existing.endpoint_id),
+                ignored: name(value.endpoint_id),
+                destination: format!("{net} port {port} {proto}"),
+            });
+        }
+    }
+
+    /// Entries per map, to check against the maps' capacities.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.cidr.len() + self.workloads.len() + self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn mode(mode: Mode) -> u32 {
+    match mode {
+        Mode::Enforce => MODE_ENFORCE,
+        Mode::Audit => MODE_AUDIT,
+    }
+}
+
+/// The 16-byte form the kernel compares: IPv4 as IPv4-mapped IPv6.
+pub(crate) fn mapped(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,125 @@
+//! Writes a compiled policy into the kernel maps, removing what the new policy no longer has.
+
+use std::collections::HashMap as StdHashMap;
+use std::hash::Hash;
+
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, lpm_trie::Key},
+};
+use tessera_common::{capacity, map_names};
+
+use super::{CompiledPolicy, KernelError, PolicyMaps, SyncWarning, ignore_missing, map_error};
+
+/// What a policy sync wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The new `Config::policy_generation`, copied into every later event.
+    pub generation: u32,
+    pub exact_endpoints: usize,
+    pub cidr_endpoints: usize,
+    pub workloads: usize,
+    pub rules: usize,
+    /// Stale entries removed, over all maps.
+    pub removed: usize,
+    pub warnings: Vec<SyncWarning>,
+}
+
+pub(super) fn write(
+    maps: &mut PolicyMaps,
+    compiled: &CompiledPolicy,
+) -> Result<SyncReport, KernelError> {
+    check_capacity(
+        map_names::ENDPOINTS_EXACT,
+        compiled.exact.len(),
+        capacity::ENDPOINTS_EXACT,
+    )?;
+    check_capacity(
+        map_names::ENDPOINTS_CIDR,
+        compiled.cidr.len(),
+        capacity::ENDPOINTS_CIDR,
+    )?;
+    check_capacity(
+        map_names::WORKLOADS,
+        compiled.workloads.len(),
+        capacity::WORKLOADS,
+    )?;
+    check_capacity(map_names::RULES, compiled.rules.len(), capacity::RULES)?;
+
+    let mut removed = 0;
+    removed += replace_hash(&mut maps.exact, map_names::ENDPOINTS_EXACT, &compiled.exact)?;
+    removed += replace_hash(
+        &mut maps.workloads,
+        map_names::WORKLOADS,
+        &compiled.workloads,
+    )?;
+    removed += replace_hash(&mut maps.rules, map_names::RULES, &compiled.rules)?;
+
+    let cidr_err = map_error(map_names::ENDPOINTS_CIDR);
+    for (&(prefix, data), value) in &compiled.cidr {
+        maps.cidr
+            .insert(&Key::new(prefix, data), value, 0)
+            .map_err(&cidr_err)?;
+    }
+    let stale: Vec<Key<_>> = maps
+        .cidr
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key: &Key<_>| !compiled.cidr.contains_key(&(key.prefix_len(), key.data())))
+        .collect();
+    for key in &stale {
+        ignore_missing(maps.cidr.remove(key)).map_err(&cidr_err)?;
+    }
+    removed += stale.len();
+
+    let config_err = map_error(map_names::CONFIG);
+    let mut config = maps.config.get(&0, 0).map_err(&config_err)?;
+    config.policy_generation = config.policy_generation.wrapping_add(1);
+    maps.config.set(0, config, 0).map_err(&config_err)?;
+
+    Ok(SyncReport {
+        generation: config.policy_generation,
+        exact_endpoints: compiled.exact.len(),
+        cidr_endpoints: compiled.cidr.len(),
+        workloads: compiled.workloads.len(),
+        rules: compiled.rules.len(),
+        removed,
+        warnings: compiled.warnings.clone(),
+    })
+}
+
+fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(), KernelError> {
+    if needed > capacity as usize {
+        return Err(KernelError::PolicyTooLarge {
+            map,
+            needed,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+/// Makes `map` hold exactly `entries`; returns how many stale keys it removed.
+fn replace_hash<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    entries: &StdHashMap<K, V>,
+) -> Result<usize, KernelError>
+where
+    K: Pod + Eq + Hash,
+    V: Pod,
+{
+    let err = map_error(name);
+    for (key, value) in entries {
+        map.insert(key, value, 0).map_err(&err)?;
+    }
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !entries.contains_key(key))
+        .collect();
+    for key in &stale {
+        ignore_missing(map.remove(key)).map_err(&err)?;
+    }
+    Ok(stale.len())
+}

@@ -1,0 +1,235 @@
+//! Finding policy files, parsing their YAML documents and computing the revision.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
+use sha2::{Digest, Sha256};
+
+use super::raw::{FIELD_SETS, RawDocument};
+use super::validate::{self, Document};
+use super::{PolicyError, PolicyErrors, PolicySet};
+
+pub(super) fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut files = Vec::new();
+    for path in paths {
+        match policy_files(path) {
+            Ok(found) => files.extend(found),
+            Err(e) => errors.push(e),
+        }
+    }
+    // The same file named twice (or through a directory too) is loaded once.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
+    if files.is_empty() && errors.is_empty() {
+        let shown = paths
+            .first()
+            .map_or_else(|| PathBuf::from("."), PathBuf::clone);
+        errors.push(PolicyError::whole_file(
+            &shown,
+            "no policy files found".into(),
+            "pass a .yaml/.yml file, or a directory that holds some",
+        ));
+    }
+    let mut texts = Vec::new();
+    for file in files {
+        match std::fs::read(&file) {
+            Ok(bytes) => texts.push((file, bytes)),
+            Err(e) => errors.push(PolicyError::whole_file(
+                &file,
+                format!("cannot read the file: {e}"),
+                "check the path and its permissions",
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    from_texts(&texts)
+}
+
+/// `path` itself, or a directory's `*.yaml` / `*.yml` files sorted by name (not recursive).
+fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    let unreadable = |e: std::io::Error| {
+        PolicyError::whole_file(
+            path,
+            format!("cannot read: {e}"),
+            "check the path and its permissions",
+        )
+    };
+    if !std::fs::metadata(path).map_err(unreadable)?.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let file = entry.path();
+        let is_yaml = file
+            .extension()
+            .is_some_and(|ext| ext == "yaml" || ext == "yml");
+        // Follows symlinks, as a ConfigMap mounted into a pod is a directory of symlinks.
+        if is_yaml && std::fs::metadata(&file).is_ok_and(|m| m.is_file()) {
+            files.push(file);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses and validates files already read; the revision covers their bytes in this order.
+pub(super) fn from_texts(texts: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
+    let mut hasher = Sha256::new();
+    for (_, bytes) in texts {
+        hasher.update(bytes);
+    }
+    let revision = format!("sha256:{}", hex(&hasher.finalize()));
+
+    let mut errors = Vec::new();
+    let mut documents = Vec::new();
+    for (file, bytes) in texts {
+        let before = documents.len();
+        parse_documents(file, bytes, &mut documents, &mut errors);
+        if documents.len() == before && !errors.iter().any(|e| e.file == *file) {
+            errors.push(PolicyError::whole_file(
+                file,
+                "the file holds no policy document".into(),
+                "add a document with apiVersion: tessera.dev/v1alpha1 and kind: Policy, or remove the file",
+            ));
+        }
+    }
+    let validated = validate::validate(&documents, &mut errors);
+    if !errors.is_empty() {
+        // Files in load order, then by position; validation found them in a different order.
+        let order = |f: &Path| texts.iter().position(|(p, _)| p == f);
+        errors.sort_by(|a, b| {
+            (order(&a.file), a.line, a.column).cmp(&(order(&b.file), b.line, b.column))
+        });
+        errors.dedup();
+        return Err(PolicyErrors(errors));
+    }
+    Ok(PolicySet {
+        revision,
+        workloads: validated.workloads,
+        endpoints: validated.endpoints,
+        rules: validated.rules,
+        sources: texts.iter().map(|(p, _)| p.clone()).collect(),
+    })
+}
+
+/// Reads every `---`-separated document; a document that does not deserialize is reported and
+/// skipped, and parsing goes on with the next one (a syntax error ends the file).
+fn parse_documents<'a>(
+    file: &'a Path,
+    bytes: &[u8],
+    documents: &mut Vec<Document<'a>>,
+    errors: &mut Vec<PolicyError>,
+) {
+    let mut reader = Cursor::new(bytes);
+    let docs = serde_saphyr::read_with_options::<_, Spanned<RawDocument>>(
+        &mut reader,
+        serde_saphyr::Options::default(),
+    );
+    for doc in docs {
+        match doc {
+            Ok(raw) => documents.push(Document { file, raw }),
+            Err(e) => errors.push(yaml_error(file, &e)),
+        }
+    }
+}
+
+/// Turns a serde-saphyr error into ours, rewording the common ones so they say how to fix them.
+fn yaml_error(file: &Path, err: &serde_saphyr::Error) -> PolicyError {
+    use serde_saphyr::Error as E;
+    let loc = err.location().unwrap_or(Location::UNKNOWN);
+    let mut inner = err;
+    while let E::AliasError { error, .. } | E::WithSnippet { error, .. } = inner {
+        inner = error;
+    }
+    let (message, hint) = match inner {
+        E::SerdeUnknownField {
+            field, expected, ..
+        } => unknown_field(field, expected),
+        E::SerdeInvalidType {
+            unexpected,
+            expected,
+            ..
+        } => (
+            format!("expected {expected}, found {unexpected}"),
+            format!("write {expected} here"),
+        ),
+        E::InvalidScalar { ty, .. } => {
+            let what = scalar_kind(ty);
+            (format!("expected {what}"), format!("write {what} here"))
+        }
+        E::Unexpected { expected, .. } => {
+            let what = match *expected {
+                "sequence start" => "a list",
+                "mapping start" => "a mapping (key: value)",
+                other => other,
+            };
+            (format!("expected {what}"), format!("write {what} here"))
+        }
+        E::DuplicateMappingKey { key, .. } => (
+            match key {
+                Some(k) => format!("duplicate key `{k}`"),
+                None => "duplicate key".into(),
+            },
+            "keep only one of them".into(),
+        ),
+        other => (
+            sanitize(&UserMessageFormatter.format_message(other)),
+            "fix the YAML here (check indentation, quotes and brackets)".into(),
+        ),
+    };
+    PolicyError::at(file, loc, message, hint)
+}
+
+fn unknown_field(field: &str, expected: &[&str]) -> (String, String) {
+    let Some(set) = FIELD_SETS.iter().find(|s| s.fields == expected) else {
+        return (
+            format!("unknown field `{field}`"),
+            format!("allowed: {}", expected.join(", ")),
+        );
+    };
+    let supported: Vec<&str> = set
+        .fields
+        .iter()
+        .copied()
+        .filter(|f| !set.unsupported.contains(f))
+        .collect();
+    let mut hint = format!("allowed: {}", supported.join(", "));
+    if !set.unsupported.is_empty() {
+        hint.push_str(&format!(
+            " ({} {} not supported yet)",
+            set.unsupported.join(", "),
+            if set.unsupported.len() == 1 {
+                "is"
+            } else {
+                "are"
+            }
+        ));
+    }
+    (format!("unknown field `{field}` in {}", set.context), hint)
+}
+
+fn scalar_kind(ty: &str) -> &str {
+    match ty {
+        "bool" => "true or false",
+        t if t.starts_with('i') || t.starts_with('u') => "a whole number",
+        t if t.starts_with('f') => "a number",
+        t => t,
+    }
+}
+
+/// Keeps an error on one line whatever the YAML library put into it.
+fn sanitize(message: &str) -> String {
+    message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,154 @@
+//! Raw policy documents exactly as written in YAML (DESIGN 4.2), before validation.
+//!
+//! Every node that validation may complain about is `Spanned`, so its error can point at it.
+//! Required fields are `Option` here so that validation can report all of them at once
+//! instead of serde stopping at the first. Selectors and fields that this version recognises
+//! but does not support are kept (as `IgnoredAny`) so they are refused, not silently ignored.
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_saphyr::Spanned;
+
+pub(super) type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawDocument {
+    pub api_version: Option<S<String>>,
+    pub kind: Option<S<String>>,
+    pub metadata: Option<S<RawMetadata>>,
+    pub spec: Option<S<RawSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawMetadata {
+    pub name: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawSpec {
+    pub trust_domain: Option<S<String>>,
+    pub mode: Option<S<String>>,
+    #[serde(default)]
+    pub workloads: Vec<S<RawWorkload>>,
+    #[serde(default)]
+    pub endpoints: Vec<S<RawEndpoint>>,
+    #[serde(default)]
+    pub rules: Vec<S<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawWorkload {
+    pub name: Option<S<String>>,
+    pub spiffe_id: Option<S<String>>,
+    #[serde(rename = "match")]
+    pub selectors: Option<S<RawMatch>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawMatch {
+    pub cgroup: Option<S<String>>,
+    /// Signed so that a negative uid gets our message, not serde's.
+    pub uid: Option<S<i64>>,
+    pub gid: Option<S<IgnoredAny>>,
+    pub systemd_unit: Option<S<IgnoredAny>>,
+    pub exe: Option<S<IgnoredAny>>,
+    pub exe_sha256: Option<S<IgnoredAny>>,
+    pub container: Option<S<IgnoredAny>>,
+    pub k8s: Option<S<IgnoredAny>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawEndpoint {
+    pub name: Option<S<String>>,
+    pub kind: Option<S<String>>,
+    pub addresses: Option<S<Vec<S<String>>>>,
+    pub hosts: Option<S<IgnoredAny>>,
+    /// Signed and wide so that 0, -1 and 70000 get our message, not serde's.
+    pub ports: Option<S<Vec<S<i64>>>>,
+    pub protocol: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawRule {
+    pub name: Option<S<String>>,
+    pub workloads: Option<S<Vec<S<String>>>>,
+    pub endpoints: Option<S<Vec<S<String>>>>,
+    pub credential: Option<S<RawCredential>>,
+    pub mode: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawCredential {
+    pub required: Option<S<bool>>,
+    pub max_ttl: Option<S<String>>,
+    pub bind: Option<S<String>>,
+}
+
+/// Where an unknown key was found, for error messages: the mapping's name, its supported keys
+/// and the keys it recognises but does not support yet. `fields` lists them all, in the order
+/// serde reports them (declaration order), so a serde "unknown field" error can be traced back.
+pub(super) struct FieldSet {
+    pub context: &'static str,
+    pub fields: &'static [&'static str],
+    pub unsupported: &'static [&'static str],
+}
+
+pub(super) const FIELD_SETS: &[FieldSet] = &[
+    FieldSet {
+        context: "policy document",
+        fields: &["apiVersion", "kind", "metadata", "spec"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "metadata",
+        fields: &["name"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "spec",
+        fields: &["trustDomain", "mode", "workloads", "endpoints", "rules"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "workload",
+        fields: &["name", "spiffeId", "match"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "workload match",
+        fields: &[
+            "cgroup",
+            "uid",
+            "gid",
+            "systemdUnit",
+            "exe",
+            "exeSha256",
+            "container",
+            "k8s",
+        ],
+        unsupported: &["gid", "systemdUnit", "exe", "exeSha256", "container", "k8s"],
+    },
+    FieldSet {
+        context: "endpoint",
+        fields: &["name", "kind", "addresses", "hosts", "ports", "protocol"],
+        unsupported: &["hosts"],
+    },
+    FieldSet {
+        context: "rule",
+        fields: &["name", "workloads", "endpoints", "credential", "mode"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "rule credential",
+        fields: &["required", "maxTtl", "bind"],
+        unsupported: &[],
+    },
+];

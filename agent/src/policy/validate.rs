@@ -1,0 +1,352 @@
+//! Validation of raw documents into the policy's domain types, collecting every error.
+//!
+//! Items (workloads, endpoints, rules) are checked one by one (`validate/*.rs`); this file
+//! checks document headers and what spans items: unique names, SPIFFE IDs and selectors,
+//! endpoint keys the kernel could not tell apart, references, and rules that overlap.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde_saphyr::{Location, Spanned};
+
+use super::raw::{RawDocument, RawSpec};
+use super::{Endpoint, EndpointId, Mode, PolicyError, Rule, Workload, WorkloadId};
+use crate::identity::spiffe::{SpiffeId, TrustDomain};
+
+mod endpoint;
+mod fields;
+mod rule;
+mod workload;
+
+use fields::{API_VERSION, KIND, expect_literal};
+use fields::{check_name, parse_mode};
+
+/// One parsed YAML document and the file it came from.
+pub(super) struct Document<'a> {
+    pub file: &'a Path,
+    pub raw: Spanned<RawDocument>,
+}
+
+#[derive(Default)]
+pub(super) struct Validated {
+    pub workloads: Vec<Workload>,
+    pub endpoints: Vec<Endpoint>,
+    pub rules: Vec<Rule>,
+}
+
+/// Reports errors against one file.
+pub(super) struct Ctx<'a, 'e> {
+    file: &'a Path,
+    errors: &'e mut Vec<PolicyError>,
+}
+
+impl<'a> Ctx<'a, '_> {
+    pub fn error(&mut self, loc: Location, message: String, hint: impl Into<String>) {
+        self.errors
+            .push(PolicyError::at(self.file, loc, message, hint));
+    }
+
+    pub fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
+    fn origin(&self, loc: Location) -> Origin<'a> {
+        Origin {
+            file: self.file,
+            loc,
+        }
+    }
+}
+
+/// Where something was defined, to point at it from an error elsewhere.
+#[derive(Clone, Copy)]
+struct Origin<'a> {
+    file: &'a Path,
+    loc: Location,
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&PolicyError::place(self.file, self.loc))
+    }
+}
+
+/// Names an item of a document, as rules see them: valid (with its id), or present but
+/// invalid (already reported, so a rule naming it is dropped without another error).
+pub(super) struct LocalNames<Id> {
+    valid: HashMap<String, Id>,
+    invalid: HashSet<String>,
+}
+
+impl<Id> Default for LocalNames<Id> {
+    fn default() -> Self {
+        LocalNames {
+            valid: HashMap::new(),
+            invalid: HashSet::new(),
+        }
+    }
+}
+
+/// What is known across the whole set while its documents are validated in order.
+#[derive(Default)]
+struct Validator<'a> {
+    out: Validated,
+    workload_names: HashMap<String, Origin<'a>>,
+    endpoint_names: HashMap<String, Origin<'a>>,
+    rule_names: HashMap<String, Origin<'a>>,
+    spiffe_ids: HashMap<SpiffeId, (String, Origin<'a>)>,
+    selectors: HashMap<(Option<String>, Option<u32>), (String, Origin<'a>)>,
+    endpoint_keys: HashMap<(IpNet, &'static str, u16), (String, Origin<'a>)>,
+    pairs: HashMap<(WorkloadId, EndpointId), (String, Origin<'a>)>,
+}
+
+pub(super) fn validate(documents: &[Document<'_>], errors: &mut Vec<PolicyError>) -> Validated {
+    let mut validator = Validator::default();
+    for doc in documents {
+        let mut ctx = Ctx {
+            file: doc.file,
+            errors,
+        };
+        validator.document(&mut ctx, &doc.raw);
+    }
+    validator.out
+}
+
+impl<'a> Validator<'a> {
+    fn document(&mut self, ctx: &mut Ctx<'a, '_>, doc: &Spanned<RawDocument>) {
+        let raw = &doc.value;
+        expect_literal(
+            ctx,
+            raw.api_version.as_ref(),
+            doc.referenced,
+            "apiVersion",
+            API_VERSION,
+        );
+        expect_literal(ctx, raw.kind.as_ref(), doc.referenced, "kind", KIND);
+        if let Some(name) = raw.metadata.as_ref().and_then(|m| m.value.name.as_ref())
+            && name.value.trim().is_empty()
+        {
+            ctx.error(
+                name.referenced,
+                "metadata.name is empty".into(),
+                "give the document a name or remove metadata.name",
+            );
+        }
+        let Some(spec) = &raw.spec else {
+            ctx.error(
+                doc.referenced,
+                "the document has no spec".into(),
+                "add spec: with trustDomain, workloads, endpoints and rules",
+            );
+            return;
+        };
+        self.spec(ctx, &spec.value, spec.referenced);
+    }
+
+    fn spec(&mut self, ctx: &mut Ctx<'a, '_>, spec: &RawSpec, spec_loc: Location) {
+        let trust_domain = match &spec.trust_domain {
+            None => {
+                ctx.error(
+                    spec_loc,
+                    "spec has no trustDomain".into(),
+                    "add trustDomain: example.org (the trust domain of the workloads' SPIFFE IDs)",
+                );
+                None
+            }
+            Some(td) => match td.value.parse::<TrustDomain>() {
+                Ok(parsed) => Some(parsed),
+                Err(e) => {
+                    ctx.error(
+                        td.referenced,
+                        format!("invalid trustDomain `{}`: {e}", td.value),
+                        "write a lower-case DNS-like name such as example.org",
+                    );
+                    None
+                }
+            },
+        };
+        let mode = parse_mode(ctx, spec.mode.as_ref()).unwrap_or(Mode::Enforce);
+
+        let mut workloads = LocalNames::default();
+        for raw in &spec.workloads {
+            let before = ctx.error_count();
+            let checked = workload::check(ctx, raw, trust_domain.as_ref());
+            let name = raw.value.name.as_ref().map(|n| n.value.clone());
+            match checked {
+                Some(w) if ctx.error_count() == before => {
+                    if let Some(id) = self.add_workload(ctx, w, raw.referenced) {
+                        workloads.valid.insert(name.unwrap_or_default(), id);
+                        continue;
+                    }
+                    workloads.invalid.extend(name);
+                }
+                _ => workloads.invalid.extend(name),
+            }
+        }
+
+        let mut endpoints = LocalNames::default();
+        for raw in &spec.endpoints {
+            let before = ctx.error_count();
+            let checked = endpoint::check(ctx, raw, mode);
+            let name = raw.value.name.as_ref().map(|n| n.value.clone());
+            match checked {
+                Some(e) if ctx.error_count() == before => {
+                    if let Some(id) = self.add_endpoint(ctx, e, raw.referenced) {
+                        endpoints.valid.insert(name.unwrap_or_default(), id);
+                        continue;
+                    }
+                    endpoints.invalid.extend(name);
+                }
+                _ => endpoints.invalid.extend(name),
+            }
+        }
+
+        for raw in &spec.rules {
+            let before = ctx.error_count();
+            let resolver = rule::Resolver {
+                workloads: &workloads,
+                endpoints: &endpoints,
+                other_workloads: &self.workload_names,
+                other_endpoints: &self.endpoint_names,
+            };
+            let checked = rule::check(ctx, raw, mode, &resolver);
+            if let Some(r) = checked
+                && ctx.error_count() == before
+            {
+                self.add_rule(ctx, r, raw.referenced);
+            }
+        }
+    }
+
+    /// Registers a valid workload unless it clashes with one already in the set.
+    fn add_workload(
+        &mut self,
+        ctx: &mut Ctx<'a, '_>,
+        w: Workload,
+        loc: Location,
+    ) -> Option<WorkloadId> {
+        let here = ctx.origin(loc);
+        if let Some(first) = self.workload_names.get(&w.name) {
+            ctx.error(
+                loc,
+                format!("workload name `{}` is already used at {first}", w.name),
+                "workload names must be unique across all policy files; rename one",
+            );
+            return None;
+        }
+        if let Some((other, first)) = self.spiffe_ids.get(&w.spiffe_id) {
+            ctx.error(
+                loc,
+                format!(
+                    "workload `{}` has the SPIFFE ID {} of workload `{other}` ({first})",
+                    w.name, w.spiffe_id
+                ),
+                "give each workload its own spiffeId",
+            );
+            return None;
+        }
+        let selectors = (w.cgroup.clone(), w.uid);
+        if let Some((other, first)) = self.selectors.get(&selectors) {
+            ctx.error(
+                loc,
+                format!(
+                    "workload `{}` is ambiguous: workload `{other}` ({first}) has the same selectors",
+                    w.name
+                ),
+                "a process must map to one workload; change the cgroup or uid of one of them",
+            );
+            return None;
+        }
+        let id = WorkloadId(u32::try_from(self.out.workloads.len()).ok()?);
+        self.workload_names.insert(w.name.clone(), here);
+        self.spiffe_ids
+            .insert(w.spiffe_id.clone(), (w.name.clone(), here));
+        self.selectors.insert(selectors, (w.name.clone(), here));
+        self.out.workloads.push(w);
+        Some(id)
+    }
+
+    fn add_endpoint(
+        &mut self,
+        ctx: &mut Ctx<'a, '_>,
+        e: Endpoint,
+        loc: Location,
+    ) -> Option<EndpointId> {
+        let here = ctx.origin(loc);
+        if let Some(first) = self.endpoint_names.get(&e.name) {
+            ctx.error(
+                loc,
+                format!("endpoint name `{}` is already used at {first}", e.name),
+                "endpoint names must be unique across all policy files; rename one",
+            );
+            return None;
+        }
+        let keys = endpoint::kernel_keys(&e);
+        for key in &keys {
+            if let Some((other, first)) = self.endpoint_keys.get(key) {
+                let (net, protocol, port) = key;
+                let port = if *port == 0 {
+                    "every port".to_string()
+                } else {
+                    format!("port {port}")
+                };
+                ctx.error(
+                    loc,
+                    format!(
+                        "endpoint `{}` overlaps endpoint `{other}` ({first}) on {net} {protocol} {port}",
+                        e.name
+                    ),
+                    "a destination must belong to one endpoint; merge them or narrow one's addresses, ports or protocol",
+                );
+                return None;
+            }
+        }
+        let id = EndpointId(u32::try_from(self.out.endpoints.len()).ok()?);
+        self.endpoint_names.insert(e.name.clone(), here);
+        for key in keys {
+            self.endpoint_keys.insert(key, (e.name.clone(), here));
+        }
+        self.out.endpoints.push(e);
+        Some(id)
+    }
+
+    fn add_rule(&mut self, ctx: &mut Ctx<'a, '_>, r: Rule, loc: Location) {
+        let here = ctx.origin(loc);
+        if let Some(first) = self.rule_names.get(&r.name) {
+            ctx.error(
+                loc,
+                format!("rule name `{}` is already used at {first}", r.name),
+                "rule names must be unique across all policy files; rename one",
+            );
+            return;
+        }
+        for &w in &r.workloads {
+            for &e in &r.endpoints {
+                if let Some((other, first)) = self.pairs.get(&(w, e)) {
+                    let workload = &self.out.workloads[w.0 as usize].name;
+                    let endpoint = &self.out.endpoints[e.0 as usize].name;
+                    ctx.error(
+                        loc,
+                        format!(
+                            "rules `{other}` ({first}) and `{}` both cover workload `{workload}` -> endpoint `{endpoint}`",
+                            r.name
+                        ),
+                        "one rule per (workload, endpoint) pair; remove the pair from one of them",
+                    );
+                    return;
+                }
+            }
+        }
+        for &w in &r.workloads {
+            for &e in &r.endpoints {
+                self.pairs.insert((w, e), (r.name.clone(), here));
+            }
+        }
+        self.rule_names.insert(r.name.clone(), here);
+        self.out.rules.push(r);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! One endpoint: its name, kind, addresses, ports and protocol.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde_saphyr::Spanned;
+
+use super::{Ctx, check_name};
+use crate::policy::raw::{RawEndpoint, S};
+use crate::policy::{Endpoint, EndpointKind, Mode, Protocol};
+
+/// The endpoint, or `None` if something was wrong (errors are in `ctx`). `mode` is its
+/// document's. Set-wide checks (unique names, overlaps) are the caller's.
+pub(super) fn check(
+    ctx: &mut Ctx<'_, '_>,
+    raw: &Spanned<RawEndpoint>,
+    mode: Mode,
+) -> Option<Endpoint> {
+    let loc = raw.referenced;
+    let raw = &raw.value;
+    let name = check_name(ctx, raw.name.as_ref(), "endpoint", loc);
+    let kind = match raw.kind.as_ref() {
+        None => Some(EndpointKind::Other),
+        Some(k) => match k.value.as_str() {
+            "secret-store" => Some(EndpointKind::SecretStore),
+            "api" => Some(EndpointKind::Api),
+            "other" => Some(EndpointKind::Other),
+            other => {
+                ctx.error(
+                    k.referenced,
+                    format!("unknown endpoint kind `{other}`"),
+                    "use secret-store, api or other",
+                );
+                None
+            }
+        },
+    };
+    if let Some(hosts) = &raw.hosts {
+        ctx.error(
+            hosts.referenced,
+            "`hosts` is not supported yet".into(),
+            "list the endpoint's IP addresses or CIDRs under addresses, and remove hosts",
+        );
+    }
+    let addresses = check_addresses(ctx, raw.addresses.as_ref(), loc);
+    let ports = check_ports(ctx, raw.ports.as_ref());
+    let protocol = match raw.protocol.as_ref() {
+        None => Some(Protocol::Tcp),
+        Some(p) => match p.value.as_str() {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "any" => Some(Protocol::Any),
+            other => {
+                ctx.error(
+                    p.referenced,
+                    format!("unknown protocol `{other}`"),
+                    "use tcp, udp or any",
+                );
+                None
+            }
+        },
+    };
+    Some(Endpoint {
+        name: name?,
+        kind: kind?,
+        addresses: addresses?,
+        ports: ports?,
+        protocol: protocol?,
+        mode,
+    })
+}
+
+fn check_addresses(
+    ctx: &mut Ctx<'_, '_>,
+    raw: Option<&S<Vec<S<String>>>>,
+    endpoint_loc: serde_saphyr::Location,
+) -> Option<Vec<IpNet>> {
+    let list = match raw {
+        Some(list) if !list.value.is_empty() => list,
+        Some(list) => {
+            ctx.error(
+                list.referenced,
+                "addresses is empty".into(),
+                "list at least one IP address or CIDR, like \"10.0.0.1\" or \"10.0.0.0/8\"",
+            );
+            return None;
+        }
+        None => {
+            ctx.error(
+                endpoint_loc,
+                "endpoint has no addresses".into(),
+                "add addresses: [\"10.0.0.1\"] (IP addresses or CIDRs)",
+            );
+            return None;
+        }
+    };
+    let mut ok = true;
+    let mut nets = Vec::with_capacity(list.value.len());
+    for addr in &list.value {
+        let text = addr.value.trim();
+        let parsed = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) if net.trunc() == net => nets.push(net),
+            Ok(net) => {
+                ctx.error(
+                    addr.referenced,
+                    format!("address `{text}` has host bits set"),
+                    format!("write the network address: {}", net.trunc()),
+                );
+                ok = false;
+            }
+            Err(_) => {
+                ctx.error(
+                    addr.referenced,
+                    format!("`{text}` is not an IP address or CIDR"),
+                    "write an address like 10.0.0.1 or ::1, or a network like 10.0.0.0/8",
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(nets)
+}
+
+/// Empty (absent `ports`) means every port.
+fn check_ports(ctx: &mut Ctx<'_, '_>, raw: Option<&S<Vec<S<i64>>>>) -> Option<Vec<u16>> {
+    let Some(list) = raw else {
+        return Some(Vec::new());
+    };
+    if list.value.is_empty() {
+        ctx.error(
+            list.referenced,
+            "ports is empty".into(),
+            "list the ports, or remove ports to cover every port",
+        );
+        return None;
+    }
+    let mut ok = true;
+    let mut seen = HashSet::new();
+    let mut ports = Vec::with_capacity(list.value.len());
+    for port in &list.value {
+        match u16::try_from(port.value) {
+            Ok(p) if p != 0 => {
+                if seen.insert(p) {
+                    ports.push(p);
+                } else {
+                    ctx.error(
+                        port.referenced,
+                        format!("port {p} is listed twice"),
+                        "list each port once",
+                    );
+                    ok = false;
+                }
+            }
+            _ => {
+                ctx.error(
+                    port.referenced,
+                    format!("port {} is out of range", port.value),
+                    "use a port from 1 to 65535",
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(ports)
+}
+
+/// The keys the kernel's endpoint maps would hold for `e`: (network, protocol, port; 0 = every
+/// port). Two endpoints with a key in common could not be told apart.
+pub(super) fn kernel_keys(e: &Endpoint) -> Vec<(IpNet, &'static str, u16)> {
+    let protocols: &[&'static str] = match e.protocol {
+        Protocol::Tcp => &["tcp"],
+        Protocol::Udp => &["udp"],
+        Protocol::Any => &["tcp", "udp"],
+    };
+    let ports: &[u16] = if e.ports.is_empty() { &[0] } else { &e.ports };
+    let mut keys = Vec::new();
+    for &net in &e.addresses {
+        let net = unmap_ipv4(net);
+        for &protocol in protocols {
+            for &port in ports {
+                keys.push((net, protocol, port));
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The kernel stores IPv4 as IPv4-mapped IPv6, so `::ffff:10.0.0.1/128` and `10.0.0.1/32` are
+/// the same key there.
+fn unmap_ipv4(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::validate::tests::{assert_errors, with_head};
+
+    #[test]
+    fn endpoint_errors() {
+        let yaml = with_head(
+            "  endpoints:
+    - name: no-addr
+    - name: empty-addr
+      addresses: []
+    - name: bad-addr
+      addresses: [10.0.0.1, not-an-ip, 10.0.0.1/8, 'fd00::1/64']
+      ports: [0, 80, 80, 65536]
+      protocol: sctp
+      kind: database
+    - name: empty-ports
+      addresses: [10.1.0.0/16]
+      ports: []
+",
+        );
+        assert_errors(
+            &yaml,
+            &[
+                "p.yaml:7:7: endpoint has no addresses — add addresses: [\"10.0.0.1\"] (IP addresses or CIDRs)",
+                "p.yaml:9:18: addresses is empty — list at least one IP address or CIDR, like \"10.0.0.1\" or \"10.0.0.0/8\"",
+                "p.yaml:11:29: `not-an-ip` is not an IP address or CIDR — write an address like 10.0.0.1 or ::1, or a network like 10.0.0.0/8",
+                "p.yaml:11:40: address `10.0.0.1/8` has host bits set — write the network address: 10.0.0.0/8",
+                "p.yaml:11:52: address `fd00::1/64` has host bits set — write the network address: fd00::/64",
+                "p.yaml:12:15: port 0 is out of range — use a port from 1 to 65535",
+                "p.yaml:12:22: port 80 is listed twice — list each port once",
+                "p.yaml:12:26: port 65536 is out of range — use a port from 1 to 65535",
+                "p.yaml:13:17: unknown protocol `sctp` — use tcp, udp or any",
+                "p.yaml:14:13: unknown endpoint kind `database` — use secret-store, api or other",
+                "p.yaml:17:14: ports is empty — list the ports, or remove ports to cover every port",
+            ],
+        );
+    }
+
+    #[test]
+    fn overlapping_endpoints() {
+        let yaml = with_head(
+            "  endpoints:
+    - {name: a, addresses: [10.0.0.1], ports: [80, 443]}
+    - {name: b, addresses: ['::ffff:10.0.0.1/128'], ports: [443], protocol: any}
+    - {name: c, addresses: [10.0.0.1], ports: [443], protocol: udp}
+    - {name: d, addresses: [10.0.0.0/24]}
+",
+        );
+        assert_errors(
+            &yaml,
+            &[
+                "p.yaml:8:7: endpoint `b` overlaps endpoint `a` (p.yaml:7:7) on 10.0.0.1/32 tcp port 443 — a destination must belong to one endpoint; merge them or narrow one's addresses, ports or protocol",
+            ],
+        );
+    }
+}

@@ -1,0 +1,420 @@
+//! The core loop against the real kernel: credentials open a protected endpoint, nothing else
+//! does, and every decision is logged with its reason.
+//!
+//! Each test creates its own cgroup, attaches a real `tessera run` to it only, and drives
+//! workloads (tests/workload.py) inside it against loopback servers.
+mod support;
+
+use std::{thread, time::Duration};
+
+use serde_json::Value;
+use support::{
+    Agent, Servers, TestCgroup, Workload, extra_tcp_server, privileged, standard_policy,
+};
+
+struct Setup {
+    agent: Agent,
+    cg: TestCgroup,
+    app: std::path::PathBuf,
+    other: std::path::PathBuf,
+    port: u16,
+    api_port: u16,
+}
+
+fn setup(name: &str, mode: &str, extra: &[&str]) -> Setup {
+    let cg = TestCgroup::new(name);
+    let (app, _) = cg.child("app");
+    let (other, _) = cg.child("other");
+    let servers = Servers::start();
+    let api_port = extra_tcp_server();
+    let policy = standard_policy(&cg.rel, servers.tcp_port, api_port, mode);
+    let agent = Agent::start(&policy, &cg.path, extra);
+    Setup {
+        agent,
+        cg,
+        app,
+        other,
+        port: servers.tcp_port,
+        api_port,
+    }
+}
+
+fn by(pid: u32, reason: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |d| d["process"]["tgid"] == pid && d["reason"] == reason
+}
+
+#[test]
+fn credential_opens_the_endpoint_and_nothing_else_does() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("allow", "enforce", &[]);
+    let mut holder = Workload::spawn(&s.app, &s.agent.api);
+    let mut bare = Workload::spawn(&s.app, &s.agent.api);
+
+    assert_eq!(
+        bare.connect4(s.port),
+        "EPERM",
+        "no credential must mean EPERM"
+    );
+    let jti = holder.must_token("vault", Some(60));
+    assert_eq!(holder.connect4(s.port), "ok");
+    assert_eq!(
+        bare.connect4(s.port),
+        "EPERM",
+        "a credential is the holder's alone"
+    );
+
+    let allow = s
+        .agent
+        .wait_decision("allow", by(holder.pid, "credential_valid"));
+    assert_eq!(allow["verdict"], "allow");
+    assert_eq!(allow["schema"], "tessera.decision/v1");
+    assert_eq!(allow["hook"], "connect4");
+    assert_eq!(allow["protocol"], "tcp");
+    assert_eq!(allow["destination"]["ip"], "127.0.0.1");
+    assert_eq!(allow["destination"]["port"], s.port);
+    assert_eq!(allow["destination"]["endpoint"], "vault");
+    assert_eq!(allow["workload"]["name"], "app");
+    assert_eq!(
+        allow["workload"]["spiffe_id"],
+        "spiffe://test.tessera.dev/app"
+    );
+    assert_eq!(allow["credential"]["jti"], jti.as_str());
+    assert_eq!(allow["policy"]["rule"], "app-to-vault");
+    let deny = s.agent.wait_decision("deny", by(bare.pid, "no_credential"));
+    assert_eq!(deny["verdict"], "deny");
+    assert_eq!(deny["enforced"], true);
+    assert_eq!(deny["mode"], "enforce");
+    assert!(deny["credential"].is_null());
+
+    // No token ever reaches the decision log.
+    let log = std::fs::read_to_string(&s.agent.log).expect("log");
+    assert!(!log.contains("eyJ"), "a JWT leaked into the decision log");
+}
+
+#[test]
+fn a_credential_for_one_endpoint_does_not_open_another() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("audience", "enforce", &[]);
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    w.must_token("vault", Some(60));
+    assert_eq!(w.connect4(s.port), "ok");
+    assert_eq!(w.connect4(s.api_port), "EPERM");
+    let d = s
+        .agent
+        .wait_decision("api deny", by(w.pid, "no_credential"));
+    assert_eq!(d["destination"]["endpoint"], "api");
+    w.must_token("api", Some(60));
+    assert_eq!(w.connect4(s.api_port), "ok");
+}
+
+#[test]
+fn expiry_takes_effect_on_the_next_connect() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("expiry", "enforce", &[]);
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    w.must_token("vault", Some(1));
+    assert_eq!(w.connect4(s.port), "ok");
+    thread::sleep(Duration::from_millis(1300));
+    assert_eq!(w.connect4(s.port), "EPERM");
+    s.agent
+        .wait_decision("expired", by(w.pid, "credential_expired"));
+}
+
+#[test]
+fn delete_and_revoke_take_effect_on_the_next_connect() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("revoke", "enforce", &[]);
+    // The holder ends its own task early.
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    let jti = w.must_token("vault", Some(60));
+    assert_eq!(w.connect4(s.port), "ok");
+    let (status, body) = w.raw("DELETE", &format!("/v1/credentials/{jti}"), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(w.connect4(s.port), "EPERM");
+    s.agent
+        .wait_decision("deleted", by(w.pid, "credential_revoked"));
+
+    // The operator revokes with `tessera revoke --jti`.
+    let mut v = Workload::spawn(&s.app, &s.agent.api);
+    let jti = v.must_token("vault", Some(60));
+    assert_eq!(v.connect4(s.port), "ok");
+    let admin = s.agent.admin.to_str().expect("utf-8");
+    let (code, out, err) = s
+        .agent
+        .cli(&["revoke", "--jti", &jti, "--admin-socket", admin]);
+    assert_eq!(code, 0, "tessera revoke failed: {out} {err}");
+    assert!(out.contains(&jti), "{out}");
+    assert_eq!(v.connect4(s.port), "EPERM");
+    s.agent
+        .wait_decision("revoked", by(v.pid, "credential_revoked"));
+
+    // And by pid.
+    let mut p = Workload::spawn(&s.app, &s.agent.api);
+    p.must_token("vault", Some(60));
+    let pid = p.pid.to_string();
+    let (code, out, err) = s
+        .agent
+        .cli(&["revoke", "--pid", &pid, "--admin-socket", admin]);
+    assert_eq!(code, 0, "tessera revoke --pid failed: {out} {err}");
+    assert_eq!(p.connect4(s.port), "EPERM");
+
+    // Revoking what does not exist says so.
+    let (code, _, err) = s
+        .agent
+        .cli(&["revoke", "--jti", "no-such-jti", "--admin-socket", admin]);
+    assert_ne!(code, 0);
+    assert!(!err.is_empty());
+}
+
+#[test]
+fn audit_mode_allows_and_logs_the_would_be_deny() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("audit", "audit", &[]);
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    assert_eq!(w.connect4(s.port), "ok", "audit mode must not block");
+    let d = s
+        .agent
+        .wait_decision("audit deny", by(w.pid, "no_credential"));
+    assert_eq!(d["verdict"], "deny");
+    assert_eq!(d["enforced"], false);
+    assert_eq!(d["mode"], "audit");
+}
+
+#[test]
+fn mode_flag_forces_audit() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("auditflag", "enforce", &["--mode", "audit"]);
+    let mut w = Workload::spawn(&s.other, &s.agent.api);
+    assert_eq!(w.connect4(s.port), "ok");
+    let d = s
+        .agent
+        .wait_decision("audit", by(w.pid, "workload_not_allowed"));
+    assert_eq!(d["enforced"], false);
+}
+
+#[test]
+fn ipv6_mapped_and_udp_paths_are_decided() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("paths", "enforce", &[]);
+    let mut bare = Workload::spawn(&s.app, &s.agent.api);
+    assert_eq!(bare.net("connect", 6, "::1", s.port), "EPERM");
+    s.agent.wait_decision("connect6", |d| {
+        d["process"]["tgid"] == bare.pid
+            && d["hook"] == "connect6"
+            && d["destination"]["ip"] == "::1"
+    });
+    assert_eq!(bare.net("connect", 6, "::ffff:127.0.0.1", s.port), "EPERM");
+    s.agent.wait_decision("mapped", |d| {
+        d["process"]["tgid"] == bare.pid
+            && d["hook"] == "connect6"
+            && d["destination"]["ip"] == "127.0.0.1"
+    });
+    assert_eq!(bare.net("sendto", 4, "127.0.0.1", s.port), "EPERM");
+    s.agent.wait_decision("sendmsg4", |d| {
+        d["process"]["tgid"] == bare.pid && d["hook"] == "sendmsg4" && d["protocol"] == "udp"
+    });
+    assert_eq!(bare.net("sendto", 6, "::1", s.port), "EPERM");
+    s.agent.wait_decision("sendmsg6", |d| {
+        d["process"]["tgid"] == bare.pid && d["hook"] == "sendmsg6"
+    });
+    assert_eq!(bare.net("udp_connect", 4, "127.0.0.1", s.port), "EPERM");
+
+    let mut holder = Workload::spawn(&s.app, &s.agent.api);
+    holder.must_token("vault", Some(60));
+    holder.must_token("dns", Some(60));
+    assert_eq!(holder.net("connect", 6, "::1", s.port), "ok");
+    assert_eq!(holder.net("connect", 6, "::ffff:127.0.0.1", s.port), "ok");
+    assert_eq!(holder.net("sendto", 4, "127.0.0.1", s.port), "ok");
+    assert_eq!(holder.net("sendto", 6, "::1", s.port), "ok");
+    assert_eq!(holder.net("udp_connect", 6, "::1", s.port), "ok");
+}
+
+#[test]
+fn unprotected_destinations_and_outside_processes_are_untouched() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("untouched", "enforce", &[]);
+    let free_port = extra_tcp_server();
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    assert_eq!(w.connect4(free_port), "ok");
+
+    // A process in a cgroup of ours that is not under the attach point.
+    let outside = TestCgroup::new("outside");
+    let mut o = Workload::spawn(&outside.path, &s.agent.api);
+    assert_eq!(o.connect4(s.port), "ok");
+
+    // Something logged after both proves the log is current, then neither appears in it.
+    assert_eq!(w.connect4(s.port), "EPERM");
+    s.agent.wait_decision("marker", by(w.pid, "no_credential"));
+    for d in s.agent.decisions() {
+        assert_ne!(
+            d["destination"]["port"], free_port,
+            "unprotected call logged: {d}"
+        );
+        assert_ne!(d["process"]["tgid"], o.pid, "outside process logged: {d}");
+    }
+    drop(s);
+}
+
+#[test]
+fn workloads_without_a_rule_and_unknown_processes_are_denied() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("norule", "enforce", &[]);
+    let mut other = Workload::spawn(&s.other, &s.agent.api);
+    let (status, body) = other.token("vault", Some(60));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "workload_not_allowed");
+    assert_eq!(other.connect4(s.port), "EPERM");
+    s.agent
+        .wait_decision("no rule", by(other.pid, "workload_not_allowed"));
+
+    let (stranger_cg, _) = s.cg.child("stranger");
+    let mut stranger = Workload::spawn(&stranger_cg, &s.agent.api);
+    let (status, body) = stranger.token("vault", Some(60));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "unknown_workload");
+    assert_eq!(stranger.connect4(s.port), "EPERM");
+    let d = s
+        .agent
+        .wait_decision("unknown", by(stranger.pid, "unknown_workload"));
+    assert!(d["workload"].is_null());
+}
+
+#[test]
+fn bad_requests_are_refused_and_write_no_grant() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("badreq", "enforce", &[]);
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    let cases: [(&str, &str, Option<&str>, u16); 6] = [
+        ("garbage json", "POST", Some("{not json"), 400),
+        (
+            "unknown field",
+            "POST",
+            Some(r#"{"audience":"vault","admin":true}"#),
+            400,
+        ),
+        (
+            "ttl zero",
+            "POST",
+            Some(r#"{"audience":"vault","ttl_seconds":0}"#),
+            400,
+        ),
+        (
+            "missing audience",
+            "POST",
+            Some(r#"{"ttl_seconds":5}"#),
+            400,
+        ),
+        (
+            "unknown audience",
+            "POST",
+            Some(r#"{"audience":"nope","ttl_seconds":5}"#),
+            403,
+        ),
+        (
+            "ttl over the cap",
+            "POST",
+            Some(r#"{"audience":"vault","ttl_seconds":3600}"#),
+            403,
+        ),
+    ];
+    for (what, method, body, want) in cases {
+        let (status, answer) = w.raw(method, "/v1/credentials", body);
+        assert_eq!(status, want, "{what}: {answer}");
+        assert!(
+            answer["error"].is_string(),
+            "{what}: no error text: {answer}"
+        );
+        if want == 403 {
+            assert!(answer["reason"].is_string(), "{what}: no reason: {answer}");
+        }
+    }
+    let (_, answer) = w.raw(
+        "POST",
+        "/v1/credentials",
+        Some(r#"{"audience":"vault","ttl_seconds":3600}"#),
+    );
+    assert_eq!(answer["reason"], "ttl_exceeds_max");
+    // None of them left a grant behind.
+    assert_eq!(w.connect4(s.port), "EPERM");
+    s.agent
+        .wait_decision("still denied", by(w.pid, "no_credential"));
+    let (status, _) = w.raw("GET", "/v1/jwks", None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_recycled_pid_never_inherits_a_grant() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("pidreuse", "enforce", &[]);
+    let mut holder = Workload::spawn(&s.app, &s.agent.api);
+    holder.must_token("vault", Some(600));
+    assert_eq!(holder.connect4(s.port), "ok");
+    let pid = holder.pid;
+    holder.exit();
+
+    // Make the kernel hand the same pid to a new process in the same workload.
+    let mut reused = None;
+    for _ in 0..200 {
+        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string());
+        let w = Workload::spawn(&s.app, &s.agent.api);
+        if w.pid == pid {
+            reused = Some(w);
+            break;
+        }
+    }
+    let Some(mut successor) = reused else {
+        eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+        return;
+    };
+    assert_eq!(
+        successor.connect4(s.port),
+        "EPERM",
+        "pid {pid} inherited its predecessor's grant"
+    );
+    s.agent.wait_decision("successor", by(pid, "no_credential"));
+}
+
+#[test]
+fn the_agent_detaches_on_sigterm() {
+    if !privileged() {
+        return;
+    }
+    let mut s = setup("detach", "enforce", &[]);
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    assert_eq!(w.connect4(s.port), "EPERM");
+    assert!(
+        s.agent.stop(),
+        "tessera run did not exit cleanly on SIGTERM"
+    );
+    assert_eq!(
+        w.connect4(s.port),
+        "ok",
+        "enforcement must be gone after a clean stop"
+    );
+    assert!(
+        !s.agent.api.exists(),
+        "the Workload API socket was left behind"
+    );
+}
