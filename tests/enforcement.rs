@@ -3,6 +3,12 @@
 //!
 //! Each test creates its own cgroup, attaches a real `tessera run` to it only, and drives
 //! workloads (tests/workload.py) inside it against loopback servers.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test panics with context"
+)]
+
 mod support;
 
 use std::{thread, time::Duration};

@@ -1,5 +1,11 @@
 //! `tessera check` and `tessera run` against good and bad policy files: a bad policy gets
 //! `FILE:LINE:COL: what — how to fix`, exit 1, and nothing is loaded.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test panics with context"
+)]
+
 use std::process::Command;
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");

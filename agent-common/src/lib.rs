@@ -300,6 +300,9 @@ mod tests {
         assert_eq!(size_of::<WorkloadGrantKey>(), 8);
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SocketTag>(), 8 + 4 * 4);
-        assert_eq!(size_of::<DecisionEvent>(), 4 * 8 + 9 * 4 + 2 + 6 + 16 + 16 + 4);
+        assert_eq!(
+            size_of::<DecisionEvent>(),
+            4 * 8 + 9 * 4 + 2 + 6 + 16 + 16 + 4
+        );
     }
 }

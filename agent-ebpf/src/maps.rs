@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use tessera_common::{
-    Config, EndpointCidrKey, EndpointKey, EndpointValue, ProcessGrants, RuleKey, RuleValue,
-    SocketTag, WorkloadGrantKey, WorkloadKey, WorkloadValue, GrantSlot, capacity, map_names,
+    Config, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, ProcessGrants, RuleKey,
+    RuleValue, SocketTag, WorkloadGrantKey, WorkloadKey, WorkloadValue, capacity, map_names,
 };
 
 #[map]

@@ -2,10 +2,7 @@
 //! admin APIs, turns kernel events into decision-log records, and detaches on SIGTERM/SIGINT.
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::Ordering,
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -145,10 +142,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
 
     let _ = stop_tx.send(true);
-    if let Ok(mut enforcer) = enforcer.lock() {
-        if let Err(e) = enforcer.detach() {
-            warn!(error = %e, "detaching the programs");
-        }
+    if let Ok(mut enforcer) = enforcer.lock()
+        && let Err(e) = enforcer.detach()
+    {
+        warn!(error = %e, "detaching the programs");
     }
     // Decisions made before the detach are still in the ring buffer: write them all.
     while let Ok(Some(event)) =

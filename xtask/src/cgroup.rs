@@ -9,11 +9,13 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     for line in mountinfo.lines() {
         // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS... - FSTYPE SOURCE SUPEROPTS
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mount_point) = left.split_whitespace().nth(4) {
-                return Ok(PathBuf::from(mount_point));
-            }
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mount_point) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mount_point));
         }
     }
     bail!("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
@@ -30,9 +32,15 @@ impl ScratchCgroup {
         let root = cgroup2_root()?;
         let path = root.join(relative.trim_start_matches('/'));
         if path.exists() {
-            let leftover = Self { path: path.clone(), root: root.clone() };
+            let leftover = Self {
+                path: path.clone(),
+                root: root.clone(),
+            };
             leftover.remove_tree().with_context(|| {
-                format!("{} exists from an earlier run and cannot be removed", path.display())
+                format!(
+                    "{} exists from an earlier run and cannot be removed",
+                    path.display()
+                )
             })?;
         }
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;

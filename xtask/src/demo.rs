@@ -53,11 +53,16 @@ pub fn run() -> Result<()> {
             .arg(&admin)
             .arg("--state-dir")
             .arg(scratch.join("state"))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
     )?;
     wait_for(&api, &admin, &log)?;
     let _follower = Guard::spawn(
-        Command::new(&tessera).args(["logs", "-f", "-o", "compact"]).arg(&log),
+        Command::new(&tessera)
+            .args(["logs", "-f", "-o", "compact"])
+            .arg(&log),
     )?;
 
     let script = root.join("xtask/demo/workload.py");
@@ -69,18 +74,30 @@ pub fn run() -> Result<()> {
     println!("   agent: {credential}");
     let jti = json_field(&credential, "jti")
         .context("the agent workload got no credential (see the line above)")?;
-    expect(&mut failures, "agent with a credential", &holder.next_line()?, "connected");
+    expect(
+        &mut failures,
+        "agent with a credential",
+        &holder.next_line()?,
+        "connected",
+    );
     pause();
 
     banner("2. `agent` without a credential, and `intruder` (no rule for vault), call it");
     let mut bare = Workload::start(&agent_cg, &script, &api, None, false)?;
-    expect(&mut failures, "agent without a credential", &bare.next_line()?, "denied");
+    expect(
+        &mut failures,
+        "agent without a credential",
+        &bare.next_line()?,
+        "denied",
+    );
     let mut intruder = Workload::start(&intruder_cg, &script, &api, Some("vault"), false)?;
     println!("   intruder: {}", intruder.next_line()?);
     expect(&mut failures, "intruder", &intruder.next_line()?, "denied");
     pause();
 
-    banner(&format!("3. the operator revokes credential {jti}; `agent` calls again"));
+    banner(&format!(
+        "3. the operator revokes credential {jti}; `agent` calls again"
+    ));
     let st = Command::new(&tessera)
         .args(["revoke", "--jti", &jti, "--admin-socket"])
         .arg(&admin)
@@ -89,14 +106,22 @@ pub fn run() -> Result<()> {
         failures.push(format!("tessera revoke exited with {st}"));
     }
     holder.again()?;
-    expect(&mut failures, "agent after revocation", &holder.next_line()?, "denied");
+    expect(
+        &mut failures,
+        "agent after revocation",
+        &holder.next_line()?,
+        "denied",
+    );
     pause();
 
     drop(holder);
     drop(agent);
     banner("done: the agent stopped and detached; the sandbox cgroup is removed");
     if !failures.is_empty() {
-        bail!("the demo did not go as expected:\n  {}", failures.join("\n  "));
+        bail!(
+            "the demo did not go as expected:\n  {}",
+            failures.join("\n  ")
+        );
     }
     Ok(())
 }
@@ -190,7 +215,11 @@ impl Workload {
         let mut child = Guard::spawn(&mut cmd)?;
         let stdin = child.0.stdin.take();
         let stdout = child.0.stdout.take().context("workload stdout")?;
-        Ok(Self { child, stdin, stdout: BufReader::new(stdout) })
+        Ok(Self {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+        })
     }
 
     fn next_line(&mut self) -> Result<String> {
@@ -214,7 +243,9 @@ struct Guard(Child);
 
 impl Guard {
     fn spawn(cmd: &mut Command) -> Result<Self> {
-        cmd.spawn().map(Self).with_context(|| format!("starting {cmd:?}"))
+        cmd.spawn()
+            .map(Self)
+            .with_context(|| format!("starting {cmd:?}"))
     }
 }
 

@@ -15,18 +15,32 @@ pub fn run() -> Result<()> {
 }
 
 fn ensure_nightly_rust_src() -> Result<()> {
-    let installed = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]);
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    );
     match installed {
         Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
         Some(_) => {
             eprintln!("setup: adding rust-src to the nightly toolchain");
-            status("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])
+            status(
+                "rustup",
+                &["component", "add", "rust-src", "--toolchain", "nightly"],
+            )
         }
         None => {
             eprintln!("setup: installing the nightly toolchain with rust-src");
             status(
                 "rustup",
-                &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"],
+                &[
+                    "toolchain",
+                    "install",
+                    "nightly",
+                    "--profile",
+                    "minimal",
+                    "--component",
+                    "rust-src",
+                ],
             )
         }
     }
@@ -87,5 +101,7 @@ fn status(program: &str, args: &[&str]) -> Result<()> {
 /// stdout of a command that succeeded, or None.
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -226,3 +226,183 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::policy::{
+        Bind, CredentialPolicy, Endpoint, EndpointId, EndpointKind, Rule, Workload, WorkloadId,
+    };
+
+    fn endpoint(name: &str, addresses: &[&str], ports: Vec<u16>, protocol: Protocol) -> Endpoint {
+        Endpoint {
+            name: name.to_owned(),
+            kind: EndpointKind::Api,
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            ports,
+            protocol,
+            mode: Mode::Audit,
+        }
+    }
+
+    fn workload(name: &str, cgroup: Option<&str>, uid: Option<u32>) -> Workload {
+        Workload {
+            name: name.to_owned(),
+            spiffe_id: format!("spiffe://example.org/{name}").parse().unwrap(),
+            cgroup: cgroup.map(str::to_owned),
+            uid,
+        }
+    }
+
+    fn policy() -> PolicySet {
+        PolicySet {
+            revision: "sha256:0".to_owned(),
+            workloads: vec![
+                workload("a", Some("/demo/a"), None),
+                workload("b", Some("/demo/b"), Some(1001)),
+                workload("c", None, Some(0)),
+                workload("gone", Some("/gone"), None),
+            ],
+            endpoints: vec![
+                endpoint(
+                    "vault",
+                    &["127.0.0.1/32", "::1/128"],
+                    vec![8200],
+                    Protocol::Tcp,
+                ),
+                endpoint("net", &["10.0.0.0/8", "fd00::/8"], vec![], Protocol::Any),
+            ],
+            rules: vec![
+                Rule {
+                    name: "ab-vault".to_owned(),
+                    workloads: vec![WorkloadId(0), WorkloadId(1)],
+                    endpoints: vec![EndpointId(0)],
+                    credential: Some(CredentialPolicy {
+                        max_ttl: Duration::from_secs(60),
+                        bind: Bind::Process,
+                    }),
+                    mode: Mode::Enforce,
+                },
+                Rule {
+                    name: "c-net".to_owned(),
+                    workloads: vec![WorkloadId(2)],
+                    endpoints: vec![EndpointId(1)],
+                    credential: None,
+                    mode: Mode::Audit,
+                },
+            ],
+            sources: Vec::new(),
+        }
+    }
+
+    fn resolve(path: &str) -> Result<u64, KernelError> {
+        match path {
+            "/demo/a" => Ok(100),
+            "/demo/b" => Ok(200),
+            _ => Err(KernelError::NoCgroup2),
+        }
+    }
+
+    #[test]
+    fn host_addresses_are_exact_and_ipv4_is_mapped() {
+        let c = compile(&policy(), resolve);
+        let v4 = EndpointKey {
+            addr: mapped("127.0.0.1".parse().unwrap()),
+            port: 8200,
+            protocol: PROTO_TCP,
+            _pad: 0,
+        };
+        assert_eq!(&v4.addr[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(
+            c.exact.get(&v4),
+            Some(&EndpointValue {
+                endpoint_id: 0,
+                mode: MODE_AUDIT
+            })
+        );
+        assert_eq!(c.exact.len(), 2);
+    }
+
+    #[test]
+    fn networks_go_to_the_trie_per_protocol_with_any_port() {
+        let c = compile(&policy(), resolve);
+        // 2 networks × (tcp, udp), every port.
+        assert_eq!(c.cidr.len(), 4);
+        let v4 = EndpointCidrKey {
+            protocol: PROTO_UDP,
+            _pad: 0,
+            port_be: 0,
+            addr: mapped("10.0.0.0".parse().unwrap()),
+        };
+        assert!(c.cidr.contains_key(&(CIDR_KEY_HEADER_BITS + 96 + 8, v4)));
+        let v6 = EndpointCidrKey {
+            protocol: PROTO_TCP,
+            _pad: 0,
+            port_be: 0,
+            addr: mapped("fd00::".parse().unwrap()),
+        };
+        assert!(c.cidr.contains_key(&(CIDR_KEY_HEADER_BITS + 8, v6)));
+    }
+
+    #[test]
+    fn workloads_are_keyed_by_cgroup_and_uid() {
+        let c = compile(&policy(), resolve);
+        let key = |cgroup_id, uid| WorkloadKey {
+            cgroup_id,
+            uid,
+            _pad: 0,
+        };
+        let id = |k| c.workloads.get(&k).map(|v| v.workload_id);
+        assert_eq!(id(key(100, ANY_UID)), Some(0));
+        assert_eq!(id(key(200, 1001)), Some(1));
+        assert_eq!(id(key(ANY_CGROUP, 0)), Some(2));
+        assert_eq!(c.workloads.len(), 3);
+        assert!(matches!(
+            c.warnings.as_slice(),
+            [SyncWarning::MissingCgroup { workload, .. }] if workload == "gone"
+        ));
+    }
+
+    #[test]
+    fn rules_cover_every_pair_with_flags_and_mode() {
+        let c = compile(&policy(), resolve);
+        let rule = |w, e| {
+            c.rules.get(&RuleKey {
+                workload_id: w,
+                endpoint_id: e,
+            })
+        };
+        assert_eq!(
+            rule(1, 0),
+            Some(&RuleValue {
+                rule_id: 0,
+                flags: RULE_CREDENTIAL_REQUIRED,
+                mode: MODE_ENFORCE,
+                _pad: 0
+            })
+        );
+        assert_eq!(rule(2, 1).map(|r| (r.flags, r.mode)), Some((0, MODE_AUDIT)));
+        assert_eq!(rule(2, 0), None);
+        assert_eq!(c.rules.len(), 3);
+    }
+
+    #[test]
+    fn overlapping_endpoints_keep_the_first_and_warn() {
+        let mut p = policy();
+        p.endpoints.push(endpoint(
+            "vault-again",
+            &["127.0.0.1/32"],
+            vec![8200],
+            Protocol::Any,
+        ));
+        let c = compile(&p, resolve);
+        assert!(c.warnings.iter().any(|w| matches!(
+            w,
+            SyncWarning::OverlappingEndpoints { kept, ignored, .. } if kept == "vault" && ignored == "vault-again"
+        )));
+        // Its udp entry does not overlap.
+        assert_eq!(c.exact.len(), 3);
+    }
+}
