@@ -41,6 +41,9 @@ pub mod capacity {
     pub const SOCKET_TAGS: u32 = 131_072;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
+    /// Backlog after which the kernel wakes the agent; below it, events are submitted without a
+    /// wakeup (the agent polls every 50 ms), which keeps a wakeup off the connect path.
+    pub const EVENTS_WAKEUP_BYTES: u64 = 1 << 16;
 }
 
 /// Ancestor levels the kernel walks to find the workload of a cgroup (the deepest match wins).

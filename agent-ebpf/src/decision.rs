@@ -3,6 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
@@ -17,7 +18,7 @@ use tessera_common::{
     REASON_ALLOWLISTED, REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED,
     REASON_CREDENTIAL_VALID, REASON_NO_CREDENTIAL, REASON_UNKNOWN_WORKLOAD,
     REASON_WORKLOAD_NOT_ALLOWED, RULE_CREDENTIAL_REQUIRED, RuleKey, VERDICT_ALLOW, VERDICT_DENY,
-    WorkloadGrantKey, WorkloadKey,
+    WorkloadGrantKey, WorkloadKey, capacity,
 };
 
 use crate::maps::{
@@ -288,5 +289,10 @@ fn emit(
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         _pad: 0,
     });
-    entry.submit(0);
+    let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    entry.submit(if backlog >= capacity::EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    });
 }

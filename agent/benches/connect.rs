@@ -34,6 +34,10 @@ fn main() -> Result<()> {
     let server = TcpListener::bind("127.0.0.1:0")?;
     let tcp_port = server.local_addr()?.port();
     std::thread::spawn(move || for _c in server.incoming() {});
+    // A destination no endpoint covers: the common case, decided by the first lookup.
+    let free = TcpListener::bind("127.0.0.1:0")?;
+    let free_port = free.local_addr()?.port();
+    std::thread::spawn(move || for _c in free.incoming() {});
     let udp_sink = UdpSocket::bind("127.0.0.1:0")?;
     let udp_port = udp_sink.local_addr()?.port();
     let _udp_sink = Arc::new(udp_sink);
@@ -42,7 +46,12 @@ fn main() -> Result<()> {
     cgroup.enter()?;
     let mut results = Vec::new();
     for entries in [1_000usize, 100_000] {
-        results.push(measure(entries, &root, &cgroup, tcp_port, udp_port)?);
+        results.push(measure(
+            entries,
+            &root,
+            &cgroup,
+            [tcp_port, free_port, udp_port],
+        )?);
     }
     cgroup.leave()?;
 
@@ -66,14 +75,11 @@ fn measure(
     entries: usize,
     root: &Path,
     cg: &BenchCgroup,
-    tcp_port: u16,
-    udp_port: u16,
+    [tcp_port, free_port, udp_port]: [u16; 3],
 ) -> Result<Value> {
     let policy = bench_policy(entries, &cg.rel, tcp_port, udp_port)?;
     let mut enforcer = kernel::Enforcer::load()?;
     enforcer.sync_policy(&policy, root)?;
-    let (_, vault) = policy.endpoint_by_name("vault").context("vault")?;
-    let _ = vault;
     // A grant for this process, so the connects take the full path: endpoint, workload, rule,
     // grant, event.
     let workload = policy
@@ -121,43 +127,50 @@ fn measure(
 
     let mut detached = Vec::new();
     let mut attached = Vec::new();
+    let mut unprotected = Vec::new();
     let mut connect4_ns = Vec::new();
+    let mut connect4_unprotected_ns = Vec::new();
     let mut sendmsg4_ns = Vec::new();
     let udp = UdpSocket::bind("127.0.0.1:0")?;
     for _ in 0..ROUNDS {
         detached.push(connect_rate(tcp_port)?);
         enforcer.attach(&cg.path)?;
-        let before = stats(&enforcer)?;
+        let s0 = stats(&enforcer)?;
         attached.push(connect_rate(tcp_port)?);
+        let s1 = stats(&enforcer)?;
+        unprotected.push(connect_rate(free_port)?);
+        let s2 = stats(&enforcer)?;
         for _ in 0..BATCH {
             udp.send_to(b"x", ("127.0.0.1", udp_port))?;
         }
-        let after = stats(&enforcer)?;
+        let s3 = stats(&enforcer)?;
         enforcer.detach()?;
-        connect4_ns.push(per_run(
-            &before,
-            &after,
-            tessera_common::program_names::CONNECT4,
-        ));
-        sendmsg4_ns.push(per_run(
-            &before,
-            &after,
-            tessera_common::program_names::SENDMSG4,
-        ));
+        connect4_ns.push(per_run(&s0, &s1, tessera_common::program_names::CONNECT4));
+        connect4_unprotected_ns.push(per_run(&s1, &s2, tessera_common::program_names::CONNECT4));
+        sendmsg4_ns.push(per_run(&s2, &s3, tessera_common::program_names::SENDMSG4));
     }
     drop(enforcer);
     let drained = drain.join().unwrap_or(0);
     let ratios: Vec<f64> = attached.iter().zip(&detached).map(|(a, d)| a / d).collect();
+    let unprotected_ratios: Vec<f64> = unprotected
+        .iter()
+        .zip(&detached)
+        .map(|(a, d)| a / d)
+        .collect();
     Ok(json!({
         "endpoint_entries": entries,
         "connect_rate_detached_per_s": median(&detached),
         "connect_rate_attached_per_s": median(&attached),
         "rate_ratio_attached_vs_detached": median(&ratios),
         "connect4_mean_run_ns": median(&connect4_ns),
+        "unprotected_rate_ratio_attached_vs_detached": median(&unprotected_ratios),
+        "connect4_unprotected_mean_run_ns": median(&connect4_unprotected_ns),
         "sendmsg4_mean_run_ns": median(&sendmsg4_ns),
         "events_read": drained,
         "samples": { "detached": detached, "attached": attached, "ratios": ratios,
-                     "connect4_ns": connect4_ns, "sendmsg4_ns": sendmsg4_ns },
+                     "unprotected_attached": unprotected,
+                     "connect4_ns": connect4_ns, "connect4_unprotected_ns": connect4_unprotected_ns,
+                     "sendmsg4_ns": sendmsg4_ns },
     }))
 }
 
@@ -202,13 +215,20 @@ fn median(v: &[f64]) -> f64 {
 
 fn print_table(results: &[Value]) {
     println!(
-        "\n{:>9} | {:>14} | {:>14} | {:>11} | {:>14} | {:>14}",
-        "endpoints", "detached/s", "attached/s", "rate ratio", "connect4 ns", "sendmsg4 ns"
+        "\n{:>9} | {:>11} | {:>11} | {:>10} | {:>11} | {:>10} | {:>11} | {:>11}",
+        "endpoints",
+        "detached/s",
+        "attached/s",
+        "ratio",
+        "connect4 ns",
+        "unprot. ratio",
+        "unprot. ns",
+        "sendmsg4 ns"
     );
-    println!("{}", "-".repeat(90));
+    println!("{}", "-".repeat(105));
     for r in results {
         println!(
-            "{:>9} | {:>14.0} | {:>14.0} | {:>11.3} | {:>14.0} | {:>14.0}",
+            "{:>9} | {:>11.0} | {:>11.0} | {:>10.3} | {:>11.0} | {:>13.3} | {:>10.0} | {:>11.0}",
             r["endpoint_entries"],
             r["connect_rate_detached_per_s"]
                 .as_f64()
@@ -220,6 +240,12 @@ fn print_table(results: &[Value]) {
                 .as_f64()
                 .unwrap_or(f64::NAN),
             r["connect4_mean_run_ns"].as_f64().unwrap_or(f64::NAN),
+            r["unprotected_rate_ratio_attached_vs_detached"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["connect4_unprotected_mean_run_ns"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
             r["sendmsg4_mean_run_ns"].as_f64().unwrap_or(f64::NAN),
         );
     }
@@ -241,10 +267,12 @@ fn bench_policy(
     )?;
     for i in 2..entries {
         let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+        // One in ten is a network, in ranges of their own so that no two overlap.
         if i % 10 == 0 {
             writeln!(
                 y,
-                "    - {{ name: e{i}, addresses: [\"10.{a}.{b}.0/24\"], ports: [443] }}"
+                "    - {{ name: e{i}, addresses: [\"{net}.{b}.{c}.0/24\"], ports: [443] }}",
+                net = 20 + a
             )?;
         } else {
             writeln!(

@@ -10,6 +10,11 @@ pub struct BenchArgs {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     crate::setup::run()?;
+    // cargo runs the benchmark in agent/: hand it an absolute path.
+    let json = crate::workspace_root().join(&args.json);
+    let json = json
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("the --json path is not UTF-8"))?;
     crate::setup::cargo(&[
         "bench",
         "--package",
@@ -18,6 +23,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "connect",
         "--",
         "--json",
-        &args.json,
+        json,
     ])
 }

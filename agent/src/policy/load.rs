@@ -117,6 +117,18 @@ pub(super) fn from_texts(texts: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, Poli
     })
 }
 
+/// serde-saphyr's defaults stop at 250k nodes: too few for an allow-list that fills the kernel
+/// maps (`tessera_common::capacity`, about 10 nodes an endpoint). The other limits (depth,
+/// aliases, input size) keep guarding against amplification.
+fn parse_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 8_000_000;
+    budget.max_events = 32_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// Reads every `---`-separated document; a document that does not deserialize is reported and
 /// skipped, and parsing goes on with the next one (a syntax error ends the file).
 fn parse_documents<'a>(
@@ -126,10 +138,8 @@ fn parse_documents<'a>(
     errors: &mut Vec<PolicyError>,
 ) {
     let mut reader = Cursor::new(bytes);
-    let docs = serde_saphyr::read_with_options::<_, Spanned<RawDocument>>(
-        &mut reader,
-        serde_saphyr::Options::default(),
-    );
+    let docs =
+        serde_saphyr::read_with_options::<_, Spanned<RawDocument>>(&mut reader, parse_options());
     for doc in docs {
         match doc {
             Ok(raw) => documents.push(Document { file, raw }),
