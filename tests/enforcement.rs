@@ -407,7 +407,7 @@ fn the_agent_detaches_on_sigterm() {
     if !privileged() {
         return;
     }
-    let mut s = setup("detach", "enforce", &[]);
+    let mut s = setup("detach", "enforce", &["--fail-open"]);
     let mut w = Workload::spawn(&s.app, &s.agent.api);
     assert_eq!(w.connect4(s.port), "EPERM");
     assert!(
@@ -423,4 +423,42 @@ fn the_agent_detaches_on_sigterm() {
         !s.agent.api.exists(),
         "the Workload API socket was left behind"
     );
+}
+
+#[test]
+fn enforcement_outlives_the_agent_by_default() {
+    if !privileged() {
+        return;
+    }
+    let mut s = setup("keep", "enforce", &[]);
+    let mut holder = Workload::spawn(&s.app, &s.agent.api);
+    let mut bare = Workload::spawn(&s.app, &s.agent.api);
+    holder.must_token("vault", Some(600));
+    assert_eq!(holder.connect4(s.port), "ok");
+    assert!(
+        s.agent.stop(),
+        "tessera run did not exit cleanly on SIGTERM"
+    );
+    assert_eq!(
+        bare.connect4(s.port),
+        "EPERM",
+        "the pinned programs must keep enforcing after SIGTERM"
+    );
+    assert_eq!(
+        holder.connect4(s.port),
+        "ok",
+        "grants must stay valid while the agent is stopped"
+    );
+    let (code, out, err) = s.agent.uninstall();
+    assert_eq!(code, 0, "tessera uninstall failed: {out} {err}");
+    // The kernel frees an unpinned link from a work queue, just after the unpin.
+    let mut result = bare.connect4(s.port);
+    for _ in 0..100 {
+        if result == "ok" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+        result = bare.connect4(s.port);
+    }
+    assert_eq!(result, "ok", "uninstall ends enforcement");
 }

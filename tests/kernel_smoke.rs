@@ -22,8 +22,8 @@ use tessera_agent::kernel::{
     EventReader, GrantMaps, SyncWarning, boot_time_ns, cgroup_id, cgroup2_root,
 };
 use tessera_agent::policy::{
-    Bind, CredentialPolicy, Endpoint, EndpointId, EndpointKind, Mode, PolicySet, Protocol, Rule,
-    Workload, WorkloadId,
+    Bind, CredentialPolicy, Egress, Endpoint, EndpointId, EndpointKind, Mode, PolicySet, Protocol,
+    Rule, Workload, WorkloadId,
 };
 use tessera_common::{
     DecisionEvent, GRANT_ACTIVE, GrantSlot, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
@@ -186,6 +186,8 @@ fn workload(name: &str, cgroup: &str) -> Workload {
         spiffe_id: spiffe(name),
         cgroup: Some(cgroup.to_owned()),
         uid: None,
+        egress: Egress::Open,
+        mode: Mode::Enforce,
     }
 }
 
@@ -194,6 +196,7 @@ fn endpoint(name: &str, addresses: &[&str], ports: Vec<u16>, protocol: Protocol)
         name: name.to_owned(),
         kind: EndpointKind::SecretStore,
         addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        hosts: Vec::new(),
         ports,
         protocol,
         mode: Mode::Enforce,
@@ -510,7 +513,7 @@ fn kernel_decisions_on_a_test_cgroup() {
     events.assert_none();
     assert_eq!(enforcer.dropped_events().unwrap(), 0);
     let stats = enforcer.program_stats().unwrap();
-    assert_eq!(stats.len(), 7, "{stats:?}");
+    assert_eq!(stats.len(), 8, "{stats:?}");
     drop(client);
 
     enforcer.detach().unwrap();

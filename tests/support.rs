@@ -153,6 +153,12 @@ pub struct Agent {
     pub api: PathBuf,
     pub admin: PathBuf,
     pub log: PathBuf,
+    /// The policy file `tessera run --policy` reads (rewrite it to reload).
+    pub policy: PathBuf,
+    /// The agent's stderr (its operational log), across restarts.
+    pub agent_log: PathBuf,
+    attach: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Agent {
@@ -163,32 +169,85 @@ impl Agent {
         let api = dir.path().join("workload.sock");
         let admin = dir.path().join("admin.sock");
         let log = dir.path().join("decisions.jsonl");
-        let child = Command::new(TESSERA)
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--cgroup")
-            .arg(attach)
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .arg("--decision-log")
-            .arg(&log)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn tessera run");
+        let agent_log = dir.path().join("agent.log");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = spawn_agent(dir.path(), &policy, attach, &extra, &agent_log);
         let mut agent = Self {
             child,
             dir,
             api,
             admin,
             log,
+            policy,
+            agent_log,
+            attach: attach.to_path_buf(),
+            extra,
         };
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts `tessera run` again with the same settings, state and decision log (after it
+    /// stopped or was killed).
+    pub fn restart(&mut self) {
+        assert!(
+            !matches!(self.child.try_wait(), Ok(None)),
+            "the agent is still running"
+        );
+        // A killed agent leaves its sockets behind; readiness is their re-creation.
+        let _ = std::fs::remove_file(&self.api);
+        let _ = std::fs::remove_file(&self.admin);
+        self.child = spawn_agent(
+            self.dir.path(),
+            &self.policy,
+            &self.attach,
+            &self.extra,
+            &self.agent_log,
+        );
+        self.wait_ready();
+    }
+
+    /// SIGKILL, then wait: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+    }
+
+    /// The agent's operational log so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.agent_log).unwrap_or_default()
+    }
+
+    /// Waits until the agent's log has a line containing `what`; panics with the log if not.
+    pub fn wait_log(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.agent_log();
+            if let Some(line) = log.lines().find(|l| l.contains(what)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in the agent's log:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `tessera uninstall --cgroup <attach point>`: removes what this agent pinned.
+    pub fn uninstall(&self) -> (i32, String, String) {
+        let attach = self.attach.to_str().expect("utf-8 path").to_string();
+        self.cli(&["uninstall", "--cgroup", &attach])
+    }
+
+    fn wait_ready(&mut self) {
+        let agent = self;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(agent.api.exists() && agent.admin.exists()) {
             if let Ok(Some(st)) = agent.child.try_wait() {
@@ -200,7 +259,43 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(50));
         }
-        agent
+    }
+
+    /// Where this agent serves /metrics, /healthz and /readyz (start it with
+    /// `--metrics-addr 127.0.0.1:0` in `extra`), from `tessera status --json`.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let admin = self.admin.to_str().expect("utf-8 path").to_string();
+        let (code, out, err) = self.cli(&["status", "--json", "--admin-socket", &admin]);
+        assert_eq!(code, 0, "tessera status: {err}");
+        let status: Value = serde_json::from_str(&out).expect("status JSON");
+        status["metrics"]["listen"]
+            .as_str()
+            .unwrap_or_else(|| panic!("metrics are off: {status}"))
+            .parse()
+            .expect("metrics address")
+    }
+
+    /// `GET path` from the metrics listener: (HTTP status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::Read as _;
+        let mut stream = std::net::TcpStream::connect(self.metrics_addr()).expect("connect");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: tessera\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     pub fn pid(&self) -> u32 {
@@ -269,7 +364,52 @@ impl Drop for Agent {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.stop();
         }
+        // The programs are pinned and outlive the agent: never leave them behind.
+        let (code, out, err) = self.uninstall();
+        if code != 0 {
+            eprintln!("tessera uninstall failed ({code}): {out} {err}");
+        }
+        if thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.agent_log());
+        }
     }
+}
+
+fn spawn_agent(
+    dir: &Path,
+    policy: &Path,
+    attach: &Path,
+    extra: &[String],
+    agent_log: &Path,
+) -> Child {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(agent_log)
+        .expect("agent log");
+    Command::new(TESSERA)
+        .arg("run")
+        .arg("--policy")
+        .arg(policy)
+        .arg("--cgroup")
+        .arg(attach)
+        .arg("--api-socket")
+        .arg(dir.join("workload.sock"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
+        .arg("--decision-log")
+        .arg(dir.join("decisions.jsonl"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        // Tests run agents in parallel: no shared metrics port.
+        .arg("--metrics-addr")
+        .arg("off")
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn tessera run")
 }
 
 /// tests/workload.py inside a cgroup: a process that asks for credentials and connects.

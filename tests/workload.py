@@ -9,6 +9,8 @@ line with one JSON line on stdout. Commands:
   {"op": "connect", "family": 4|6, "host": H, "port": P}           TCP connect
   {"op": "sendto", "family": 4|6, "host": H, "port": P}            UDP sendto, no connect
   {"op": "udp_connect", "family": 4|6, "host": H, "port": P}       UDP connect then send
+                                  (with "send": false, connect only: no packet leaves)
+  {"op": "socket", "domain": D, "type": T, "proto": P}            socket(D, T, P), then closed
   {"op": "exit"}
 Network answers: {"result": "ok"} or {"result": "EPERM"} / {"result": "<errno name>"}.
 """
@@ -67,7 +69,17 @@ def net(cmd):
         elif op == "udp_connect":
             with socket.socket(fam, socket.SOCK_DGRAM) as s:
                 s.connect(addr)
-                s.send(b"ping")
+                if cmd.get("send", True):
+                    s.send(b"ping")
+        return {"result": "ok"}
+    except OSError as err:
+        return {"result": errname(err)}
+
+
+def make_socket(cmd):
+    try:
+        with socket.socket(cmd["domain"], cmd["type"], cmd.get("proto", 0)):
+            pass
         return {"result": "ok"}
     except OSError as err:
         return {"result": errname(err)}
@@ -91,6 +103,8 @@ def main():
             out = api(api_socket, "POST", "/v1/credentials", json.dumps(body))
         elif op == "raw":
             out = api(api_socket, cmd["method"], cmd["path"], cmd.get("body"))
+        elif op == "socket":
+            out = make_socket(cmd)
         else:
             out = net(cmd)
         print(json.dumps(out), flush=True)

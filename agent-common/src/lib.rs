@@ -28,6 +28,7 @@ pub mod program_names {
     pub const SENDMSG4: &str = "tessera_sendmsg4";
     pub const SENDMSG6: &str = "tessera_sendmsg6";
     pub const PROCESS_EXIT: &str = "tessera_process_exit";
+    pub const SOCKET_SYSCALL: &str = "tessera_socket_syscall";
 }
 
 /// Map capacities. The agent refuses a policy that needs more entries than these.
@@ -62,6 +63,8 @@ pub const NONE_ID: u32 = u32::MAX;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// `DecisionEvent::protocol` of a refused raw IP or packet socket (`IPPROTO_RAW`).
+pub const PROTO_RAW: u8 = 255;
 
 pub const MODE_ENFORCE: u32 = 0;
 pub const MODE_AUDIT: u32 = 1;
@@ -74,6 +77,21 @@ pub const MODE_OVERRIDE_AUDIT: u32 = 2;
 /// `RuleValue::flags`: the rule requires a credential.
 pub const RULE_CREDENTIAL_REQUIRED: u32 = 1;
 
+/// `WorkloadValue::flags`: the workload is restricted (it is in a rule or has an egress
+/// allow-list): it may not create raw IP or packet sockets.
+pub const WORKLOAD_RESTRICTED: u32 = 1;
+/// `WorkloadValue::flags`: `egress: allowlist`, a destination no endpoint covers is denied.
+pub const WORKLOAD_EGRESS_ALLOWLIST: u32 = 2;
+/// `WorkloadValue::flags`: the workload's document is in audit mode; applies to the denies
+/// that no rule or endpoint covers (raw/packet sockets, unlisted egress).
+pub const WORKLOAD_MODE_AUDIT: u32 = 4;
+
+/// `Config::flags`: some workload has an egress allow-list (else an unprotected destination
+/// is allowed after the endpoint lookup alone).
+pub const CONFIG_EGRESS_ALLOWLIST: u32 = 1;
+/// `Config::flags`: some workload is restricted.
+pub const CONFIG_RESTRICTED: u32 = 2;
+
 /// `GrantSlot::state` values.
 pub const GRANT_EMPTY: u32 = 0;
 pub const GRANT_ACTIVE: u32 = 1;
@@ -83,6 +101,11 @@ pub const HOOK_CONNECT4: u8 = 1;
 pub const HOOK_CONNECT6: u8 = 2;
 pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
+/// cgroup/sock_create: a raw IP socket (the event has no destination: unspecified address
+/// of the socket's family, port 0, `NONE_ID` endpoint).
+pub const HOOK_SOCK_CREATE: u8 = 5;
+/// The syscalls/sys_enter_socket tracepoint: a packet socket (no destination either).
+pub const HOOK_SOCKET_SYSCALL: u8 = 6;
 
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
@@ -94,6 +117,12 @@ pub const REASON_CREDENTIAL_EXPIRED: u8 = 4;
 pub const REASON_CREDENTIAL_REVOKED: u8 = 5;
 pub const REASON_WORKLOAD_NOT_ALLOWED: u8 = 6;
 pub const REASON_UNKNOWN_WORKLOAD: u8 = 7;
+/// The workload has an egress allow-list and no endpoint covers the destination.
+pub const REASON_EGRESS_NOT_ALLOWLISTED: u8 = 8;
+/// A restricted workload tried to create a raw IP socket.
+pub const REASON_RAW_SOCKET_REFUSED: u8 = 9;
+/// A restricted workload tried to create a packet (AF_PACKET, AF_XDP) socket.
+pub const REASON_PACKET_SOCKET_REFUSED: u8 = 10;
 
 /// Exact endpoint match: `ENDPOINTS_EXACT` key. `port` in host byte order; `ANY_PORT` for
 /// an endpoint without ports. `protocol` is `PROTO_TCP` or `PROTO_UDP` (an endpoint with
@@ -146,7 +175,8 @@ pub struct WorkloadKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkloadValue {
     pub workload_id: u32,
-    pub _pad: u32,
+    /// `WORKLOAD_*` flags.
+    pub flags: u32,
 }
 
 #[repr(C)]
@@ -207,6 +237,12 @@ pub struct Config {
     pub mode_override: u32,
     /// Bumped by the agent on every policy sync; copied into events.
     pub policy_generation: u32,
+    /// `CONFIG_*` flags, written with the policy.
+    pub flags: u32,
+    pub _pad: u32,
+    /// The cgroup the programs are attached to (0: none). The socket-syscall tracepoint runs
+    /// for every process on the host and acts only below this cgroup.
+    pub attached_cgroup_id: u64,
 }
 
 /// `SOCKET_TAGS` value, keyed by socket cookie (`u64`): who created the socket.
@@ -301,7 +337,7 @@ mod tests {
         assert_eq!(size_of::<GrantSlot>(), 8 + 8 + 4 * 4);
         assert_eq!(size_of::<ProcessGrants>(), 32 * GRANT_SLOTS);
         assert_eq!(size_of::<WorkloadGrantKey>(), 8);
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 4 * 4 + 8);
         assert_eq!(size_of::<SocketTag>(), 8 + 4 * 4);
         assert_eq!(
             size_of::<DecisionEvent>(),

@@ -12,13 +12,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tessera_common::{
-    ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, DecisionEvent, EndpointCidrKey,
-    EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS, GrantSlot,
-    MAX_CGROUP_DEPTH, MODE_AUDIT, MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, NONE_ID,
-    REASON_ALLOWLISTED, REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED,
-    REASON_CREDENTIAL_VALID, REASON_NO_CREDENTIAL, REASON_UNKNOWN_WORKLOAD,
-    REASON_WORKLOAD_NOT_ALLOWED, RULE_CREDENTIAL_REQUIRED, RuleKey, VERDICT_ALLOW, VERDICT_DENY,
-    WorkloadGrantKey, WorkloadKey, capacity,
+    ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST, DecisionEvent,
+    EndpointCidrKey, EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS,
+    GrantSlot, MAX_CGROUP_DEPTH, MODE_AUDIT, MODE_ENFORCE, MODE_OVERRIDE_AUDIT,
+    MODE_OVERRIDE_ENFORCE, NONE_ID, REASON_ALLOWLISTED, REASON_CREDENTIAL_EXPIRED,
+    REASON_CREDENTIAL_REVOKED, REASON_CREDENTIAL_VALID, REASON_EGRESS_NOT_ALLOWLISTED,
+    REASON_NO_CREDENTIAL, REASON_UNKNOWN_WORKLOAD, REASON_WORKLOAD_NOT_ALLOWED,
+    RULE_CREDENTIAL_REQUIRED, RuleKey, VERDICT_ALLOW, VERDICT_DENY, WORKLOAD_EGRESS_ALLOWLIST,
+    WORKLOAD_MODE_AUDIT, WorkloadGrantKey, WorkloadKey, WorkloadValue, capacity,
 };
 
 use crate::maps::{
@@ -39,21 +40,22 @@ pub struct Destination {
 }
 
 /// What the policy says about one connection, before the mode is applied.
-struct Verdict {
-    verdict: u8,
-    reason: u8,
-    /// The rule's mode, or the endpoint's when no rule applies.
-    mode: u32,
-    workload_id: u32,
-    rule_id: u32,
-    credential_id: u64,
+pub struct Verdict {
+    pub verdict: u8,
+    pub reason: u8,
+    /// The rule's mode, or the endpoint's (or the workload's) when no rule applies.
+    pub mode: u32,
+    pub workload_id: u32,
+    pub rule_id: u32,
+    pub credential_id: u64,
 }
 
-/// Decides one connect/sendmsg to `dest`; unprotected destinations return at once.
+/// Decides one connect/sendmsg to `dest`; unprotected destinations return at once unless
+/// some workload has an egress allow-list.
 #[inline(always)]
 pub fn decide(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i32 {
     let Some(endpoint) = find_endpoint(dest) else {
-        return ALLOW;
+        return decide_unprotected(ctx, hook, dest);
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
@@ -62,14 +64,77 @@ pub fn decide(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i32 {
 
     let v = verdict(tgid, uid, &endpoint);
 
-    let audit = match CONFIG.get(0).map(|c| c.mode_override) {
+    let enforced = v.verdict == VERDICT_DENY && !is_audit(v.mode);
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    emit(
+        hook,
+        dest,
+        endpoint.endpoint_id,
+        &v,
+        socket_cookie,
+        creator_of(socket_cookie),
+        pid_tgid,
+        uid_gid,
+        enforced,
+    );
+    if enforced { DENY } else { ALLOW }
+}
+
+/// A destination no endpoint covers: allowed, unless the caller's workload has an egress
+/// allow-list. One array lookup when no workload has one.
+#[inline(always)]
+fn decide_unprotected(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i32 {
+    match CONFIG.get(0) {
+        Some(c) if c.flags & CONFIG_EGRESS_ALLOWLIST != 0 => {}
+        _ => return ALLOW,
+    }
+    let uid_gid = bpf_get_current_uid_gid();
+    let workload = find_workload(uid_gid as u32);
+    if workload.flags & WORKLOAD_EGRESS_ALLOWLIST == 0 {
+        return ALLOW;
+    }
+    let v = Verdict {
+        verdict: VERDICT_DENY,
+        reason: REASON_EGRESS_NOT_ALLOWLISTED,
+        mode: workload_mode(&workload),
+        workload_id: workload.workload_id,
+        rule_id: NONE_ID,
+        credential_id: 0,
+    };
+    let enforced = !is_audit(v.mode);
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    emit(
+        hook,
+        dest,
+        NONE_ID,
+        &v,
+        socket_cookie,
+        creator_of(socket_cookie),
+        bpf_get_current_pid_tgid(),
+        uid_gid,
+        enforced,
+    );
+    if enforced { DENY } else { ALLOW }
+}
+
+/// Whether a deny under `mode` (`MODE_*`) is only logged, after `tessera run --mode`.
+#[inline(always)]
+pub fn is_audit(mode: u32) -> bool {
+    match CONFIG.get(0).map(|c| c.mode_override) {
         Some(MODE_OVERRIDE_AUDIT) => true,
         Some(MODE_OVERRIDE_ENFORCE) => false,
-        _ => v.mode == MODE_AUDIT,
-    };
-    let enforced = v.verdict == VERDICT_DENY && !audit;
-    emit(ctx, hook, dest, &endpoint, &v, pid_tgid, uid_gid, enforced);
-    if enforced { DENY } else { ALLOW }
+        _ => mode == MODE_AUDIT,
+    }
+}
+
+/// The mode of the workload's policy document (`MODE_*`).
+#[inline(always)]
+pub fn workload_mode(workload: &WorkloadValue) -> u32 {
+    if workload.flags & WORKLOAD_MODE_AUDIT != 0 {
+        MODE_AUDIT
+    } else {
+        MODE_ENFORCE
+    }
 }
 
 #[inline(always)]
@@ -104,10 +169,14 @@ fn find_endpoint(dest: &Destination) -> Option<EndpointValue> {
 }
 
 /// The workload of the caller: the deepest ancestor cgroup with a workload (one for this uid
-/// before one for any uid), else a uid-only workload.
+/// before one for any uid), else a uid-only workload. `workload_id` is `NONE_ID` (and
+/// `flags` 0) when there is none.
 #[inline(always)]
-fn find_workload(uid: u32) -> u32 {
-    let mut found = NONE_ID;
+pub fn find_workload(uid: u32) -> WorkloadValue {
+    let mut found = WorkloadValue {
+        workload_id: NONE_ID,
+        flags: 0,
+    };
     let mut level: i32 = 0;
     while level < MAX_CGROUP_DEPTH as i32 {
         let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
@@ -120,16 +189,16 @@ fn find_workload(uid: u32) -> u32 {
             _pad: 0,
         };
         if let Some(v) = WORKLOADS.get_ptr(&key) {
-            found = unsafe { (*v).workload_id };
+            found = unsafe { *v };
         } else {
             key.uid = ANY_UID;
             if let Some(v) = WORKLOADS.get_ptr(&key) {
-                found = unsafe { (*v).workload_id };
+                found = unsafe { *v };
             }
         }
         level += 1;
     }
-    if found != NONE_ID {
+    if found.workload_id != NONE_ID {
         return found;
     }
     let key = WorkloadKey {
@@ -138,8 +207,8 @@ fn find_workload(uid: u32) -> u32 {
         _pad: 0,
     };
     match WORKLOADS.get_ptr(&key) {
-        Some(v) => unsafe { (*v).workload_id },
-        None => NONE_ID,
+        Some(v) => unsafe { *v },
+        None => found,
     }
 }
 
@@ -149,7 +218,7 @@ fn verdict(tgid: u32, uid: u32, endpoint: &EndpointValue) -> Verdict {
         verdict: VERDICT_DENY,
         reason: REASON_UNKNOWN_WORKLOAD,
         mode: endpoint.mode,
-        workload_id: find_workload(uid),
+        workload_id: find_workload(uid).workload_id,
         rule_id: NONE_ID,
         credential_id: 0,
     };
@@ -239,23 +308,30 @@ impl GrantCheck {
     }
 }
 
+/// The tgid that created the socket (from `SOCKET_TAGS`), 0 when unknown.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "one call site; inlined")]
-fn emit(
-    ctx: &SockAddrContext,
+fn creator_of(socket_cookie: u64) -> u32 {
+    match SOCKET_TAGS.get_ptr(&socket_cookie) {
+        Some(tag) => unsafe { (*tag).tgid },
+        None => 0,
+    }
+}
+
+/// Sends one decision event; a full ring buffer counts a drop. `socket_cookie` is 0 when
+/// there is no socket yet.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "few call sites; inlined")]
+pub fn emit(
     hook: u8,
     dest: &Destination,
-    endpoint: &EndpointValue,
+    endpoint_id: u32,
     v: &Verdict,
+    socket_cookie: u64,
+    creator_tgid: u32,
     pid_tgid: u64,
     uid_gid: u64,
     enforced: bool,
 ) {
-    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let creator_tgid = match SOCKET_TAGS.get_ptr(&socket_cookie) {
-        Some(tag) => unsafe { (*tag).tgid },
-        None => 0,
-    };
     let policy_generation = CONFIG.get(0).map_or(0, |c| c.policy_generation);
     let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
         if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
@@ -274,7 +350,7 @@ fn emit(
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         creator_tgid,
-        endpoint_id: endpoint.endpoint_id,
+        endpoint_id,
         workload_id: v.workload_id,
         rule_id: v.rule_id,
         policy_generation,

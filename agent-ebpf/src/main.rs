@@ -1,10 +1,12 @@
 //! Tessera's kernel programs: socket tagging (cgroup/sock_create, sock_release), the
-//! connect/sendmsg decision (cgroup sock_addr hooks) and grant cleanup on process exit.
+//! connect/sendmsg decision (cgroup sock_addr hooks), grant cleanup on process exit, and the
+//! refusal of raw IP and packet sockets to restricted workloads.
 #![no_std]
 #![no_main]
 
 mod decision;
 mod maps;
+mod sockets;
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -27,8 +29,12 @@ use crate::{
 
 #[cgroup_sock(sock_create)]
 pub fn tessera_sock_create(ctx: SockContext) -> i32 {
+    // A raw IP socket of a restricted workload: EPERM (never tagged; sock_release will not
+    // run for it). Every other socket is tagged and allowed.
+    if sockets::refuse_raw(&ctx) {
+        return 0;
+    }
     try_sock_create(&ctx);
-    // Tagging never refuses a socket.
     1
 }
 
@@ -58,6 +64,12 @@ pub fn tessera_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tessera_sendmsg6(ctx: SockAddrContext) -> i32 {
     try_sock_addr6(&ctx, HOOK_SENDMSG6)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_socket")]
+pub fn tessera_socket_syscall(ctx: TracePointContext) -> u32 {
+    sockets::socket_syscall(&ctx);
+    0
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
@@ -144,12 +156,23 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
         addr[i * 4..i * 4 + 4].copy_from_slice(&word);
         i += 1;
     }
-    let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
+    let zero_prefix = addr[..10].iter().all(|b| *b == 0);
+    let mapped = zero_prefix && addr[10] == 0xff && addr[11] == 0xff;
+    // IPv4-compatible `::a.b.c.d` (deprecated, but routable through sit): decided as a.b.c.d.
+    // `::` and `::1` are IPv6's own unspecified and loopback addresses.
+    let compatible = zero_prefix
+        && addr[10] == 0
+        && addr[11] == 0
+        && (addr[12] | addr[13] | addr[14] != 0 || addr[15] > 1);
+    if compatible {
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+    }
     let dest = Destination {
         addr,
         port: port(sa),
         protocol,
-        family: if mapped { 4 } else { 6 },
+        family: if mapped || compatible { 4 } else { 6 },
     };
     decide(ctx, hook, &dest)
 }
@@ -180,6 +203,7 @@ const _: () = {
     assert!(same(p::SENDMSG4, "tessera_sendmsg4"));
     assert!(same(p::SENDMSG6, "tessera_sendmsg6"));
     assert!(same(p::PROCESS_EXIT, "tessera_process_exit"));
+    assert!(same(p::SOCKET_SYSCALL, "tessera_socket_syscall"));
 };
 
 #[cfg(not(test))]

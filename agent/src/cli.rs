@@ -5,8 +5,11 @@ pub mod check;
 pub mod logs;
 pub mod revoke;
 pub mod run;
+pub mod selftest;
 pub mod status;
 pub mod token;
+pub mod uninstall;
+pub mod whoami;
 
 pub const DEFAULT_POLICY_DIR: &str = "/etc/tessera/policies";
 pub const DEFAULT_API_SOCKET: &str = "/run/tessera/workload.sock";
@@ -30,7 +33,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent in the foreground: load and attach the programs, serve the Workload API,
     /// write the decision log.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Validate policy files.
     Check(check::CheckArgs),
     /// Ask the Workload API for a credential for this process; print the JWT.
@@ -41,4 +44,12 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Show what the running agent enforces, and its counters.
     Status(status::StatusArgs),
+    /// Show which workload a process maps to, its SPIFFE ID, and the evidence behind it.
+    Whoami(whoami::WhoamiArgs),
+    /// Try every known bypass against a private agent in a scratch cgroup (root); print the table.
+    Selftest(selftest::SelftestArgs),
+    /// Remove the pinned programs (they keep enforcing while the agent is stopped).
+    Uninstall(uninstall::UninstallArgs),
+    #[command(name = "selftest-actor", hide = true)]
+    SelftestActor(selftest::ActorArgs),
 }

@@ -22,7 +22,7 @@ pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
 pub use jwt::Claims;
 pub use keys::KEY_FILE;
 pub use registry::{CredentialInfo, RevokeTarget};
-pub use service::CredentialService;
+pub use service::{CredentialObserver, CredentialService};
 
 use tessera_common::{GrantSlot, WorkloadGrantKey};
 

@@ -1,6 +1,9 @@
-//! The daemon: loads the policy, loads and attaches the kernel programs, serves the Workload and
-//! admin APIs, turns kernel events into decision-log records, and detaches on SIGTERM/SIGINT.
+//! The daemon: loads the policy, adopts or installs the pinned kernel programs, serves the
+//! Workload and admin APIs, turns kernel events into decision-log records, reloads the policy on
+//! SIGHUP or a file change, and stops on SIGTERM/SIGINT (the programs keep enforcing unless
+//! `--fail-open`).
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
@@ -12,15 +15,19 @@ use tracing::{info, warn};
 use crate::{
     cli::run::ModeArg,
     credential::{self, CredentialError, CredentialService},
-    decision::{DecisionSink, Enricher, SinkError},
+    decision::{DecisionRecord, DecisionSink, Enricher, SinkError, SinkOptions},
     kernel::{self, Enforcer, KernelError},
+    metrics::{self, Metrics, MetricsError, MetricsServer},
     policy::{Mode, PolicyErrors, PolicySet},
+    resolve::{self, ResolveError, ResolvedHosts},
 };
 
 mod adapters;
+mod reload;
 mod status;
 
 use adapters::{CredentialRefs, KernelGrants};
+pub use reload::{policy_generation, reload_failures, reloads};
 pub use status::Counters;
 
 pub struct DaemonConfig {
@@ -31,6 +38,14 @@ pub struct DaemonConfig {
     pub api_socket: PathBuf,
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
+    /// Detach on shutdown (`--fail-open`); by default the pinned programs keep enforcing.
+    pub fail_open: bool,
+    /// Rotation and aggregation of the decision log.
+    pub decision_log_options: SinkOptions,
+    /// `/metrics`, `/healthz`, `/readyz`; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Where endpoint `hosts:` are resolved; `None`: the system's resolver configuration.
+    pub dns_server: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +60,17 @@ pub enum DaemonError {
     DecisionLog(#[from] SinkError),
     #[error("--cgroup {0}: no such cgroup under the cgroup v2 hierarchy {1}; create it first")]
     NoSuchCgroup(PathBuf, PathBuf),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
 
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    // Before the first read: an edit made while starting is a change to reload.
+    let watch = reload::PolicyWatch::new(config.policies.clone());
     let policy = Arc::new(PolicySet::load(&config.policies)?);
     info!(
         revision = %policy.revision,
@@ -58,27 +79,61 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         rules = policy.rules.len(),
         "policy loaded"
     );
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_policy(&policy);
+    // Programs' run counts and times for `tessera status` (a few ns a run), while we live.
+    let _program_stats = kernel::enable_bpf_stats()
+        .inspect_err(|e| warn!(error = %e, "program run counts stay at 0"))
+        .ok();
+    // Bound first: a port in use stops the start before anything is loaded.
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => Some(MetricsServer::bind(addr).await?),
+        None => None,
+    };
     let cgroup_root = kernel::cgroup2_root()?;
     let attach_point = resolve_cgroup(config.cgroup.as_deref(), &cgroup_root)?;
 
-    let mut enforcer = Enforcer::load()?;
-    enforcer.set_mode_override(match config.mode {
+    let mode_override = match config.mode {
         None => tessera_common::MODE_OVERRIDE_NONE,
         Some(ModeArg::Enforce) => tessera_common::MODE_OVERRIDE_ENFORCE,
         Some(ModeArg::Audit) => tessera_common::MODE_OVERRIDE_AUDIT,
-    })?;
-    let report = enforcer.sync_policy(&policy, &cgroup_root)?;
-    for warning in &report.warnings {
+    };
+    // Pinned in bpffs: a previous agent's programs are adopted, and ours outlive us.
+    let compiled = kernel::compile(&policy, |path| {
+        kernel::cgroup_id(&cgroup_root.join(path.trim_start_matches('/')))
+    });
+    for warning in &compiled.warnings {
         warn!(%warning, "policy sync");
     }
+    let (mut enforcer, adoption) = Enforcer::open_pinned(
+        &cgroup_root,
+        &attach_point,
+        &policy.revision,
+        &compiled,
+        mode_override,
+        |grants, generation, revision| {
+            reload::before_replace(&config.state_dir, &policy, grants, generation, revision)
+        },
+    )?;
+    reload::set_generation(adoption.generation());
+    info!(
+        ?adoption,
+        pins = %enforcer.pin_dir().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+        "enforcing (pinned)"
+    );
     let grants = enforcer.grants();
+    let resolved = ResolvedHosts::new(policy.clone(), enforcer.endpoint_entries());
     let service = Arc::new(CredentialService::new(
         &config.state_dir,
         format!("spiffe://{}/tessera-agent", issuer_domain(&policy)),
         policy.clone(),
         Arc::new(KernelGrants(grants.clone())),
     )?);
-    let sink = DecisionSink::open(Path::new(&config.decision_log))?;
+    service.set_observer(metrics.clone());
+    let sink = DecisionSink::open_with(
+        Path::new(&config.decision_log),
+        &config.decision_log_options,
+    )?;
     let enricher = Enricher::new(
         policy.clone(),
         Arc::new(CredentialRefs(service.clone())),
@@ -92,23 +147,50 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let api = credential::bind_socket(&config.api_socket, 0o666)?;
     let admin = credential::bind_socket(&config.admin_socket, 0o600)?;
     let mut events = enforcer.events()?;
-    enforcer.attach(&attach_point)?;
     info!(cgroup = %attach_point.display(), "programs attached");
 
     let enforcer = Arc::new(Mutex::new(enforcer));
+    // Events of earlier generations (a predecessor's, or before a reload) are explained with
+    // their own policy.
+    let mut views = reload::Generations::new(enricher, adoption.generation(), policy.clone());
+    views.load_saved(&config.state_dir);
+    reload::save_policy(&config.state_dir, adoption.generation(), &policy);
+    let current_policy = Arc::new(Mutex::new(policy.clone()));
+    let mut reloader = reload::Reloader {
+        paths: config.policies.clone(),
+        cgroup_root: cgroup_root.clone(),
+        state_dir: config.state_dir.clone(),
+        mode_override,
+        enforcer: enforcer.clone(),
+        grants: grants.clone(),
+        service: service.clone(),
+        current: current_policy.clone(),
+        watch,
+        views,
+    };
     let counters = Arc::new(Counters::default());
-    let status = status::provider(
+    let status = reload::live_status(
         attach_point.clone(),
         config.mode,
-        policy.clone(),
+        current_policy.clone(),
         enforcer.clone(),
-        grants,
+        grants.clone(),
         counters.clone(),
     );
+    let grants_for_metrics = grants;
+    let metrics_listen = metrics_server.as_ref().map(MetricsServer::local_addr);
+    let status = metrics::extend_status(status, metrics.clone(), metrics_listen);
+    let status = status::with_hosts(status, resolved.clone());
+    let active_grants = grants_for_metrics;
+    metrics.set_active_grants_source(Arc::new(move || {
+        i64::try_from(active_grants.active_count(kernel::boot_time_ns())).unwrap_or(i64::MAX)
+    }));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    // Endpoint hosts: one task per name, resolving and protecting until stop.
+    let mut hosts = resolve::spawn(config.dns_server, &resolved, stop_rx.clone()).await?;
     let api_task = tokio::spawn(credential::serve_workload_api(
         api,
         service.clone(),
@@ -120,40 +202,101 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         status,
         stopped(stop_rx.clone()),
     ));
+    let metrics_task = metrics_server
+        .map(|server| tokio::spawn(server.serve(metrics.clone(), stopped(stop_rx.clone()))));
     info!(api = %config.api_socket.display(), admin = %config.admin_socket.display(), "ready");
+    metrics.set_ready(true);
+    metrics::systemd::ready("enforcing; Workload API listening");
+    let mut housekeeping = tokio::time::interval(
+        metrics::systemd::watchdog_interval()
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1)),
+    );
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut drop_check = tokio::time::interval(Duration::from_secs(5));
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut policy_poll = tokio::time::interval(Duration::from_secs(1));
     let mut sink = sink;
-    let mut reported_drops = 0;
+    // EVENT_DROPS is pinned: what earlier agents reported is not reported again.
+    let mut reported_drops = reload::drops_baseline(
+        &config.state_dir,
+        enforcer.lock().ok().and_then(|e| e.dropped_events().ok()),
+    );
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(event) => write_decision(&enricher, &mut sink, &counters, &event),
+                Some(event) => write_decision(&reloader, &mut sink, &counters, &metrics, &event),
                 None => { warn!("the kernel event stream ended"); break; }
             },
             _ = drop_check.tick() => {
+                let before = reported_drops;
                 reported_drops = check_drops(&enforcer, &counters, reported_drops);
+                metrics.set_ringbuf_dropped_total(reported_drops);
+                if reported_drops != before {
+                    reload::save_reported_drops(&config.state_dir, reported_drops);
+                }
+            }
+            _ = sighup.recv() => {
+                // What is queued first: a reload stops the reading for a moment.
+                while let Some(event) = events.try_next() {
+                    write_decision(&reloader, &mut sink, &counters, &metrics, &event);
+                }
+                if let reload::Outcome::Applied { .. } = reloader.reload("SIGHUP") {
+                    metrics.set_policy(&reloader.policy());
+                    hosts.policy_changed(reloader.policy());
+                }
+            }
+            _ = policy_poll.tick() => {
+                if reloader.files_changed() {
+                    while let Some(event) = events.try_next() {
+                        write_decision(&reloader, &mut sink, &counters, &metrics, &event);
+                    }
+                    if let reload::Outcome::Applied { .. } = reloader.reload("policy files changed") {
+                        metrics.set_policy(&reloader.policy());
+                        hosts.policy_changed(reloader.policy());
+                    }
+                }
+            }
+            _ = housekeeping.tick() => {
+                // From the event loop itself: a stuck loop stops the pings and systemd restarts us.
+                metrics::systemd::watchdog_ping();
+                if let Err(e) = sink.flush_due() {
+                    warn!(error = %e, "cannot write aggregated decision records");
+                }
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
 
+    metrics.set_ready(false);
+    metrics::systemd::stopping();
     let _ = stop_tx.send(true);
-    if let Ok(mut enforcer) = enforcer.lock()
-        && let Err(e) = enforcer.detach()
-    {
-        warn!(error = %e, "detaching the programs");
+    if config.fail_open {
+        if let Ok(mut enforcer) = enforcer.lock()
+            && let Err(e) = enforcer.unpin()
+        {
+            warn!(error = %e, "detaching the programs");
+        }
+    } else {
+        info!("the pinned programs keep enforcing; `tessera uninstall` removes them");
     }
     // Decisions made before the detach are still in the ring buffer: write them all.
     while let Ok(Some(event)) =
         tokio::time::timeout(Duration::from_millis(200), events.next()).await
     {
-        write_decision(&enricher, &mut sink, &counters, &event);
+        write_decision(&reloader, &mut sink, &counters, &metrics, &event);
     }
-    check_drops(&enforcer, &counters, reported_drops);
+    if let Err(e) = sink.flush_all() {
+        warn!(error = %e, "cannot write aggregated decision records");
+    }
+    let reported_drops = check_drops(&enforcer, &counters, reported_drops);
+    reload::save_reported_drops(&config.state_dir, reported_drops);
+    if let Some(task) = metrics_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     for task in [api_task, admin_task] {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(Err(e))) => warn!(error = %e, "API server"),
@@ -164,19 +307,22 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     for socket in [&config.api_socket, &config.admin_socket] {
         let _ = std::fs::remove_file(socket);
     }
-    info!("detached and stopped");
+    info!(fail_open = config.fail_open, "stopped");
     Ok(())
 }
 
 fn write_decision(
-    enricher: &Enricher,
+    enricher: &reload::Reloader,
     sink: &mut DecisionSink,
     counters: &Counters,
+    metrics: &Metrics,
     event: &tessera_common::DecisionEvent,
 ) {
-    let record = enricher.enrich(event);
+    let record: DecisionRecord = enricher.enrich(event);
     counters.record(event);
-    if let Err(e) = sink.write(&record) {
+    let written = sink.write(&record);
+    metrics.decision(&record, written.is_ok());
+    if let Err(e) = written {
         // Losing a decision must be loud: count it and say so every time.
         counters.sink_errors.fetch_add(1, Ordering::Relaxed);
         warn!(error = %e, decision_id = %record.decision_id, "cannot write a decision record");

@@ -15,7 +15,7 @@ pub use record::{
     CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PolicyRecord, ProcessRecord,
     Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
-pub use sink::{DecisionSink, SinkError};
+pub use sink::{DecisionSink, JOURNAL_SOCKET, SinkError, SinkOptions};
 
 #[cfg(test)]
 pub(crate) mod test_support;

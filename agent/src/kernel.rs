@@ -2,7 +2,7 @@
 //! policy and grant maps, and reads decision events.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aya::{
     Ebpf, EbpfError,
@@ -22,15 +22,21 @@ use tracing::{debug, info};
 use crate::policy::PolicySet;
 
 mod compile;
+mod dynamic;
 mod events;
 mod grants;
+mod pin;
+mod pinfs;
 mod stats;
 mod sync;
 mod system;
 
 pub use compile::{CompiledPolicy, SyncWarning, compile};
+pub use dynamic::{EndpointEntries, HeldEntry, kernel_endpoint_id};
 pub use events::EventReader;
 pub use grants::GrantMaps;
+pub use pin::Adoption;
+pub use pinfs::{PIN_ROOT, pin_dir, uninstall};
 pub use stats::{BpfStatsGuard, ProgramStats, enable_bpf_stats};
 pub use sync::SyncReport;
 pub use system::{boot_time_ns, cgroup_id, cgroup2_root};
@@ -98,6 +104,20 @@ pub enum KernelError {
     Stats(#[source] aya::sys::SyscallError),
     #[error("a kernel map lock was poisoned by a panic elsewhere")]
     Poisoned,
+    #[error("pinning {} failed", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the link of eBPF program {program} cannot be pinned")]
+    Link {
+        program: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("the programs are not pinned: a policy swap needs `Enforcer::open_pinned`")]
+    NotPinned,
 }
 
 /// The policy maps, written together by `sync_policy`.
@@ -107,6 +127,8 @@ struct PolicyMaps {
     workloads: HashMap<MapData, WorkloadKey, WorkloadValue>,
     rules: HashMap<MapData, RuleKey, RuleValue>,
     config: Array<MapData, Config>,
+    /// Resolved host addresses in `exact`, kept across policy syncs.
+    dynamic: dynamic::DynamicEntries,
 }
 
 /// One attachment to a cgroup, kept so that `detach` can undo it.
@@ -118,12 +140,14 @@ enum Attachment {
 /// Tessera's loaded programs and maps. Dropping it detaches and unloads everything.
 pub struct Enforcer {
     ebpf: Ebpf,
-    policy: Mutex<PolicyMaps>,
+    policy: Arc<Mutex<PolicyMaps>>,
     drops: PerCpuArray<MapData, u64>,
     grants: GrantMaps,
     events: Option<RingBuf<MapData>>,
     attachments: Vec<Attachment>,
     cgroup: Option<PathBuf>,
+    /// Set when the programs are pinned in bpffs (`open_pinned`): they outlive the agent.
+    pins: Option<pin::PinState>,
 }
 
 impl Enforcer {
@@ -145,6 +169,12 @@ impl Enforcer {
         exit.load().map_err(program_error(name))?;
         exit.attach("sched", "sched_process_exit")
             .map_err(program_error(name))?;
+        let name = program_names::SOCKET_SYSCALL;
+        let socket: &mut TracePoint = program(&mut ebpf, name)?;
+        socket.load().map_err(program_error(name))?;
+        socket
+            .attach("syscalls", "sys_enter_socket")
+            .map_err(program_error(name))?;
 
         let mut policy = PolicyMaps {
             exact: take_map(&mut ebpf, map_names::ENDPOINTS_EXACT)?,
@@ -152,6 +182,7 @@ impl Enforcer {
             workloads: take_map(&mut ebpf, map_names::WORKLOADS)?,
             rules: take_map(&mut ebpf, map_names::RULES)?,
             config: take_map(&mut ebpf, map_names::CONFIG)?,
+            dynamic: dynamic::DynamicEntries::default(),
         };
         policy
             .config
@@ -166,12 +197,13 @@ impl Enforcer {
         info!("eBPF programs loaded");
         Ok(Enforcer {
             ebpf,
-            policy: Mutex::new(policy),
+            policy: Arc::new(Mutex::new(policy)),
             drops,
             grants,
             events,
             attachments: Vec::new(),
             cgroup: None,
+            pins: None,
         })
     }
 
@@ -187,6 +219,7 @@ impl Enforcer {
             path: cgroup.to_path_buf(),
             source,
         })?;
+        let attached_id = cgroup_id(cgroup)?;
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
             let link = prog
@@ -201,9 +234,21 @@ impl Enforcer {
                 .map_err(program_error(name))?;
             self.attachments.push(Attachment::SockAddr(name, link));
         }
+        self.set_attached_cgroup(attached_id)?;
         info!(cgroup = %cgroup.display(), "eBPF programs attached");
         self.cgroup = Some(cgroup.to_path_buf());
         Ok(())
+    }
+
+    /// `Config::attached_cgroup_id`: where the socket-syscall tracepoint acts (0: nowhere).
+    fn set_attached_cgroup(&self, id: u64) -> Result<(), KernelError> {
+        let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
+        let config = &mut maps.config;
+        let mut value = config.get(&0, 0).map_err(map_error(map_names::CONFIG))?;
+        value.attached_cgroup_id = id;
+        config
+            .set(0, value, 0)
+            .map_err(map_error(map_names::CONFIG))
     }
 
     /// Detaches from the cgroup (a no-op when not attached). The tracepoint stays.
@@ -221,6 +266,7 @@ impl Enforcer {
             }
         }
         if let Some(cgroup) = self.cgroup.take() {
+            self.set_attached_cgroup(0)?;
             info!(cgroup = %cgroup.display(), "eBPF programs detached");
         }
         Ok(())
@@ -248,7 +294,10 @@ impl Enforcer {
     /// then the policy generation is bumped.
     pub fn sync_compiled(&self, compiled: &CompiledPolicy) -> Result<SyncReport, KernelError> {
         let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
-        let report = sync::write(&mut maps, compiled)?;
+        // Resolved host addresses stay, re-checked against the new static entries.
+        let merged = maps.dynamic.merge(compiled);
+        let report = sync::write(&mut maps, &merged)?;
+        maps.dynamic.committed();
         debug!(generation = report.generation, "policy maps written");
         Ok(report)
     }
@@ -271,6 +320,11 @@ impl Enforcer {
         config
             .set(0, value, 0)
             .map_err(map_error(map_names::CONFIG))
+    }
+
+    /// The run-time endpoint entries (resolved `hosts`), next to the synced policy.
+    pub fn endpoint_entries(&self) -> EndpointEntries {
+        EndpointEntries::new(self.policy.clone())
     }
 
     pub fn grants(&self) -> GrantMaps {

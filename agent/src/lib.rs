@@ -1,11 +1,16 @@
 //! Tessera's agent: policy, identity, credentials, kernel maps and the decision log.
-#![forbid(unsafe_code)]
+// deny, not forbid: selftest/syscalls.rs (io_uring submissions, fork) alone allows it.
+#![deny(unsafe_code)]
 
 pub mod cli;
+pub mod config;
 pub mod credential;
 pub mod daemon;
 pub mod decision;
 pub mod identity;
 pub mod kernel;
+pub mod metrics;
 pub mod policy;
+pub mod resolve;
+pub mod selftest;
 pub mod telemetry;

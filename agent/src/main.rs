@@ -19,12 +19,16 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => tessera_agent::cli::run::run(args).await,
+            Command::Run(args) => tessera_agent::cli::run::run(*args).await,
             Command::Check(args) => tessera_agent::cli::check::run(&args),
             Command::Token(args) => tessera_agent::cli::token::run(&args).await,
             Command::Revoke(args) => tessera_agent::cli::revoke::run(&args).await,
             Command::Logs(args) => tessera_agent::cli::logs::run(&args).await,
             Command::Status(args) => tessera_agent::cli::status::run(&args).await,
+            Command::Whoami(args) => tessera_agent::cli::whoami::run(&args).await,
+            Command::Selftest(args) => tessera_agent::cli::selftest::run(&args).await,
+            Command::Uninstall(args) => tessera_agent::cli::uninstall::run(&args),
+            Command::SelftestActor(args) => tessera_agent::cli::selftest::actor(&args).await,
         }
     })
 }

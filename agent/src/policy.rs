@@ -53,6 +53,23 @@ pub struct Workload {
     /// matches that cgroup and its subtree.
     pub cgroup: Option<String>,
     pub uid: Option<u32>,
+    /// `egress:`; `Open` when not written.
+    pub egress: Egress,
+    /// Its document's `spec.mode`: applies to the denies no rule covers (raw and packet
+    /// sockets, destinations outside an egress allow-list).
+    pub mode: Mode,
+}
+
+/// What a workload may reach besides its rules' endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Egress {
+    /// Every destination that no endpoint protects.
+    #[default]
+    Open,
+    /// Only the endpoints its rules allow: any other destination is denied
+    /// (`egress_not_allowlisted`).
+    Allowlist,
 }
 
 /// A protected destination.
@@ -60,13 +77,73 @@ pub struct Workload {
 pub struct Endpoint {
     pub name: String,
     pub kind: EndpointKind,
-    /// At least one; host bits are zero.
+    /// Host bits are zero. `addresses` and `hosts` are not both empty.
     pub addresses: Vec<ipnet::IpNet>,
+    /// Names the agent resolves (A and AAAA) and protects at run time; unique.
+    pub hosts: Vec<HostName>,
     /// Empty = every port.
     pub ports: Vec<u16>,
     pub protocol: Protocol,
     /// Its document's `spec.mode`.
     pub mode: Mode,
+}
+
+/// A DNS name, as an endpoint's `hosts` lists it: lower case, without the trailing dot, labels
+/// of 1 to 63 letters, digits and `-` (not first or last), at most 253 characters, not an IP
+/// address. It is resolved as an absolute name: search domains do not apply.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostName(String);
+
+impl HostName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for HostName {
+    /// What is wrong with the name.
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HostName, String> {
+        let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+        if name.is_empty() {
+            return Err("the name is empty".into());
+        }
+        if name.len() > 253 {
+            return Err("the name is longer than 253 characters".into());
+        }
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            return Err("it is an IP address, not a name".into());
+        }
+        for label in name.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return Err(format!("label `{label}` is not 1 to 63 characters long"));
+            }
+            if let Some(c) = label
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+            {
+                return Err(format!("label `{label}` has the character {c:?}"));
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err(format!("label `{label}` starts or ends with `-`"));
+            }
+        }
+        if name
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+        {
+            return Err("its last label is all digits".into());
+        }
+        Ok(HostName(name))
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// Which workloads may reach which endpoints, and on what terms.

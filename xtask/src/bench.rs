@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: runs the connect-path benchmark (agent/benches/connect.rs) as root.
+//! `cargo xtask bench`: runs the connect-path benchmark (agent/benches/connect.rs) as root, then
+//! the attestation benchmark (agent/benches/attest.rs).
 use anyhow::Result;
 
 #[derive(clap::Args)]
@@ -24,5 +25,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "--",
         "--json",
         json,
+    ])?;
+    // Attestation cost per process (agent/benches/attest.rs), beside the connect results.
+    let attest_json = crate::workspace_root().join("target/bench/attest.json");
+    let attest_json = attest_json
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("the workspace path is not UTF-8"))?;
+    crate::setup::cargo(&[
+        "bench",
+        "--package",
+        "tessera-agent",
+        "--bench",
+        "attest",
+        "--",
+        "--json",
+        attest_json,
     ])
 }

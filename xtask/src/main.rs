@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb`.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
 mod cgroup;
+mod deb;
 mod demo;
 mod setup;
 mod test;
@@ -33,6 +34,8 @@ enum Task {
     },
     /// Run the agent on policies/demo.yaml in a sandbox cgroup and show allowed and denied calls.
     Demo,
+    /// Build the Debian package (cargo-deb, installed if missing) and check its contents.
+    Deb(deb::DebArgs),
     /// Measure the connect path: programs attached vs detached, 1k vs 100k endpoints.
     Bench(bench::BenchArgs),
 }
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
+        Task::Deb(args) => deb::run(&args),
     }
 }
 

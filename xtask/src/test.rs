@@ -36,6 +36,15 @@ pub fn run(extra: &[String]) -> Result<()> {
         totals.add(&line);
     }
     let status = child.wait()?;
+    // The deb check runs before the summary, so that the summary stays the closing line.
+    let deb = if status.success() {
+        deb_check_when_cheap()
+    } else {
+        Ok(())
+    };
+    if deb.is_err() {
+        totals.failed += 1;
+    }
     println!(
         "\nsummary: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
@@ -43,7 +52,26 @@ pub fn run(extra: &[String]) -> Result<()> {
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
-    Ok(())
+    deb
+}
+
+/// The Debian package check costs about a minute once cargo-deb is installed (it packages the
+/// debug build the tests just made); installing cargo-deb costs minutes more, so that is left
+/// to `cargo xtask deb`.
+fn deb_check_when_cheap() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let has_cargo_deb = Command::new(&cargo)
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_deb {
+        println!("deb check skipped: cargo-deb is not installed (`cargo xtask deb` installs it)");
+        return Ok(());
+    }
+    super::deb::run(&super::deb::DebArgs {
+        dev: true,
+        check: None,
+    })
 }
 
 /// Sums libtest's `test result: ok. 12 passed; 0 failed; 1 ignored; …` lines.

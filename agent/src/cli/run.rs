@@ -1,45 +1,84 @@
-//! `tessera run`: the daemon in the foreground.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+//! `tessera run`: the daemon in the foreground. Settings come from, highest first: flags,
+//! `TESSERA_*` environment variables, the configuration file (`--config`, default
+//! /etc/tessera/config.yaml when present), built-in defaults.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use crate::{
+    config::{self, FileConfig},
     daemon::{self, DaemonConfig},
+    decision::SinkOptions,
     telemetry::{self, LogFormat},
 };
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Default)]
 pub struct RunArgs {
-    /// Configuration file (not read by this release: flags only).
-    #[arg(long)]
+    /// Configuration file (YAML, the same settings as these flags; flags and TESSERA_*
+    /// variables override it). Default: /etc/tessera/config.yaml when it exists.
+    #[arg(long, env = "TESSERA_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Policy file or directory (its *.yaml files); repeatable.
-    #[arg(long = "policy", default_value = super::DEFAULT_POLICY_DIR)]
+    /// Print the effective settings (after file, environment and flags) as JSON and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Policy file or directory (its *.yaml files); repeatable. [default: /etc/tessera/policies]
+    #[arg(long = "policy", env = "TESSERA_POLICY")]
     pub policies: Vec<PathBuf>,
     /// The cgroup to enforce on (it and everything below it): a path under the cgroup v2 mount,
     /// or relative to it (`/tessera-demo`). Default: the cgroup v2 root, i.e. the whole host.
-    #[arg(long)]
+    #[arg(long, env = "TESSERA_CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// Force every rule into this mode; by default each rule's own mode applies.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "TESSERA_MODE")]
     pub mode: Option<ModeArg>,
-    /// Where decisions are written (JSON lines); `-` for stdout.
-    #[arg(long, default_value = super::DEFAULT_DECISION_LOG)]
-    pub decision_log: String,
+    /// Where decisions are written (JSON lines): a file, `-` for stdout or `journald`.
+    /// [default: /var/log/tessera/decisions.jsonl]
+    #[arg(long, env = "TESSERA_DECISION_LOG")]
+    pub decision_log: Option<String>,
+    /// Rotate the decision log file before it grows past this size (e.g. 100MiB; 0: never).
+    /// [default: 100MiB]
+    #[arg(long, env = "TESSERA_DECISION_LOG_MAX_SIZE", value_parser = config::parse_size)]
+    pub decision_log_max_size: Option<u64>,
+    /// Rotate the decision log file once it is this old (e.g. 24h). [default: never]
+    #[arg(long, env = "TESSERA_DECISION_LOG_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub decision_log_max_age: Option<Duration>,
+    /// Rotated decision log files kept (FILE.1 … FILE.N). [default: 5]
+    #[arg(long, env = "TESSERA_DECISION_LOG_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub decision_log_keep: Option<u32>,
+    /// Write allows of one (workload, endpoint) once per this interval, with their count
+    /// (e.g. 10s). Denies are always written one by one. [default: every allow]
+    #[arg(long, env = "TESSERA_DECISION_LOG_AGGREGATE_ALLOWS", value_parser = humantime::parse_duration)]
+    pub decision_log_aggregate_allows: Option<Duration>,
     /// The Workload API socket (mode 0666: every local process may ask).
-    #[arg(long, default_value = super::DEFAULT_API_SOCKET)]
-    pub api_socket: PathBuf,
+    /// [default: /run/tessera/workload.sock]
+    #[arg(long, env = "TESSERA_API_SOCKET")]
+    pub api_socket: Option<PathBuf>,
     /// The admin socket for `tessera revoke` and `tessera status` (mode 0600: root only).
-    #[arg(long, default_value = super::DEFAULT_ADMIN_SOCKET)]
-    pub admin_socket: PathBuf,
-    /// Where the signing key lives (created 0700; the key 0600).
-    #[arg(long, default_value = super::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// DNS server for endpoint `hosts:` (accepted for the v1 contract; `hosts:` is not supported
-    /// by this release yet).
-    #[arg(long)]
+    /// [default: /run/tessera/admin.sock]
+    #[arg(long, env = "TESSERA_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Where the signing key lives (created 0700; the key 0600). [default: /var/lib/tessera]
+    #[arg(long, env = "TESSERA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// DNS server (IP:PORT) that resolves endpoint `hosts:`. [default: the system's resolver
+    /// configuration, /etc/resolv.conf]
+    #[arg(long, env = "TESSERA_DNS_SERVER")]
     pub dns_server: Option<SocketAddr>,
-    /// Operational log format on stderr.
-    #[arg(long, value_enum, default_value = "plain")]
-    pub log_format: LogFormatArg,
+    /// Operational log format on stderr. [default: plain]
+    #[arg(long, value_enum, env = "TESSERA_LOG_FORMAT")]
+    pub log_format: Option<LogFormatArg>,
+    /// On shutdown, detach the programs (calls go through unchecked until the agent is back).
+    /// By default the pinned programs keep enforcing while the agent is down. [default: false]
+    #[arg(long, env = "TESSERA_FAIL_OPEN", num_args = 0..=1, default_missing_value = "true")]
+    pub fail_open: Option<bool>,
+    /// Where /metrics, /healthz and /readyz are served (IP:PORT), or `off`.
+    /// [default: 127.0.0.1:9477]
+    #[arg(long, env = "TESSERA_METRICS_ADDR", value_parser = config::parse_listen_arg,
+          overrides_with = "metrics_addr")]
+    pub metrics_addr: Option<config::Listen>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,25 +94,25 @@ pub enum LogFormatArg {
 }
 
 pub async fn run(args: RunArgs) -> ExitCode {
-    telemetry::init(match args.log_format {
+    let file = match load_file(args.config.as_deref()) {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("tessera run: the configuration is refused:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (config, log_format) = resolve(&args, &file);
+    if args.print_config {
+        println!("{:#}", describe(&config, log_format, &file));
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(match log_format {
         LogFormatArg::Plain => LogFormat::Plain,
         LogFormatArg::Json => LogFormat::Json,
     });
-    if args.config.is_some() {
-        eprintln!(
-            "tessera run: --config is not supported by this release yet; pass the settings as flags"
-        );
-        return ExitCode::from(2);
+    if let Some(source) = &file.source {
+        tracing::info!(config = %source.display(), "configuration file read");
     }
-    let config = DaemonConfig {
-        policies: args.policies,
-        cgroup: args.cgroup,
-        mode: args.mode,
-        decision_log: args.decision_log,
-        api_socket: args.api_socket,
-        admin_socket: args.admin_socket,
-        state_dir: args.state_dir,
-    };
     match daemon::run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -81,4 +120,110 @@ pub async fn run(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--config FILE` must exist; without it, the default file is read only when present.
+pub fn load_file(explicit: Option<&Path>) -> Result<FileConfig, config::ConfigErrors> {
+    match explicit {
+        Some(path) => FileConfig::load(path),
+        None if Path::new(config::DEFAULT_CONFIG_FILE).exists() => {
+            FileConfig::load(Path::new(config::DEFAULT_CONFIG_FILE))
+        }
+        None => Ok(FileConfig::default()),
+    }
+}
+
+/// Flags and environment (already merged by clap) over the file over the defaults.
+pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg) {
+    let mode = args.mode.or(match file.mode.as_deref() {
+        Some("enforce") => Some(ModeArg::Enforce),
+        Some("audit") => Some(ModeArg::Audit),
+        _ => None,
+    });
+    let log_format = args.log_format.unwrap_or(match file.log_format.as_deref() {
+        Some("json") => LogFormatArg::Json,
+        _ => LogFormatArg::Plain,
+    });
+    let defaults = SinkOptions::default();
+    let config = DaemonConfig {
+        policies: if args.policies.is_empty() {
+            file.policies
+                .clone()
+                .unwrap_or_else(|| vec![PathBuf::from(super::DEFAULT_POLICY_DIR)])
+        } else {
+            args.policies.clone()
+        },
+        cgroup: args.cgroup.clone().or_else(|| file.cgroup.clone()),
+        mode,
+        decision_log: args
+            .decision_log
+            .clone()
+            .or_else(|| file.decision_log.clone())
+            .unwrap_or_else(|| super::DEFAULT_DECISION_LOG.to_owned()),
+        api_socket: args
+            .api_socket
+            .clone()
+            .or_else(|| file.api_socket.clone())
+            .unwrap_or_else(|| super::DEFAULT_API_SOCKET.into()),
+        admin_socket: args
+            .admin_socket
+            .clone()
+            .or_else(|| file.admin_socket.clone())
+            .unwrap_or_else(|| super::DEFAULT_ADMIN_SOCKET.into()),
+        state_dir: args
+            .state_dir
+            .clone()
+            .or_else(|| file.state_dir.clone())
+            .unwrap_or_else(|| super::DEFAULT_STATE_DIR.into()),
+        decision_log_options: SinkOptions {
+            max_size: args
+                .decision_log_max_size
+                .or(file.decision_log_max_size)
+                .unwrap_or(defaults.max_size),
+            max_age: args
+                .decision_log_max_age
+                .or(file.decision_log_max_age)
+                .filter(|d| !d.is_zero()),
+            keep: args
+                .decision_log_keep
+                .or(file.decision_log_keep)
+                .unwrap_or(defaults.keep),
+            aggregate_allows: args
+                .decision_log_aggregate_allows
+                .or(file.decision_log_aggregate_allows)
+                .filter(|d| !d.is_zero()),
+        },
+        metrics_addr: args
+            .metrics_addr
+            .map(|l| l.0)
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| config::DEFAULT_METRICS_ADDR.parse().ok()),
+        dns_server: args.dns_server.or(file.dns_server),
+        fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
+    };
+    (config, log_format)
+}
+
+/// The effective settings, in the configuration file's vocabulary.
+fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> serde_json::Value {
+    serde_json::json!({
+        "configFile": file.source.as_ref().map(|p| p.display().to_string()),
+        "policies": c.policies.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "cgroup": c.cgroup.as_ref().map(|p| p.display().to_string()),
+        "mode": c.mode.map(|m| match m { ModeArg::Enforce => "enforce", ModeArg::Audit => "audit" }),
+        "decisionLog": {
+            "path": c.decision_log,
+            "maxSize": c.decision_log_options.max_size,
+            "maxAge": c.decision_log_options.max_age.map(|d| humantime::format_duration(d).to_string()),
+            "keep": c.decision_log_options.keep,
+            "aggregateAllows": c.decision_log_options.aggregate_allows.map(|d| humantime::format_duration(d).to_string()),
+        },
+        "apiSocket": c.api_socket.display().to_string(),
+        "adminSocket": c.admin_socket.display().to_string(),
+        "stateDir": c.state_dir.display().to_string(),
+        "dnsServer": c.dns_server.map(|a| a.to_string()),
+        "failOpen": c.fail_open,
+        "logFormat": match log_format { LogFormatArg::Plain => "plain", LogFormatArg::Json => "json" },
+        "metrics": { "listen": c.metrics_addr.map(|a| a.to_string()) },
+    })
 }

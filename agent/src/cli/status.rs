@@ -38,6 +38,9 @@ pub async fn run(args: &StatusArgs) -> ExitCode {
         "policy revision:  {}",
         get("/policy/revision").as_str().unwrap_or("?")
     );
+    if let Some(loaded) = get("/policy/loaded_at").as_str() {
+        println!("policy loaded:    {loaded}");
+    }
     println!(
         "policy:           {} workloads, {} endpoints, {} rules",
         get("/policy/workloads"),
@@ -52,6 +55,12 @@ pub async fn run(args: &StatusArgs) -> ExitCode {
     );
     println!("dropped events:   {}", get("/counters/dropped_events"));
     println!("active grants:    {}", get("/grants/active"));
+    if let Some(metrics) = status.pointer("/metrics") {
+        println!(
+            "metrics:          {}",
+            metrics["listen"].as_str().unwrap_or("off")
+        );
+    }
     println!("programs:");
     if let Some(programs) = status.pointer("/programs").and_then(|p| p.as_array()) {
         for p in programs {

@@ -1,8 +1,9 @@
 //! The agent's memory of the credentials it issued: by jti and by kernel credential id.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +50,68 @@ pub enum RevokeTarget {
 #[derive(Default)]
 pub(crate) struct Registry {
     inner: Mutex<Inner>,
+    /// Where the registry is kept across restarts (`Registry::open`); never a token.
+    path: Option<PathBuf>,
+}
+
+/// The file `Registry::open` keeps in the state directory.
+const REGISTRY_FILE: &str = "credentials.json";
+
+/// One credential as persisted: ids, names and times, never the token.
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    credential_id: u64,
+    jti: String,
+    spiffe_id: String,
+    workload: u32,
+    audience: String,
+    endpoint: u32,
+    task: String,
+    pid: u32,
+    issued_at: u64,
+    expires_at: u64,
+    bind: String,
+    revoked: bool,
+}
+
+impl Persisted {
+    fn from_info(c: &CredentialInfo) -> Self {
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Persisted {
+            credential_id: c.credential_id,
+            jti: c.jti.clone(),
+            spiffe_id: c.spiffe_id.to_string(),
+            workload: c.workload.0,
+            audience: c.audience.clone(),
+            endpoint: c.endpoint.0,
+            task: c.task.clone(),
+            pid: c.pid,
+            issued_at: secs(c.issued_at),
+            expires_at: secs(c.expires_at),
+            bind: c.bind.as_str().to_owned(),
+            revoked: c.revoked,
+        }
+    }
+
+    fn into_info(self) -> Option<CredentialInfo> {
+        Some(CredentialInfo {
+            credential_id: self.credential_id,
+            jti: self.jti,
+            spiffe_id: self.spiffe_id.parse().ok()?,
+            workload: WorkloadId(self.workload),
+            audience: self.audience,
+            endpoint: EndpointId(self.endpoint),
+            task: self.task,
+            pid: self.pid,
+            issued_at: UNIX_EPOCH + Duration::from_secs(self.issued_at),
+            expires_at: UNIX_EPOCH + Duration::from_secs(self.expires_at),
+            bind: match self.bind.as_str() {
+                "workload" => Bind::Workload,
+                _ => Bind::Process,
+            },
+            revoked: self.revoked,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -79,6 +142,60 @@ impl RevokeTarget {
 }
 
 impl Registry {
+    /// The registry kept in `state_dir`, with what an earlier agent left there (so that the
+    /// kernel grants it left behind can still be explained and revoked).
+    pub(crate) fn open(state_dir: &Path) -> Registry {
+        let path = state_dir.join(REGISTRY_FILE);
+        let mut inner = Inner::default();
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<Persisted>>(&bytes) {
+                Ok(entries) => {
+                    for info in entries.into_iter().filter_map(Persisted::into_info) {
+                        inner.jti_by_id.insert(info.credential_id, info.jti.clone());
+                        inner.by_jti.insert(info.jti.clone(), info);
+                    }
+                    inner.prune(SystemTime::now());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "ignoring an unreadable credential registry")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot read the credential registry")
+            }
+        }
+        Registry {
+            inner: Mutex::new(inner),
+            path: Some(path),
+        }
+    }
+
+    /// Writes the registry (whole, through a rename) when it is persistent.
+    fn save(&self, inner: &Inner) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        let entries: Vec<Persisted> = inner.by_jti.values().map(Persisted::from_info).collect();
+        let tmp = path.with_extension("json.tmp");
+        let result = serde_json::to_vec(&entries)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                std::io::Write::write_all(&mut file, &bytes)
+            })
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, path = %path.display(), "cannot save the credential registry");
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain maps behind: still consistent enough.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -100,12 +217,14 @@ impl Registry {
         inner.prune(SystemTime::now());
         inner.jti_by_id.insert(info.credential_id, info.jti.clone());
         inner.by_jti.insert(info.jti.clone(), info);
+        self.save(&inner);
     }
 
     pub(crate) fn remove(&self, jti: &str) {
         let mut inner = self.lock();
         if let Some(c) = inner.by_jti.remove(jti) {
             inner.jti_by_id.remove(&c.credential_id);
+            self.save(&inner);
         }
     }
 
@@ -133,8 +252,10 @@ impl Registry {
     }
 
     pub(crate) fn mark_revoked(&self, jti: &str) {
-        if let Some(c) = self.lock().by_jti.get_mut(jti) {
+        let mut inner = self.lock();
+        if let Some(c) = inner.by_jti.get_mut(jti) {
             c.revoked = true;
+            self.save(&inner);
         }
     }
 
@@ -211,6 +332,24 @@ mod tests {
         assert_eq!(r.active_count(SystemTime::now()), 1);
         assert!(r.by_credential_id(1).is_some_and(|c| c.revoked));
         assert_ne!(r.fresh_id(), 0);
+    }
+
+    #[test]
+    fn a_reopened_registry_remembers_ids_but_no_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Registry::open(dir.path());
+        r.insert(info("a", 7, 10, 300));
+        r.insert(info("b", 8, 11, 300));
+        r.mark_revoked("b");
+        let text = std::fs::read_to_string(dir.path().join(REGISTRY_FILE)).expect("saved");
+        assert!(!text.contains("eyJ"));
+        let again = Registry::open(dir.path());
+        assert_eq!(
+            again.by_credential_id(7).map(|c| c.jti),
+            Some("a".to_owned())
+        );
+        assert!(again.by_credential_id(8).is_some_and(|c| c.revoked));
+        assert_eq!(again.active_count(SystemTime::now()), 1);
     }
 
     #[test]

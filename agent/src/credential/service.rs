@@ -24,6 +24,14 @@ pub struct CredentialService {
     policy: RwLock<Arc<PolicySet>>,
     grants: Arc<dyn GrantStore>,
     registry: Registry,
+    observer: RwLock<Option<Arc<dyn CredentialObserver>>>,
+}
+
+/// Told of every credential request's outcome and how long it took (metrics).
+pub trait CredentialObserver: Send + Sync {
+    fn issued(&self, elapsed: Duration);
+    /// `reason`: the 403 reason, or `bad_request`, `not_found`, `internal`.
+    fn refused(&self, reason: &str, elapsed: Duration);
 }
 
 /// Why a request gets no credential: an HTTP status, a stable reason, a message saying what to do.
@@ -61,8 +69,14 @@ impl CredentialService {
             issuer,
             policy: RwLock::new(policy),
             grants,
-            registry: Registry::default(),
+            registry: Registry::open(state_dir),
+            observer: RwLock::new(None),
         })
+    }
+
+    /// Who is told of each request's outcome (one observer; a second call replaces it).
+    pub fn set_observer(&self, observer: Arc<dyn CredentialObserver>) {
+        *self.observer.write().unwrap_or_else(|e| e.into_inner()) = Some(observer);
     }
 
     /// Replaces the policy used for new requests (after a reload).
@@ -130,6 +144,32 @@ impl CredentialService {
     /// `POST /v1/credentials`: decide, sign, write the grant, then make sure the caller is
     /// still there (`still_alive`) before answering.
     pub(crate) fn issue(
+        &self,
+        caller: &ProcessEvidence,
+        req: &TokenRequest,
+        still_alive: &dyn Fn() -> bool,
+    ) -> Result<TokenResponse, Refusal> {
+        let started = std::time::Instant::now();
+        let result = self.issue_unobserved(caller, req, still_alive);
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(observer) = observer {
+            let elapsed = started.elapsed();
+            match &result {
+                Ok(_) => observer.issued(elapsed),
+                Err(Refusal::Forbidden { reason, .. }) => observer.refused(reason, elapsed),
+                Err(Refusal::BadRequest(_)) => observer.refused("bad_request", elapsed),
+                Err(Refusal::NotFound(_)) => observer.refused("not_found", elapsed),
+                Err(Refusal::Internal(_)) => observer.refused("internal", elapsed),
+            }
+        }
+        result
+    }
+
+    fn issue_unobserved(
         &self,
         caller: &ProcessEvidence,
         req: &TokenRequest,

@@ -81,3 +81,14 @@ pub fn provider(
         })
     })
 }
+
+/// `status` plus `"hosts"`: each endpoint host's resolved addresses (see `ResolvedHosts`).
+pub fn with_hosts(status: StatusProvider, hosts: crate::resolve::ResolvedHosts) -> StatusProvider {
+    Arc::new(move || {
+        let mut value = status();
+        if let Value::Object(fields) = &mut value {
+            fields.insert("hosts".to_owned(), hosts.to_json());
+        }
+        value
+    })
+}

@@ -40,8 +40,10 @@ pub struct DecisionRecord {
 pub struct Destination {
     pub ip: IpAddr,
     pub port: u16,
-    /// Name of the protected endpoint; null only when the event's endpoint id is unknown to
-    /// the loaded policy.
+    /// Name of the protected endpoint; null when no endpoint covers the destination
+    /// (`egress_not_allowlisted`), for socket refusals (`raw_socket_refused`,
+    /// `packet_socket_refused`: `ip` is then `0.0.0.0` for an IPv4 raw socket, else `::`, and
+    /// `port` 0), or when the event's endpoint id is unknown to the loaded policy.
     pub endpoint: Option<String>,
 }
 
@@ -108,6 +110,13 @@ pub enum Reason {
     CredentialRevoked,
     WorkloadNotAllowed,
     UnknownWorkload,
+    /// The workload has `egress: allowlist` and no endpoint covers the destination.
+    EgressNotAllowlisted,
+    /// A restricted workload asked for a raw IP socket (hook `sock_create`).
+    RawSocketRefused,
+    /// A restricted workload asked for a packet socket (hook `socket_syscall`; enforced by
+    /// killing the process).
+    PacketSocketRefused,
     /// A code this version does not know (a newer kernel program or a newer log).
     #[serde(other)]
     #[value(skip)]
@@ -121,6 +130,10 @@ pub enum Hook {
     Connect6,
     Sendmsg4,
     Sendmsg6,
+    /// cgroup/sock_create (raw IP sockets).
+    SockCreate,
+    /// The syscalls/sys_enter_socket tracepoint (packet sockets).
+    SocketSyscall,
     #[serde(other)]
     Unknown,
 }
@@ -130,6 +143,8 @@ pub enum Hook {
 pub enum Protocol {
     Tcp,
     Udp,
+    /// A raw IP or packet socket (hooks `sock_create`, `socket_syscall`).
+    Raw,
     #[serde(other)]
     Unknown,
 }
@@ -179,7 +194,7 @@ impl From<crate::policy::Mode> for DecisionMode {
 
 impl Reason {
     /// Every reason a record can carry, in the order of DESIGN 4.4.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 10] = [
         Self::CredentialValid,
         Self::Allowlisted,
         Self::NoCredential,
@@ -187,6 +202,9 @@ impl Reason {
         Self::CredentialRevoked,
         Self::WorkloadNotAllowed,
         Self::UnknownWorkload,
+        Self::EgressNotAllowlisted,
+        Self::RawSocketRefused,
+        Self::PacketSocketRefused,
     ];
 
     /// From a kernel `REASON_*` code.
@@ -199,6 +217,9 @@ impl Reason {
             common::REASON_CREDENTIAL_REVOKED => Self::CredentialRevoked,
             common::REASON_WORKLOAD_NOT_ALLOWED => Self::WorkloadNotAllowed,
             common::REASON_UNKNOWN_WORKLOAD => Self::UnknownWorkload,
+            common::REASON_EGRESS_NOT_ALLOWLISTED => Self::EgressNotAllowlisted,
+            common::REASON_RAW_SOCKET_REFUSED => Self::RawSocketRefused,
+            common::REASON_PACKET_SOCKET_REFUSED => Self::PacketSocketRefused,
             _ => Self::Unknown,
         }
     }
@@ -212,6 +233,9 @@ impl Reason {
             Self::CredentialRevoked => "credential_revoked",
             Self::WorkloadNotAllowed => "workload_not_allowed",
             Self::UnknownWorkload => "unknown_workload",
+            Self::EgressNotAllowlisted => "egress_not_allowlisted",
+            Self::RawSocketRefused => "raw_socket_refused",
+            Self::PacketSocketRefused => "packet_socket_refused",
             Self::Unknown => "unknown",
         }
     }
@@ -225,6 +249,8 @@ impl Hook {
             common::HOOK_CONNECT6 => Self::Connect6,
             common::HOOK_SENDMSG4 => Self::Sendmsg4,
             common::HOOK_SENDMSG6 => Self::Sendmsg6,
+            common::HOOK_SOCK_CREATE => Self::SockCreate,
+            common::HOOK_SOCKET_SYSCALL => Self::SocketSyscall,
             _ => Self::Unknown,
         }
     }
@@ -235,6 +261,8 @@ impl Hook {
             Self::Connect6 => "connect6",
             Self::Sendmsg4 => "sendmsg4",
             Self::Sendmsg6 => "sendmsg6",
+            Self::SockCreate => "sock_create",
+            Self::SocketSyscall => "socket_syscall",
             Self::Unknown => "unknown",
         }
     }
@@ -246,6 +274,7 @@ impl Protocol {
         match code {
             common::PROTO_TCP => Self::Tcp,
             common::PROTO_UDP => Self::Udp,
+            common::PROTO_RAW => Self::Raw,
             _ => Self::Unknown,
         }
     }
@@ -254,6 +283,7 @@ impl Protocol {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::Raw => "raw",
             Self::Unknown => "unknown",
         }
     }

@@ -1,12 +1,22 @@
-//! `DecisionSink`: where decision records go, one JSON line each, flushed at once.
-#[cfg(test)]
-use std::fs;
-use std::fs::{DirBuilder, File, OpenOptions};
+//! `DecisionSink`: where decision records go, one JSON line each, flushed at once: a file
+//! (rotated by size and age, `keep` old files), stdout (`-`, for DaemonSets) or journald
+//! (`journald`). Optionally, allows of one (workload, endpoint) are aggregated per interval.
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use super::record::DecisionRecord;
+use super::record::{DecisionRecord, Verdict};
+
+mod aggregate;
+mod journal;
+mod rotate;
+#[cfg(test)]
+mod tests;
+
+use aggregate::Aggregator;
+pub use journal::JOURNAL_SOCKET;
+use journal::Journal;
+use rotate::RotatingFile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -22,6 +32,18 @@ pub enum SinkError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot rotate the decision log {}: {source}", path.display())]
+    Rotate {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot reach journald at {}: {source}; is systemd-journald running?", path.display())]
+    Journal {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot serialise a decision record: {0}")]
     Serialise(#[source] serde_json::Error),
     #[error("cannot write to the decision log {target}: {source}")]
@@ -32,60 +54,135 @@ pub enum SinkError {
     },
 }
 
+/// How a decision log is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkOptions {
+    /// Rotate a file before it would grow past this many bytes; 0: never by size.
+    pub max_size: u64,
+    /// Rotate a file once it is this old; `None`: never by age.
+    pub max_age: Option<Duration>,
+    /// Rotated files kept (`FILE.1` newest … `FILE.<keep>` oldest); at least 1.
+    pub keep: u32,
+    /// Aggregate allows of one (workload, endpoint) per this interval; `None`: every allow
+    /// is written. Denies are never aggregated.
+    pub aggregate_allows: Option<Duration>,
+}
+
+impl Default for SinkOptions {
+    fn default() -> Self {
+        SinkOptions {
+            max_size: 100 << 20,
+            max_age: None,
+            keep: 5,
+            aggregate_allows: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Output {
+    File(RotatingFile),
+    Stdout,
+    Journald(Journal),
+}
+
 /// An open decision log.
 #[derive(Debug)]
-pub enum DecisionSink {
-    File { path: PathBuf, file: File },
-    Stdout,
+pub struct DecisionSink {
+    output: Output,
+    aggregator: Option<Aggregator>,
 }
 
 impl DecisionSink {
-    /// `-` is stdout; anything else a file, appended to (created with mode 0640, its missing
-    /// parent directories with 0750).
+    /// `-` is stdout, `journald` the journal; anything else a file, appended to (created with
+    /// mode 0640, its missing parent directories with 0750). Default [`SinkOptions`].
     pub fn open(target: &Path) -> Result<Self, SinkError> {
-        if target == Path::new("-") {
-            return Ok(Self::Stdout);
-        }
-        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty())
-            && !parent.is_dir()
-        {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(parent)
-                .map_err(|source| SinkError::CreateDir {
-                    path: parent.to_owned(),
-                    source,
-                })?;
-        }
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(target)
-            .map_err(|source| SinkError::Open {
-                path: target.to_owned(),
-                source,
-            })?;
-        Ok(Self::File {
-            path: target.to_owned(),
-            file,
+        Self::open_with(target, &SinkOptions::default())
+    }
+
+    pub fn open_with(target: &Path, options: &SinkOptions) -> Result<Self, SinkError> {
+        let output = if target == Path::new("-") {
+            Output::Stdout
+        } else if target == Path::new("journald") {
+            Output::Journald(Journal::connect(Path::new(JOURNAL_SOCKET))?)
+        } else {
+            Output::File(RotatingFile::open(target, options)?)
+        };
+        Ok(DecisionSink {
+            output,
+            aggregator: options.aggregate_allows.map(Aggregator::new),
         })
     }
 
-    /// Writes one record as one line and flushes it. An error means the record is not (or
+    /// Journald at another socket (tests).
+    #[cfg(test)]
+    fn journald_at(socket: &Path) -> Result<Self, SinkError> {
+        Ok(DecisionSink {
+            output: Output::Journald(Journal::connect(socket)?),
+            aggregator: None,
+        })
+    }
+
+    /// Writes one record as one line and flushes it (an aggregated allow is held until its
+    /// interval ends: see [`DecisionSink::flush_due`]). An error means the record is not (or
     /// not entirely) in the log.
     pub fn write(&mut self, record: &DecisionRecord) -> Result<(), SinkError> {
-        let mut line = serde_json::to_vec(record).map_err(SinkError::Serialise)?;
+        if record.verdict == Verdict::Allow
+            && let Some(agg) = &mut self.aggregator
+        {
+            agg.add(record, Instant::now());
+            return Ok(());
+        }
+        self.emit(record, None)
+    }
+
+    /// Writes the aggregated records whose interval has ended; call it every second or so.
+    pub fn flush_due(&mut self) -> Result<(), SinkError> {
+        self.flush(Some(Instant::now()))
+    }
+
+    /// Writes every aggregated record now (at shutdown).
+    pub fn flush_all(&mut self) -> Result<(), SinkError> {
+        self.flush(None)
+    }
+
+    fn flush(&mut self, now: Option<Instant>) -> Result<(), SinkError> {
+        let Some(agg) = &mut self.aggregator else {
+            return Ok(());
+        };
+        let due = agg.take_due(now);
+        let mut first_error = None;
+        for (record, summary) in due {
+            if let Err(e) = self.emit(&record, Some(&summary)) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn emit(
+        &mut self,
+        record: &DecisionRecord,
+        aggregate: Option<&aggregate::Summary>,
+    ) -> Result<(), SinkError> {
+        let mut line = match aggregate {
+            None => serde_json::to_vec(record),
+            Some(summary) => serde_json::to_value(record).and_then(|mut v| {
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("aggregate".into(), serde_json::to_value(summary)?);
+                }
+                serde_json::to_vec(&v)
+            }),
+        }
+        .map_err(SinkError::Serialise)?;
         line.push(b'\n');
-        let result = match self {
-            // One write(2) on an O_APPEND file: concurrent readers never see half a line
-            // interleaved with another writer's.
-            Self::File { file, .. } => file.write_all(&line).and_then(|()| file.flush()),
-            Self::Stdout => {
+        let result = match &mut self.output {
+            Output::File(file) => file.write_line(&line),
+            Output::Stdout => {
                 let mut out = io::stdout().lock();
                 out.write_all(&line).and_then(|()| out.flush())
             }
+            Output::Journald(journal) => journal.send(record, &line),
         };
         result.map_err(|source| SinkError::Write {
             target: self.describe(),
@@ -93,75 +190,25 @@ impl DecisionSink {
         })
     }
 
-    /// The file's path, or "stdout".
+    /// The file's path, "stdout" or "journald".
     pub fn describe(&self) -> String {
-        match self {
-            Self::File { path, .. } => path.display().to_string(),
-            Self::Stdout => "stdout".to_owned(),
+        match &self.output {
+            Output::File(f) => f.path().display().to_string(),
+            Output::Stdout => "stdout".to_owned(),
+            Output::Journald(_) => "journald".to_owned(),
         }
     }
 
-    /// Reopens the file at its path (after log rotation moved it away); a no-op for stdout.
+    pub fn is_stdout(&self) -> bool {
+        matches!(self.output, Output::Stdout)
+    }
+
+    /// Reopens the file at its path (after an outside log rotation moved it away); a no-op
+    /// for stdout and journald.
     pub fn reopen(&mut self) -> Result<(), SinkError> {
-        if let Self::File { path, .. } = self {
-            *self = Self::open(&path.clone())?;
+        if let Output::File(f) = &mut self.output {
+            f.reopen()?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
-    use super::*;
-    use crate::decision::test_support::example_record;
-
-    #[test]
-    fn creates_parents_and_appends_one_line_per_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log/tessera/decisions.jsonl");
-        let mut sink = DecisionSink::open(&path).unwrap();
-        sink.write(&example_record()).unwrap();
-        sink.write(&example_record()).unwrap();
-        // Reopening appends rather than truncates.
-        let mut again = DecisionSink::open(&path).unwrap();
-        again.write(&example_record()).unwrap();
-
-        let text = fs::read_to_string(&path).unwrap();
-        assert!(text.ends_with('\n'));
-        let lines: Vec<_> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
-        for line in lines {
-            let back: DecisionRecord = serde_json::from_str(line).unwrap();
-            assert_eq!(back, example_record());
-        }
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode & !0o640, 0, "mode {mode:o}");
-        assert_eq!(sink.describe(), path.display().to_string());
-    }
-
-    #[test]
-    fn dash_is_stdout() {
-        let sink = DecisionSink::open(Path::new("-")).unwrap();
-        assert!(matches!(sink, DecisionSink::Stdout));
-        assert_eq!(sink.describe(), "stdout");
-    }
-
-    #[test]
-    fn errors_are_returned_not_swallowed() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("plain-file");
-        fs::write(&file, "").unwrap();
-        let err = DecisionSink::open(&file.join("decisions.jsonl")).unwrap_err();
-        assert!(matches!(err, SinkError::CreateDir { .. }), "{err}");
-
-        // /dev/full accepts the open and fails every write with ENOSPC.
-        if Path::new("/dev/full").exists() {
-            let mut sink = DecisionSink::open(Path::new("/dev/full")).unwrap();
-            let err = sink.write(&example_record()).unwrap_err();
-            assert!(matches!(err, SinkError::Write { .. }), "{err}");
-            assert!(err.to_string().contains("/dev/full"), "{err}");
-        }
     }
 }

@@ -10,6 +10,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod template;
+
 const SCHEME_PREFIX: &str = "spiffe://";
 /// The spec caps a SPIFFE ID at 2048 bytes (URI length limits of common tooling).
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;

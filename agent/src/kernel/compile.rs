@@ -1,18 +1,19 @@
 //! Turns a validated `PolicySet` into the entries of the kernel's policy maps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tessera_common::{
-    ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, EndpointCidrKey, EndpointKey,
-    EndpointValue, MODE_AUDIT, MODE_ENFORCE, PROTO_TCP, PROTO_UDP, RULE_CREDENTIAL_REQUIRED,
-    RuleKey, RuleValue, WorkloadKey, WorkloadValue,
+    ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST,
+    CONFIG_RESTRICTED, EndpointCidrKey, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE,
+    PROTO_TCP, PROTO_UDP, RULE_CREDENTIAL_REQUIRED, RuleKey, RuleValue, WORKLOAD_EGRESS_ALLOWLIST,
+    WORKLOAD_MODE_AUDIT, WORKLOAD_RESTRICTED, WorkloadKey, WorkloadValue,
 };
 
 use super::KernelError;
-use crate::policy::{Mode, PolicySet, Protocol};
+use crate::policy::{Egress, Mode, PolicySet, Protocol, Workload};
 
 /// The policy maps' contents. CIDR keys are `(prefix length, data)`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -21,6 +22,8 @@ pub struct CompiledPolicy {
     pub cidr: HashMap<(u32, EndpointCidrKey), EndpointValue>,
     pub workloads: HashMap<WorkloadKey, WorkloadValue>,
     pub rules: HashMap<RuleKey, RuleValue>,
+    /// `Config::flags` (`CONFIG_*`).
+    pub config_flags: u32,
     pub warnings: Vec<SyncWarning>,
 }
 
@@ -96,6 +99,11 @@ pub fn compile(
             }
         }
     }
+    let in_rules: HashSet<u32> = policy
+        .rules
+        .iter()
+        .flat_map(|r| r.workloads.iter().map(|w| w.0))
+        .collect();
     for (id, workload) in (0u32..).zip(&policy.workloads) {
         let cgroup_id = match &workload.cgroup {
             None => ANY_CGROUP,
@@ -116,10 +124,17 @@ pub fn compile(
             uid: workload.uid.unwrap_or(ANY_UID),
             _pad: 0,
         };
+        let flags = workload_flags(workload, in_rules.contains(&id));
+        if flags & WORKLOAD_EGRESS_ALLOWLIST != 0 {
+            out.config_flags |= CONFIG_EGRESS_ALLOWLIST;
+        }
+        if flags & WORKLOAD_RESTRICTED != 0 {
+            out.config_flags |= CONFIG_RESTRICTED;
+        }
         // Validation refuses two workloads with the same selectors.
         out.workloads.entry(key).or_insert(WorkloadValue {
             workload_id: id,
-            _pad: 0,
+            flags,
         });
     }
     for (id, rule) in (0u32..).zip(&policy.rules) {
@@ -201,6 +216,21 @@ impl CompiledPolicy {
     }
 }
 
+/// `WORKLOAD_*` flags: restricted when it is in a rule or has an egress allow-list.
+fn workload_flags(workload: &Workload, in_rules: bool) -> u32 {
+    let mut flags = 0;
+    if workload.egress == Egress::Allowlist {
+        flags |= WORKLOAD_EGRESS_ALLOWLIST | WORKLOAD_RESTRICTED;
+    }
+    if in_rules {
+        flags |= WORKLOAD_RESTRICTED;
+    }
+    if workload.mode == Mode::Audit {
+        flags |= WORKLOAD_MODE_AUDIT;
+    }
+    flags
+}
+
 fn mode(mode: Mode) -> u32 {
     match mode {
         Mode::Enforce => MODE_ENFORCE,
@@ -241,6 +271,7 @@ mod tests {
             name: name.to_owned(),
             kind: EndpointKind::Api,
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            hosts: Vec::new(),
             ports,
             protocol,
             mode: Mode::Audit,
@@ -253,6 +284,8 @@ mod tests {
             spiffe_id: format!("spiffe://example.org/{name}").parse().unwrap(),
             cgroup: cgroup.map(str::to_owned),
             uid,
+            egress: Egress::Open,
+            mode: Mode::Enforce,
         }
     }
 
@@ -386,6 +419,57 @@ mod tests {
         assert_eq!(rule(2, 1).map(|r| (r.flags, r.mode)), Some((0, MODE_AUDIT)));
         assert_eq!(rule(2, 0), None);
         assert_eq!(c.rules.len(), 3);
+    }
+
+    #[test]
+    fn workloads_in_rules_are_restricted_without_an_allowlist_flag() {
+        let c = compile(&policy(), resolve);
+        let flags = |k: WorkloadKey| c.workloads.get(&k).map(|v| v.flags);
+        let key = |cgroup_id, uid| WorkloadKey {
+            cgroup_id,
+            uid,
+            _pad: 0,
+        };
+        assert_eq!(flags(key(100, ANY_UID)), Some(WORKLOAD_RESTRICTED));
+        assert_eq!(flags(key(ANY_CGROUP, 0)), Some(WORKLOAD_RESTRICTED));
+        assert_eq!(c.config_flags, CONFIG_RESTRICTED);
+    }
+
+    #[test]
+    fn egress_allowlist_sets_workload_and_config_flags() {
+        let mut p = policy();
+        p.workloads.push(Workload {
+            egress: Egress::Allowlist,
+            mode: Mode::Audit,
+            ..workload("locked", Some("/demo/a"), Some(7))
+        });
+        p.workloads.push(workload("free", Some("/demo/b"), Some(8)));
+        let c = compile(&p, resolve);
+        let flags = |cgroup_id, uid| {
+            c.workloads
+                .get(&WorkloadKey {
+                    cgroup_id,
+                    uid,
+                    _pad: 0,
+                })
+                .map(|v| v.flags)
+        };
+        assert_eq!(
+            flags(100, 7),
+            Some(WORKLOAD_RESTRICTED | WORKLOAD_EGRESS_ALLOWLIST | WORKLOAD_MODE_AUDIT)
+        );
+        // In no rule and open: unrestricted.
+        assert_eq!(flags(200, 8), Some(0));
+        assert_eq!(c.config_flags, CONFIG_RESTRICTED | CONFIG_EGRESS_ALLOWLIST);
+    }
+
+    #[test]
+    fn no_rules_and_no_allowlist_leave_the_config_flags_clear() {
+        let mut p = policy();
+        p.rules.clear();
+        let c = compile(&p, resolve);
+        assert_eq!(c.config_flags, 0);
+        assert!(c.workloads.values().all(|v| v.flags == 0));
     }
 
     #[test]

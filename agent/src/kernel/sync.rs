@@ -75,6 +75,7 @@ pub(super) fn write(
     let config_err = map_error(map_names::CONFIG);
     let mut config = maps.config.get(&0, 0).map_err(&config_err)?;
     config.policy_generation = config.policy_generation.wrapping_add(1);
+    config.flags = compiled.config_flags;
     maps.config.set(0, config, 0).map_err(&config_err)?;
 
     Ok(SyncReport {

@@ -46,6 +46,8 @@ pub(super) struct RawWorkload {
     pub spiffe_id: Option<S<String>>,
     #[serde(rename = "match")]
     pub selectors: Option<S<RawMatch>>,
+    /// `open` (default) or `allowlist`.
+    pub egress: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,7 +70,7 @@ pub(super) struct RawEndpoint {
     pub name: Option<S<String>>,
     pub kind: Option<S<String>>,
     pub addresses: Option<S<Vec<S<String>>>>,
-    pub hosts: Option<S<IgnoredAny>>,
+    pub hosts: Option<S<Vec<S<String>>>>,
     /// Signed and wide so that 0, -1 and 70000 get our message, not serde's.
     pub ports: Option<S<Vec<S<i64>>>>,
     pub protocol: Option<S<String>>,
@@ -119,7 +121,7 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
     },
     FieldSet {
         context: "workload",
-        fields: &["name", "spiffeId", "match"],
+        fields: &["name", "spiffeId", "match", "egress"],
         unsupported: &[],
     },
     FieldSet {
@@ -139,7 +141,7 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
     FieldSet {
         context: "endpoint",
         fields: &["name", "kind", "addresses", "hosts", "ports", "protocol"],
-        unsupported: &["hosts"],
+        unsupported: &[],
     },
     FieldSet {
         context: "rule",

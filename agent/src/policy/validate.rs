@@ -171,7 +171,7 @@ impl<'a> Validator<'a> {
         let mut workloads = LocalNames::default();
         for raw in &spec.workloads {
             let before = ctx.error_count();
-            let checked = workload::check(ctx, raw, trust_domain.as_ref());
+            let checked = workload::check(ctx, raw, trust_domain.as_ref(), mode);
             let name = raw.value.name.as_ref().map(|n| n.value.clone());
             match checked {
                 Some(w) if ctx.error_count() == before => {

@@ -256,6 +256,59 @@ fn ipv6_udp_sendmsg6() {
     assert_eq!(value["protocol"], "udp");
 }
 
+#[test]
+fn raw_socket_refusal_has_no_destination() {
+    let fx = Fixture::new();
+    let mut ev = fx.event();
+    ev.hook = common::HOOK_SOCK_CREATE;
+    ev.protocol = common::PROTO_RAW;
+    ev.reason = common::REASON_RAW_SOCKET_REFUSED;
+    ev.endpoint_id = NONE_ID;
+    ev.rule_id = NONE_ID;
+    ev.port = 0;
+    ev.addr = std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets();
+    let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
+    assert_eq!(value["reason"], "raw_socket_refused");
+    assert_eq!(value["hook"], "sock_create");
+    assert_eq!(value["protocol"], "raw");
+    assert_eq!(
+        value["destination"],
+        serde_json::json!({"ip": "0.0.0.0", "port": 0, "endpoint": null})
+    );
+    assert_eq!(value["workload"]["name"], "payments-agent");
+    assert_eq!(value["policy"]["rule"], serde_json::Value::Null);
+    assert_eq!(value["mode"], "enforce");
+
+    ev.hook = common::HOOK_SOCKET_SYSCALL;
+    ev.reason = common::REASON_PACKET_SOCKET_REFUSED;
+    ev.family = 6;
+    ev.addr = [0; 16];
+    ev.enforced = 0;
+    let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
+    assert_eq!(value["reason"], "packet_socket_refused");
+    assert_eq!(value["hook"], "socket_syscall");
+    assert_eq!(value["destination"]["ip"], "::");
+    assert_eq!(value["mode"], "audit");
+}
+
+#[test]
+fn egress_not_allowlisted_keeps_the_destination_without_endpoint() {
+    let fx = Fixture::new();
+    let mut ev = fx.event();
+    ev.reason = common::REASON_EGRESS_NOT_ALLOWLISTED;
+    ev.endpoint_id = NONE_ID;
+    ev.rule_id = NONE_ID;
+    ev.port = 9999;
+    let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
+    assert_eq!(value["reason"], "egress_not_allowlisted");
+    assert_eq!(
+        value["destination"],
+        serde_json::json!({"ip": "127.0.0.1", "port": 9999, "endpoint": null})
+    );
+    assert_eq!(value["verdict"], "deny");
+    assert_eq!(value["enforced"], true);
+}
+
 /// The cgroup v2 mount point, from this process's mountinfo.
 fn cgroup2_root() -> Option<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;

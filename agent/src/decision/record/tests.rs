@@ -73,6 +73,15 @@ fn every_reason_code_maps_to_its_string() {
         (common::REASON_CREDENTIAL_REVOKED, "credential_revoked"),
         (common::REASON_WORKLOAD_NOT_ALLOWED, "workload_not_allowed"),
         (common::REASON_UNKNOWN_WORKLOAD, "unknown_workload"),
+        (
+            common::REASON_EGRESS_NOT_ALLOWLISTED,
+            "egress_not_allowlisted",
+        ),
+        (common::REASON_RAW_SOCKET_REFUSED, "raw_socket_refused"),
+        (
+            common::REASON_PACKET_SOCKET_REFUSED,
+            "packet_socket_refused",
+        ),
     ];
     for (code, text) in table {
         let reason = Reason::from_code(code);
@@ -101,6 +110,8 @@ fn hook_protocol_and_verdict_codes() {
         (common::HOOK_CONNECT6, "connect6"),
         (common::HOOK_SENDMSG4, "sendmsg4"),
         (common::HOOK_SENDMSG6, "sendmsg6"),
+        (common::HOOK_SOCK_CREATE, "sock_create"),
+        (common::HOOK_SOCKET_SYSCALL, "socket_syscall"),
     ] {
         assert_eq!(
             serde_json::to_value(Hook::from_code(code)).unwrap(),
@@ -114,6 +125,10 @@ fn hook_protocol_and_verdict_codes() {
     assert_eq!(
         serde_json::to_value(Protocol::from_code(common::PROTO_UDP)).unwrap(),
         json!("udp")
+    );
+    assert_eq!(
+        serde_json::to_value(Protocol::from_code(common::PROTO_RAW)).unwrap(),
+        json!("raw")
     );
     assert_eq!(Verdict::from_code(common::VERDICT_ALLOW), Verdict::Allow);
     assert_eq!(Verdict::from_code(common::VERDICT_DENY), Verdict::Deny);

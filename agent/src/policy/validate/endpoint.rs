@@ -1,4 +1,4 @@
-//! One endpoint: its name, kind, addresses, ports and protocol.
+//! One endpoint: its name, kind, addresses, hosts, ports and protocol.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -8,7 +8,7 @@ use serde_saphyr::Spanned;
 
 use super::{Ctx, check_name};
 use crate::policy::raw::{RawEndpoint, S};
-use crate::policy::{Endpoint, EndpointKind, Mode, Protocol};
+use crate::policy::{Endpoint, EndpointKind, HostName, Mode, Protocol};
 
 /// The endpoint, or `None` if something was wrong (errors are in `ctx`). `mode` is its
 /// document's. Set-wide checks (unique names, overlaps) are the caller's.
@@ -36,14 +36,11 @@ pub(super) fn check(
             }
         },
     };
-    if let Some(hosts) = &raw.hosts {
-        ctx.error(
-            hosts.referenced,
-            "`hosts` is not supported yet".into(),
-            "list the endpoint's IP addresses or CIDRs under addresses, and remove hosts",
-        );
-    }
-    let addresses = check_addresses(ctx, raw.addresses.as_ref(), loc);
+    let hosts = check_hosts(ctx, raw.hosts.as_ref());
+    let addresses = match (&raw.addresses, &raw.hosts) {
+        (None, Some(_)) => Some(Vec::new()),
+        (addresses, _) => check_addresses(ctx, addresses.as_ref(), loc),
+    };
     let ports = check_ports(ctx, raw.ports.as_ref());
     let protocol = match raw.protocol.as_ref() {
         None => Some(Protocol::Tcp),
@@ -65,6 +62,7 @@ pub(super) fn check(
         name: name?,
         kind: kind?,
         addresses: addresses?,
+        hosts: hosts?,
         ports: ports?,
         protocol: protocol?,
         mode,
@@ -89,8 +87,8 @@ fn check_addresses(
         None => {
             ctx.error(
                 endpoint_loc,
-                "endpoint has no addresses".into(),
-                "add addresses: [\"10.0.0.1\"] (IP addresses or CIDRs)",
+                "endpoint has no addresses or hosts".into(),
+                "add addresses: [\"10.0.0.1\"] (IP addresses or CIDRs) or hosts: [vault.internal]",
             );
             return None;
         }
@@ -123,6 +121,47 @@ fn check_addresses(
         }
     }
     ok.then_some(nets)
+}
+
+/// Absent `hosts` is an empty list; a present one lists at least one valid name, each once.
+fn check_hosts(ctx: &mut Ctx<'_, '_>, raw: Option<&S<Vec<S<String>>>>) -> Option<Vec<HostName>> {
+    let Some(list) = raw else {
+        return Some(Vec::new());
+    };
+    if list.value.is_empty() {
+        ctx.error(
+            list.referenced,
+            "hosts is empty".into(),
+            "list at least one DNS name, like vault.internal, or remove hosts",
+        );
+        return None;
+    }
+    let mut ok = true;
+    let mut hosts: Vec<HostName> = Vec::with_capacity(list.value.len());
+    for host in &list.value {
+        let text = host.value.trim();
+        match text.parse::<HostName>() {
+            Ok(name) if hosts.contains(&name) => {
+                ctx.error(
+                    host.referenced,
+                    format!("host `{name}` is listed twice"),
+                    "list each host once",
+                );
+                ok = false;
+            }
+            Ok(name) => hosts.push(name),
+            Err(why) => {
+                ctx.error(
+                    host.referenced,
+                    format!("`{text}` is not a valid DNS name: {why}"),
+                    "write a name like vault.internal (letters, digits, `-` and dots); \
+                     put IP addresses under addresses",
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(hosts)
 }
 
 /// Empty (absent `ports`) means every port.
@@ -205,6 +244,9 @@ fn unmap_ipv4(net: IpNet) -> IpNet {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use crate::policy::PolicySet;
     use crate::policy::validate::tests::{assert_errors, with_head};
 
     #[test]
@@ -227,7 +269,7 @@ mod tests {
         assert_errors(
             &yaml,
             &[
-                "p.yaml:7:7: endpoint has no addresses — add addresses: [\"10.0.0.1\"] (IP addresses or CIDRs)",
+                "p.yaml:7:7: endpoint has no addresses or hosts — add addresses: [\"10.0.0.1\"] (IP addresses or CIDRs) or hosts: [vault.internal]",
                 "p.yaml:9:18: addresses is empty — list at least one IP address or CIDR, like \"10.0.0.1\" or \"10.0.0.0/8\"",
                 "p.yaml:11:29: `not-an-ip` is not an IP address or CIDR — write an address like 10.0.0.1 or ::1, or a network like 10.0.0.0/8",
                 "p.yaml:11:40: address `10.0.0.1/8` has host bits set — write the network address: 10.0.0.0/8",
@@ -240,6 +282,51 @@ mod tests {
                 "p.yaml:17:14: ports is empty — list the ports, or remove ports to cover every port",
             ],
         );
+    }
+
+    #[test]
+    fn hosts_are_validated() {
+        let yaml = with_head(
+            "  endpoints:
+    - name: empty-hosts
+      hosts: []
+    - name: bad-hosts
+      hosts: [vault.internal, 'Vault.Internal.', 10.0.0.1, -a.b, 'a..b', 'a_b.c', x.123]
+    - name: both-empty
+      addresses: []
+      hosts: [ok.example]
+",
+        );
+        assert_errors(
+            &yaml,
+            &[
+                "p.yaml:8:14: hosts is empty — list at least one DNS name, like vault.internal, or remove hosts",
+                "p.yaml:10:31: host `vault.internal` is listed twice — list each host once",
+                "p.yaml:10:50: `10.0.0.1` is not a valid DNS name: it is an IP address, not a name — write a name like vault.internal (letters, digits, `-` and dots); put IP addresses under addresses",
+                "p.yaml:10:60: `-a.b` is not a valid DNS name: label `-a` starts or ends with `-` — write a name like vault.internal (letters, digits, `-` and dots); put IP addresses under addresses",
+                "p.yaml:10:66: `a..b` is not a valid DNS name: label `` is not 1 to 63 characters long — write a name like vault.internal (letters, digits, `-` and dots); put IP addresses under addresses",
+                "p.yaml:10:74: `a_b.c` is not a valid DNS name: label `a_b` has the character '_' — write a name like vault.internal (letters, digits, `-` and dots); put IP addresses under addresses",
+                "p.yaml:10:83: `x.123` is not a valid DNS name: its last label is all digits — write a name like vault.internal (letters, digits, `-` and dots); put IP addresses under addresses",
+                "p.yaml:12:18: addresses is empty — list at least one IP address or CIDR, like \"10.0.0.1\" or \"10.0.0.0/8\"",
+            ],
+        );
+    }
+
+    #[test]
+    fn hosts_alone_or_with_addresses() {
+        let yaml = with_head(
+            "  endpoints:
+    - {name: a, hosts: [Vault.Internal., api.example.com], ports: [8200]}
+    - {name: b, addresses: [10.0.0.1], hosts: [b.example]}
+",
+        );
+        let set = PolicySet::from_str(Path::new("p.yaml"), &yaml).unwrap();
+        let names =
+            |i: usize| -> Vec<&str> { set.endpoints[i].hosts.iter().map(|h| h.as_str()).collect() };
+        assert_eq!(names(0), ["vault.internal", "api.example.com"]);
+        assert!(set.endpoints[0].addresses.is_empty());
+        assert_eq!(names(1), ["b.example"]);
+        assert_eq!(set.endpoints[1].addresses.len(), 1);
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn unknown_fields_name_the_key_and_the_allowed_ones() {
     assert_errors(
         &with_head("  endpoints:\n    - name: e\n      addresses: [10.0.0.1]\n      port: [80]\n"),
         &[
-            "p.yaml:9:7: unknown field `port` in endpoint — allowed: name, kind, addresses, ports, protocol (hosts is not supported yet)",
+            "p.yaml:9:7: unknown field `port` in endpoint — allowed: name, kind, addresses, hosts, ports, protocol",
         ],
     );
     assert_errors(
@@ -94,7 +94,7 @@ fn unknown_fields_name_the_key_and_the_allowed_ones() {
 }
 
 #[test]
-fn unsupported_selectors_and_hosts_are_refused() {
+fn unsupported_selectors_are_refused() {
     let yaml = with_head(
         "  workloads:
     - name: a
@@ -106,10 +106,6 @@ fn unsupported_selectors_and_hosts_are_refused() {
         exeSha256: abc
         container: c
         k8s: {namespace: n}
-  endpoints:
-    - name: e
-      addresses: [10.0.0.1]
-      hosts: [vault.internal]
 ",
     );
     assert_errors(
@@ -121,7 +117,6 @@ fn unsupported_selectors_and_hosts_are_refused() {
             "p.yaml:13:20: selector `exeSha256` is not supported yet — select the workload by cgroup and/or uid, and remove exeSha256",
             "p.yaml:14:20: selector `container` is not supported yet — select the workload by cgroup and/or uid, and remove container",
             "p.yaml:15:14: selector `k8s` is not supported yet — select the workload by cgroup and/or uid, and remove k8s",
-            "p.yaml:19:14: `hosts` is not supported yet — list the endpoint's IP addresses or CIDRs under addresses, and remove hosts",
         ],
     );
 }

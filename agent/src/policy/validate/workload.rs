@@ -4,18 +4,20 @@ use serde_saphyr::Spanned;
 
 use super::{Ctx, check_name};
 use crate::identity::spiffe::{SpiffeId, TrustDomain};
-use crate::policy::Workload;
 use crate::policy::raw::{RawMatch, RawWorkload, S};
+use crate::policy::{Egress, Mode, Workload};
 
 /// `u32::MAX` is the kernel's "any uid" (`tessera_common::ANY_UID`), so no workload may use it.
 const MAX_UID: i64 = u32::MAX as i64 - 1;
 
 /// The workload, or `None` if something could not be checked (errors are in `ctx`).
-/// Set-wide checks (unique names, IDs and selectors) are the caller's.
+/// Set-wide checks (unique names, IDs and selectors) are the caller's. `mode` is the
+/// document's `spec.mode`.
 pub(super) fn check(
     ctx: &mut Ctx<'_, '_>,
     raw: &Spanned<RawWorkload>,
     trust_domain: Option<&TrustDomain>,
+    mode: Mode,
 ) -> Option<Workload> {
     let loc = raw.referenced;
     let raw = &raw.value;
@@ -34,13 +36,35 @@ pub(super) fn check(
         );
         return None;
     };
+    let egress = check_egress(ctx, raw.egress.as_ref());
     let (cgroup, uid) = check_match(ctx, selectors)?;
     Some(Workload {
         name: name?,
         spiffe_id: spiffe_id?,
         cgroup,
         uid,
+        egress: egress?,
+        mode,
     })
+}
+
+/// `egress: open | allowlist`; absent is `open`.
+fn check_egress(ctx: &mut Ctx<'_, '_>, raw: Option<&S<String>>) -> Option<Egress> {
+    let Some(raw) = raw else {
+        return Some(Egress::Open);
+    };
+    match raw.value.as_str() {
+        "open" => Some(Egress::Open),
+        "allowlist" => Some(Egress::Allowlist),
+        other => {
+            ctx.error(
+                raw.referenced,
+                format!("egress `{other}` is not one of open, allowlist"),
+                "write egress: allowlist (only the endpoints of its rules) or egress: open",
+            );
+            None
+        }
+    }
 }
 
 fn check_spiffe_id(
@@ -202,4 +226,58 @@ fn check_cgroup(ctx: &mut Ctx<'_, '_>, raw: &S<String>) -> Option<String> {
         return None;
     }
     Some(normalised)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::policy::{Egress, Mode, PolicySet};
+
+    fn doc(egress: &str) -> String {
+        format!(
+            "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+metadata: {{name: t}}
+spec:
+  trustDomain: example.org
+  mode: audit
+  workloads:
+    - name: a
+      match: {{cgroup: /a}}
+{egress}
+    - name: b
+      match: {{cgroup: /b}}
+"
+        )
+    }
+
+    #[test]
+    fn egress_defaults_to_open_and_takes_the_document_mode() {
+        let set = PolicySet::from_str(Path::new("t.yaml"), &doc("")).unwrap();
+        assert_eq!(set.workloads[0].egress, Egress::Open);
+        assert_eq!(set.workloads[0].mode, Mode::Audit);
+    }
+
+    #[test]
+    fn egress_allowlist_and_open() {
+        let set =
+            PolicySet::from_str(Path::new("t.yaml"), &doc("      egress: allowlist")).unwrap();
+        assert_eq!(set.workloads[0].egress, Egress::Allowlist);
+        assert_eq!(set.workloads[1].egress, Egress::Open);
+        let set = PolicySet::from_str(Path::new("t.yaml"), &doc("      egress: open")).unwrap();
+        assert_eq!(set.workloads[0].egress, Egress::Open);
+    }
+
+    #[test]
+    fn other_egress_values_are_refused_with_a_hint() {
+        let err = PolicySet::from_str(Path::new("t.yaml"), &doc("      egress: closed"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("egress `closed` is not one of open, allowlist"),
+            "{err}"
+        );
+        assert!(err.contains("t.yaml:10:"), "{err}");
+    }
 }

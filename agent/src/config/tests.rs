@@ -1,0 +1,221 @@
+use std::path::Path;
+use std::time::Duration;
+
+use clap::Parser as _;
+
+use super::*;
+use crate::cli::run::{ModeArg, resolve};
+use crate::cli::{Cli, Command};
+
+fn load(text: &str) -> Result<FileConfig, ConfigErrors> {
+    FileConfig::from_bytes(Path::new("/etc/tessera/config.yaml"), text.as_bytes())
+}
+
+fn errors(text: &str) -> Vec<String> {
+    load(text)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn run_args(argv: &[&str]) -> crate::cli::run::RunArgs {
+    let mut full = vec!["tessera", "run"];
+    full.extend_from_slice(argv);
+    match Cli::try_parse_from(full).unwrap().command {
+        Command::Run(args) => *args,
+        other => panic!("not run: {other:?}"),
+    }
+}
+
+#[test]
+fn the_shipped_default_is_valid_and_complete() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config.yaml");
+    let c = FileConfig::load(&path).unwrap();
+    assert_eq!(
+        c.policies,
+        Some(vec![PathBuf::from("/etc/tessera/policies")])
+    );
+    assert_eq!(
+        c.decision_log.as_deref(),
+        Some("/var/log/tessera/decisions.jsonl")
+    );
+    assert_eq!(c.decision_log_max_size, Some(100 << 20));
+    assert_eq!(c.decision_log_max_age, Some(Duration::from_secs(86400)));
+    assert_eq!(c.decision_log_keep, Some(5));
+    assert_eq!(
+        c.api_socket,
+        Some(PathBuf::from("/run/tessera/workload.sock"))
+    );
+    assert_eq!(
+        c.metrics_listen,
+        Some(Some("127.0.0.1:9477".parse().unwrap()))
+    );
+    assert_eq!(c.fail_open, Some(false));
+}
+
+#[test]
+fn every_setting_is_read() {
+    let c = load(
+        "policies: [p1.yaml, /abs/dir]\ncgroup: /tessera-demo\nmode: audit\n\
+         decisionLog:\n  path: '-'\n  maxSize: 10MB\n  maxAge: 1h\n  keep: 3\n  aggregateAllows: 10s\n\
+         apiSocket: /tmp/a.sock\nadminSocket: /tmp/b.sock\nstateDir: /tmp/state\n\
+         dnsServer: 127.0.0.53:53\nlogFormat: json\nfailOpen: true\nmetrics:\n  listen: 'off'\n",
+    )
+    .unwrap();
+    // Relative policy paths are relative to the configuration file.
+    assert_eq!(
+        c.policies,
+        Some(vec![
+            PathBuf::from("/etc/tessera/p1.yaml"),
+            PathBuf::from("/abs/dir")
+        ])
+    );
+    assert_eq!(c.cgroup, Some(PathBuf::from("/tessera-demo")));
+    assert_eq!(c.mode.as_deref(), Some("audit"));
+    assert_eq!(c.decision_log.as_deref(), Some("-"));
+    assert_eq!(c.decision_log_max_size, Some(10_000_000));
+    assert_eq!(c.decision_log_max_age, Some(Duration::from_secs(3600)));
+    assert_eq!(c.decision_log_keep, Some(3));
+    assert_eq!(
+        c.decision_log_aggregate_allows,
+        Some(Duration::from_secs(10))
+    );
+    assert_eq!(c.dns_server, Some("127.0.0.53:53".parse().unwrap()));
+    assert_eq!(c.log_format.as_deref(), Some("json"));
+    assert_eq!(c.fail_open, Some(true));
+    assert_eq!(c.metrics_listen, Some(None));
+}
+
+#[test]
+fn empty_or_comment_only_file_sets_nothing() {
+    assert_eq!(load("").unwrap().policies, None);
+    assert_eq!(load("# nothing here\n\n").unwrap().mode, None);
+}
+
+#[test]
+fn unknown_keys_are_refused_with_place_and_fix() {
+    let e = errors("policies: [a]\npolicy_dir: /x\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("/etc/tessera/config.yaml:2:1: unknown setting `policy_dir`"),
+        "{e:?}"
+    );
+    assert!(e[0].contains(" — allowed here: "), "{e:?}");
+    assert!(e[0].contains("decisionLog"), "{e:?}");
+    let e = errors("decisionLog:\n  path: /x\n  rotate: yes\n");
+    assert!(
+        e[0].starts_with("/etc/tessera/config.yaml:3:3: unknown setting `rotate`"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("maxSize"), "{e:?}");
+}
+
+#[test]
+fn bad_values_are_all_reported_in_order() {
+    let e = errors(
+        "mode: block\nlogFormat: xml\ndnsServer: 1.2.3.4\ndecisionLog:\n  maxSize: 10 parsecs\n  \
+         maxAge: soon\n  keep: 0\n  aggregateAllows: 0s\nmetrics:\n  listen: localhost\n",
+    );
+    let expected = [
+        ("1:7", "unknown mode `block`"),
+        ("2:12", "unknown logFormat `xml`"),
+        ("3:12", "dnsServer `1.2.3.4` is not an address with a port"),
+        ("5:12", "unknown size unit"),
+        ("6:11", "`soon` is not a duration"),
+        ("7:9", "keep must be at least 1"),
+        ("8:20", "aggregateAllows must be longer than 0s"),
+        ("10:11", "`localhost` is not an address with a port"),
+    ];
+    assert_eq!(e.len(), expected.len(), "{e:#?}");
+    for (err, (place, what)) in e.iter().zip(expected) {
+        assert!(
+            err.starts_with(&format!("/etc/tessera/config.yaml:{place}: {what}")),
+            "{err} (expected {place}: {what})"
+        );
+        assert!(err.contains(" — "), "{err}");
+    }
+}
+
+#[test]
+fn wrong_types_and_syntax_point_at_the_place() {
+    let e = errors("policies: /etc/tessera/policies\n");
+    assert!(e[0].starts_with("/etc/tessera/config.yaml:1:"), "{e:?}");
+    assert!(e[0].contains("expected"), "{e:?}");
+    let e = errors("metrics:\n  listen: [1\n");
+    assert!(e[0].starts_with("/etc/tessera/config.yaml:"), "{e:?}");
+    let e = errors("failOpen: perhaps\n");
+    assert!(e[0].starts_with("/etc/tessera/config.yaml:1:11"), "{e:?}");
+}
+
+#[test]
+fn flags_override_the_file_which_overrides_defaults() {
+    let file = load(
+        "policies: [/from/file]\nmode: audit\napiSocket: /file/api.sock\n\
+         decisionLog:\n  path: /file/log\n  keep: 2\nmetrics:\n  listen: 127.0.0.1:1\n",
+    )
+    .unwrap();
+    let (c, _) = resolve(&run_args(&[]), &file);
+    assert_eq!(c.policies, vec![PathBuf::from("/from/file")]);
+    assert_eq!(c.mode, Some(ModeArg::Audit));
+    assert_eq!(c.api_socket, PathBuf::from("/file/api.sock"));
+    assert_eq!(c.decision_log, "/file/log");
+    assert_eq!(c.decision_log_options.keep, 2);
+    assert_eq!(c.decision_log_options.max_size, 100 << 20);
+    assert_eq!(c.metrics_addr, Some("127.0.0.1:1".parse().unwrap()));
+    assert_eq!(
+        c.admin_socket,
+        PathBuf::from(crate::cli::DEFAULT_ADMIN_SOCKET)
+    );
+    assert!(!c.fail_open);
+
+    let (c, _) = resolve(
+        &run_args(&[
+            "--policy",
+            "/flag/p",
+            "--mode",
+            "enforce",
+            "--decision-log-keep",
+            "9",
+            "--metrics-addr",
+            "off",
+            "--decision-log-max-size",
+            "1KiB",
+            "--fail-open",
+        ]),
+        &file,
+    );
+    assert_eq!(c.policies, vec![PathBuf::from("/flag/p")]);
+    assert_eq!(c.mode, Some(ModeArg::Enforce));
+    assert_eq!(c.decision_log_options.keep, 9);
+    assert_eq!(c.decision_log_options.max_size, 1024);
+    assert_eq!(c.metrics_addr, None);
+    assert!(c.fail_open);
+    // Still from the file.
+    assert_eq!(c.api_socket, PathBuf::from("/file/api.sock"));
+
+    let (c, format) = resolve(&run_args(&[]), &FileConfig::default());
+    assert_eq!(
+        c.policies,
+        vec![PathBuf::from(crate::cli::DEFAULT_POLICY_DIR)]
+    );
+    assert_eq!(c.metrics_addr, Some(DEFAULT_METRICS_ADDR.parse().unwrap()));
+    assert_eq!(c.decision_log, crate::cli::DEFAULT_DECISION_LOG);
+    assert_eq!(format, crate::cli::run::LogFormatArg::Plain);
+}
+
+#[test]
+fn sizes_and_listeners_parse() {
+    assert_eq!(parse_size("0"), Ok(0));
+    assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+    assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
+    assert!(parse_size("MiB").is_err());
+    assert!(parse_size("99999999999999GiB").is_err());
+    assert_eq!(parse_listen("off"), Ok(None));
+    assert_eq!(
+        parse_listen("[::1]:9477"),
+        Ok(Some("[::1]:9477".parse().unwrap()))
+    );
+    assert!(parse_listen("9477").is_err());
+}

@@ -1,0 +1,420 @@
+//! Enforcement that outlives the agent: programs, links and maps pinned in bpffs, one
+//! directory per attach point, adopted by the next agent, swapped atomically on reload.
+//!
+//! ```text
+//! /sys/fs/bpf/tessera/<cgroup, escaped>/
+//!     maps/{PROCESS_GRANTS,WORKLOAD_GRANTS,EVENTS,EVENT_DROPS,SOCKET_TAGS}   shared by every set
+//!     g<generation>-<revision, escaped>/                                    one program set
+//!         {ENDPOINTS_EXACT,ENDPOINTS_CIDR,WORKLOADS,RULES,CONFIG}            its policy maps
+//!         link-<program>                                                     its 7 links
+//! ```
+//!
+//! A *program set* is one load of the eBPF object: its own policy maps (and `CONFIG`, so its
+//! generation and policy always agree) and the shared grant, event and socket-tag maps, found by
+//! pin path. A reload builds a complete new set beside the running one, attaches it, and only
+//! then unpins the old set's links (which detaches it). While both are attached the kernel runs
+//! both and refuses a connect when either refuses, so each connect gets the verdict of the old
+//! policy or of the new one (both complete), never a mixture. A set is complete when all its
+//! links are pinned; an agent killed halfway leaves an incomplete set, which the next one
+//! removes (the old set was never detached, so enforcement did not lapse).
+
+use std::borrow::Cow;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint, links::FdLink},
+};
+use tessera_common::{Config, map_names, program_names};
+use tracing::{info, warn};
+
+use super::pinfs::{escape, list_sets, pin_dir, remove_set, uninstall};
+use super::{
+    CompiledPolicy, Enforcer, KernelError, PROGRAMS, PolicyMaps, SOCK_ADDR_PROGRAMS, SOCK_PROGRAMS,
+    SyncReport, map_error, program, program_error, sync, system, take_map,
+};
+use crate::kernel::GrantMaps;
+
+/// Maps every program set shares: grants and socket tags must not reset on a reload, and the
+/// events of the old set must reach the same reader.
+const SHARED_MAPS: [&str; 5] = [
+    map_names::PROCESS_GRANTS,
+    map_names::WORKLOAD_GRANTS,
+    map_names::EVENTS,
+    map_names::EVENT_DROPS,
+    map_names::SOCKET_TAGS,
+];
+
+/// Maps each program set has its own of (a new per-policy map belongs here).
+const SET_MAPS: [&str; 5] = [
+    map_names::ENDPOINTS_EXACT,
+    map_names::ENDPOINTS_CIDR,
+    map_names::WORKLOADS,
+    map_names::RULES,
+    map_names::CONFIG,
+];
+
+/// Tracepoints every set attaches: (program, category, name).
+const TRACEPOINTS: [(&str, &str, &str); 2] = [
+    (program_names::PROCESS_EXIT, "sched", "sched_process_exit"),
+    (
+        program_names::SOCKET_SYSCALL,
+        "syscalls",
+        "sys_enter_socket",
+    ),
+];
+
+pub(super) const LINK_COUNT: usize =
+    SOCK_PROGRAMS.len() + SOCK_ADDR_PROGRAMS.len() + TRACEPOINTS.len();
+
+/// The pinned state of an attach point the running enforcer owns.
+#[derive(Clone, Debug)]
+pub(super) struct PinState {
+    /// `PIN_ROOT/<cgroup, escaped>`.
+    dir: PathBuf,
+    cgroup: PathBuf,
+    generation: u32,
+    revision: String,
+}
+
+/// What `Enforcer::open_pinned` found in bpffs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Adoption {
+    /// Nothing was pinned: a first set was installed.
+    Fresh { generation: u32 },
+    /// The pinned set already enforces this revision: kept as it runs, no gap at all.
+    Kept { generation: u32 },
+    /// A set of another revision (or stale contents) was pinned: replaced atomically.
+    Swapped {
+        generation: u32,
+        previous_generation: u32,
+        previous_revision: String,
+    },
+}
+
+impl Adoption {
+    pub fn generation(&self) -> u32 {
+        match self {
+            Adoption::Fresh { generation }
+            | Adoption::Kept { generation }
+            | Adoption::Swapped { generation, .. } => *generation,
+        }
+    }
+}
+
+impl Enforcer {
+    /// Enforcement on `cgroup` that stays when the agent stops: adopts what is pinned for it,
+    /// keeping it running when it already enforces `revision` with exactly `compiled`, else
+    /// installs a new program set atomically. `before_replace(grants, generation, revision)` runs
+    /// before a pinned set of another revision is replaced (the grants still serve it).
+    pub fn open_pinned(
+        cgroup_root: &Path,
+        cgroup: &Path,
+        revision: &str,
+        compiled: &CompiledPolicy,
+        mode_override: u32,
+        before_replace: impl FnOnce(&GrantMaps, u32, &str) -> Result<(), KernelError>,
+    ) -> Result<(Enforcer, Adoption), KernelError> {
+        system::ensure_mounted()?;
+        let dir = pin_dir(cgroup_root, cgroup);
+        let sets = list_sets(&dir)?;
+        let best = sets
+            .iter()
+            .filter(|s| s.complete)
+            .max_by_key(|s| s.generation);
+        // An incomplete set is a reload or start that did not finish: never attached in full.
+        for set in sets.iter().filter(|s| !s.complete) {
+            warn!(set = %set.path.display(), "removing an incomplete program set");
+            remove_set(&set.path)?;
+        }
+        if let Some(best) = best {
+            for set in sets.iter().filter(|s| s.complete && s.path != best.path) {
+                info!(set = %set.path.display(), "removing a superseded program set");
+                remove_set(&set.path)?;
+            }
+        }
+        let state = PinState {
+            dir: dir.clone(),
+            cgroup: cgroup.to_path_buf(),
+            generation: best.map_or(0, |b| b.generation),
+            revision: best.map(|b| b.revision.clone()).unwrap_or_default(),
+        };
+        let mut ebpf = load_set(&dir, best.map(|b| b.path.as_path()))?;
+        let policy = Arc::new(Mutex::new(policy_maps(&mut ebpf)?));
+        let mut enforcer = Enforcer {
+            grants: GrantMaps::new(
+                take_map(&mut ebpf, map_names::PROCESS_GRANTS)?,
+                take_map(&mut ebpf, map_names::WORKLOAD_GRANTS)?,
+            ),
+            drops: take_map(&mut ebpf, map_names::EVENT_DROPS)?,
+            events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
+            ebpf,
+            policy,
+            attachments: Vec::new(),
+            // Not `Some`: dropping the enforcer must leave the pinned set's CONFIG alone.
+            cgroup: None,
+            pins: Some(state),
+        };
+        let adoption = match best {
+            Some(best) if best.revision == revision && enforcer.holds(compiled) => {
+                enforcer.set_mode_override(mode_override)?;
+                info!(
+                    generation = best.generation,
+                    revision, "adopted the pinned program set"
+                );
+                Adoption::Kept {
+                    generation: best.generation,
+                }
+            }
+            Some(best) => {
+                before_replace(&enforcer.grants, best.generation, &best.revision)?;
+                let report = enforcer.swap_policy(revision, compiled, mode_override)?;
+                info!(
+                    generation = report.generation,
+                    previous = best.generation,
+                    previous_revision = %best.revision,
+                    "replaced the pinned program set"
+                );
+                Adoption::Swapped {
+                    generation: report.generation,
+                    previous_generation: best.generation,
+                    previous_revision: best.revision.clone(),
+                }
+            }
+            None => {
+                let report = match enforcer.swap_policy(revision, compiled, mode_override) {
+                    Ok(report) => report,
+                    Err(e) => {
+                        // Nothing enforced here before: leave nothing behind.
+                        enforcer.pins = None;
+                        let _ = uninstall(Some(&dir));
+                        return Err(e);
+                    }
+                };
+                Adoption::Fresh {
+                    generation: report.generation,
+                }
+            }
+        };
+        Ok((enforcer, adoption))
+    }
+
+    /// Installs `compiled` (kernel ids) as a new program set beside the running one, attaches
+    /// and pins it, then detaches the old set. On failure the old set keeps enforcing.
+    pub fn swap_policy(
+        &mut self,
+        revision: &str,
+        compiled: &CompiledPolicy,
+        mode_override: u32,
+    ) -> Result<SyncReport, KernelError> {
+        let Some(state) = self.pins.clone() else {
+            return Err(KernelError::NotPinned);
+        };
+        let generation = match state.generation.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        let set_path = state
+            .dir
+            .join(format!("g{generation:010}-{}", escape(revision)));
+        if set_path.exists() {
+            remove_set(&set_path)?;
+        }
+        // Held throughout: run-time endpoint entries (resolved hosts) move to the new set.
+        let policy = self.policy.clone();
+        let mut current = policy.lock().map_err(|_| KernelError::Poisoned)?;
+        let merged = current.dynamic.merge(compiled);
+        let result = install_set(&state, &set_path, generation, &merged, mode_override);
+        let (ebpf, mut maps, report) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // Unpinning what was attached detaches it again.
+                let _ = remove_set(&set_path);
+                return Err(e);
+            }
+        };
+        for set in list_sets(&state.dir)? {
+            if set.path != set_path {
+                remove_set(&set.path)?;
+            }
+        }
+        maps.dynamic = std::mem::take(&mut current.dynamic);
+        maps.dynamic.committed();
+        *current = maps;
+        drop(current);
+        self.ebpf = ebpf;
+        self.pins = Some(PinState {
+            generation,
+            revision: revision.to_owned(),
+            ..state
+        });
+        info!(generation, revision, "program set swapped in");
+        Ok(report)
+    }
+
+    /// Removes this attach point's pins: the programs detach once the agent lets go of them
+    /// (`tessera run --fail-open` on shutdown). A no-op when not pinned.
+    pub fn unpin(&mut self) -> Result<(), KernelError> {
+        if let Some(state) = self.pins.take() {
+            uninstall(Some(&state.dir))?;
+            info!(dir = %state.dir.display(), "pins removed: enforcement ends with the agent");
+        }
+        Ok(())
+    }
+
+    /// The policy generation of the running program set (pinned enforcers).
+    pub fn pinned_generation(&self) -> Option<u32> {
+        self.pins.as_ref().map(|s| s.generation)
+    }
+
+    /// The policy revision of the running program set (pinned enforcers).
+    pub fn pinned_revision(&self) -> Option<&str> {
+        self.pins.as_ref().map(|s| s.revision.as_str())
+    }
+
+    /// The bpffs directory of the attach point (pinned enforcers).
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|s| s.dir.as_path())
+    }
+
+    /// Whether the policy maps hold exactly `compiled`.
+    fn holds(&self, compiled: &CompiledPolicy) -> bool {
+        let Ok(maps) = self.policy.lock() else {
+            return false;
+        };
+        same(&maps.exact, &compiled.exact)
+            && same(&maps.workloads, &compiled.workloads)
+            && same(&maps.rules, &compiled.rules)
+            && {
+                let cidr: std::collections::HashMap<_, _> = maps
+                    .cidr
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v): (Key<_>, _)| ((k.prefix_len(), k.data()), v))
+                    .collect();
+                cidr == compiled.cidr
+            }
+    }
+}
+
+fn same<K, V>(map: &HashMap<MapData, K, V>, want: &std::collections::HashMap<K, V>) -> bool
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let have: std::collections::HashMap<K, V> = map.iter().filter_map(Result::ok).collect();
+    have == *want
+}
+
+/// Loads the object with the shared maps and `set_path`'s policy maps found (or created and
+/// pinned) by pin path, and loads every program; attaches nothing. Without `set_path` the
+/// policy maps are new and unpinned.
+fn load_set(dir: &Path, set_path: Option<&Path>) -> Result<Ebpf, KernelError> {
+    let shared = dir.join("maps");
+    for d in std::iter::once(shared.as_path()).chain(set_path) {
+        std::fs::create_dir_all(d).map_err(|source| KernelError::Io {
+            path: d.to_path_buf(),
+            source,
+        })?;
+    }
+    let mut loader = EbpfLoader::new();
+    for name in SHARED_MAPS {
+        loader.map_pin_path(name, Cow::Owned(shared.join(name)));
+    }
+    if let Some(set_path) = set_path {
+        for name in SET_MAPS {
+            loader.map_pin_path(name, Cow::Owned(set_path.join(name)));
+        }
+    }
+    let mut ebpf = loader.load(PROGRAMS).map_err(KernelError::Object)?;
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+        prog.load().map_err(program_error(name))?;
+    }
+    for name in SOCK_ADDR_PROGRAMS {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        prog.load().map_err(program_error(name))?;
+    }
+    for (name, _, _) in TRACEPOINTS {
+        let tp: &mut TracePoint = program(&mut ebpf, name)?;
+        tp.load().map_err(program_error(name))?;
+    }
+    Ok(ebpf)
+}
+
+fn policy_maps(ebpf: &mut Ebpf) -> Result<PolicyMaps, KernelError> {
+    Ok(PolicyMaps {
+        exact: take_map(ebpf, map_names::ENDPOINTS_EXACT)?,
+        cidr: take_map(ebpf, map_names::ENDPOINTS_CIDR)?,
+        workloads: take_map(ebpf, map_names::WORKLOADS)?,
+        rules: take_map(ebpf, map_names::RULES)?,
+        config: take_map(ebpf, map_names::CONFIG)?,
+        dynamic: Default::default(),
+    })
+}
+
+/// Loads a set into `set_path`, writes its policy, attaches and pins its links.
+fn install_set(
+    state: &PinState,
+    set_path: &Path,
+    generation: u32,
+    compiled: &CompiledPolicy,
+    mode_override: u32,
+) -> Result<(Ebpf, PolicyMaps, SyncReport), KernelError> {
+    let mut ebpf = load_set(&state.dir, Some(set_path))?;
+    let mut maps = policy_maps(&mut ebpf)?;
+    let config = Config {
+        mode_override,
+        // `sync::write` bumps it to `generation`.
+        policy_generation: generation.wrapping_sub(1),
+        attached_cgroup_id: system::cgroup_id(&state.cgroup)?,
+        ..Config::default()
+    };
+    maps.config
+        .set(0, config, 0)
+        .map_err(map_error(map_names::CONFIG))?;
+    let report = sync::write(&mut maps, compiled)?;
+
+    let cgroup = std::fs::File::open(&state.cgroup).map_err(|source| KernelError::Io {
+        path: state.cgroup.clone(),
+        source,
+    })?;
+    let mut links: Vec<(&'static str, FdLink)> = Vec::with_capacity(LINK_COUNT);
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+        let id = prog
+            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(program_error(name))?;
+        let link = prog.take_link(id).map_err(program_error(name))?;
+        links.push((name, FdLink::try_from(link).map_err(link_error(name))?));
+    }
+    for name in SOCK_ADDR_PROGRAMS {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        let id = prog
+            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(program_error(name))?;
+        let link = prog.take_link(id).map_err(program_error(name))?;
+        links.push((name, FdLink::try_from(link).map_err(link_error(name))?));
+    }
+    for (name, category, event) in TRACEPOINTS {
+        let tp: &mut TracePoint = program(&mut ebpf, name)?;
+        let id = tp.attach(category, event).map_err(program_error(name))?;
+        let link = tp.take_link(id).map_err(program_error(name))?;
+        links.push((name, FdLink::try_from(link).map_err(link_error(name))?));
+    }
+    for (name, link) in links {
+        link.pin(set_path.join(format!("link-{name}")))
+            .map_err(|source| KernelError::Pin {
+                path: set_path.join(format!("link-{name}")),
+                source,
+            })?;
+    }
+    Ok((ebpf, maps, report))
+}
+
+fn link_error(program: &'static str) -> impl Fn(aya::programs::links::LinkError) -> KernelError {
+    move |source| KernelError::Link { program, source }
+}

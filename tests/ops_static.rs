@@ -1,0 +1,467 @@
+//! Shipping it (unprivileged): the systemd unit passes `systemd-analyze verify`, the
+//! Kubernetes manifests pass the Kubernetes JSON schemas (kubernetes-validate), the Helm chart
+//! is well formed, the configuration shipped everywhere is valid, and `tessera run` resolves
+//! file < environment < flags.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test panics with context"
+)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tessera_agent::config::FileConfig;
+
+const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(text).expect("YAML")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+// ---- systemd ----
+
+#[test]
+fn systemd_unit_verifies() {
+    if !have("systemd-analyze") {
+        eprintln!("skipped: systemd-analyze is not installed (apt-get install systemd)");
+        return;
+    }
+    let unit = read("systemd/tessera.service");
+    for must in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "RuntimeDirectory=tessera",
+        "StateDirectory=tessera",
+        "LogsDirectory=tessera",
+        "ProtectSystem=strict",
+        "ExecStart=/usr/bin/tessera run --config /etc/tessera/config.yaml",
+    ] {
+        assert!(unit.contains(must), "the unit lacks {must}");
+    }
+    // verify checks that ExecStart's binary exists: point it at the one just built.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("tessera.service");
+    std::fs::write(&copy, unit.replace("/usr/bin/tessera", TESSERA)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    // Unknown or misspelt keys are only warnings: treat every message as a failure.
+    assert!(stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+}
+
+/// The unit's capability set and the DaemonSet's (plain and Helm) say the same.
+#[test]
+fn capabilities_agree_everywhere() {
+    let unit = read("systemd/tessera.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap();
+    let from_unit: BTreeSet<String> = line
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_string())
+        .collect();
+    let ds = yaml_docs(&read("deploy/kubernetes/daemonset.yaml"));
+    let add = &ds[0]["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+        ["add"];
+    let from_ds: BTreeSet<String> = serde_json::from_value(add.clone()).unwrap();
+    let values = yaml_docs(&read("deploy/helm/tessera/values.yaml"));
+    let from_helm: BTreeSet<String> =
+        serde_json::from_value(values[0]["capabilities"].clone()).unwrap();
+    assert_eq!(from_unit, from_ds);
+    assert_eq!(from_unit, from_helm);
+}
+
+// ---- Kubernetes ----
+
+fn manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn kubernetes_validate(files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .args(files)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn kubernetes_manifests_pass_the_schemas() {
+    if !have("kubernetes-validate") {
+        eprintln!(
+            "skipped: kubernetes-validate is not installed (pip install kubernetes-validate)"
+        );
+        return;
+    }
+    let files = manifests();
+    assert!(files.len() >= 4, "{files:?}");
+    let (ok, out) = kubernetes_validate(&files);
+    assert!(ok, "kubernetes-validate:\n{out}");
+    // The validator does catch a misspelt field (strict), so the pass above means something.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        read("deploy/kubernetes/daemonset.yaml").replace("hostPID: true", "hostPid: true"),
+    )
+    .unwrap();
+    let (ok, out) = kubernetes_validate(&[bad]);
+    assert!(!ok, "a misspelt field passed:\n{out}");
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let k = yaml_docs(&read("deploy/kubernetes/kustomization.yaml"));
+    let listed: BTreeSet<String> = serde_json::from_value(k[0]["resources"].clone()).unwrap();
+    let present: BTreeSet<String> = manifests()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, present);
+}
+
+/// The daemonset's probes, mounts and host access are what the agent needs.
+#[test]
+fn daemonset_shape() {
+    let ds = &yaml_docs(&read("deploy/kubernetes/daemonset.yaml"))[0];
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"], false);
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    let mounts: BTreeSet<&str> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for path in [
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/sys/kernel/tracing",
+        "/run/tessera",
+        "/etc/tessera/policies",
+    ] {
+        assert!(mounts.contains(path), "no mount at {path}: {mounts:?}");
+    }
+    let rbac = yaml_docs(&read("deploy/kubernetes/rbac.yaml"));
+    let role = rbac.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    assert_eq!(role["rules"][0]["resources"][0], "pods");
+    let verbs: BTreeSet<String> =
+        serde_json::from_value(role["rules"][0]["verbs"].clone()).unwrap();
+    assert_eq!(verbs, ["get", "list", "watch"].map(String::from).into());
+}
+
+fn check_policy_text(text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(TESSERA)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tessera check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn configmap_config_and_policies_are_valid() {
+    let docs = yaml_docs(&read("deploy/kubernetes/configmap.yaml"));
+    let config = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "tessera-config")
+        .unwrap();
+    let text = config["data"]["config.yaml"].as_str().unwrap();
+    let c = FileConfig::from_bytes(Path::new("configmap:config.yaml"), text.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.decision_log.as_deref(), Some("-"));
+    assert_eq!(
+        c.metrics_listen,
+        Some(Some("0.0.0.0:9477".parse().unwrap()))
+    );
+    let policies = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "tessera-policies")
+        .unwrap();
+    for (_, text) in policies["data"].as_object().unwrap() {
+        check_policy_text(text.as_str().unwrap());
+    }
+}
+
+// ---- Helm ----
+
+/// `.Values.a.b` references of a template.
+fn values_refs(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(i) = rest.find(".Values.") {
+        rest = &rest[i + ".Values.".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))
+            .unwrap_or(rest.len());
+        out.push(rest[..end].trim_end_matches('.').to_string());
+    }
+    out
+}
+
+/// Helm cannot be installed here (no registry this machine reaches packages it), so the
+/// chart is checked as far as possible without rendering it; `helm template` runs when
+/// helm is on the PATH.
+#[test]
+fn helm_chart_is_well_formed() {
+    let chart_dir = root().join("deploy/helm/tessera");
+    let chart = &yaml_docs(&read("deploy/helm/tessera/Chart.yaml"))[0];
+    assert_eq!(chart["apiVersion"], "v2");
+    assert_eq!(chart["name"], "tessera");
+    assert_eq!(chart["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+    let values = &yaml_docs(&read("deploy/helm/tessera/values.yaml"))[0];
+
+    let mut defined = BTreeSet::new();
+    let mut included = BTreeSet::new();
+    let mut kinds = BTreeSet::new();
+    for entry in std::fs::read_dir(chart_dir.join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.matches("{{").count(),
+            text.matches("}}").count(),
+            "{name}: unbalanced braces"
+        );
+        // Every block action has its end.
+        let actions: Vec<&str> = text
+            .split("{{")
+            .skip(1)
+            .map(|a| a.trim_start_matches('-').trim_start())
+            .collect();
+        let opens = actions
+            .iter()
+            .filter(|a| {
+                ["if ", "range ", "with ", "define "]
+                    .iter()
+                    .any(|k| a.starts_with(k))
+            })
+            .count();
+        let ends = actions.iter().filter(|a| a.starts_with("end")).count();
+        assert_eq!(opens, ends, "{name}: {opens} blocks, {ends} ends");
+        for a in &actions {
+            if let Some(d) = a.strip_prefix("define \"") {
+                defined.insert(d.split('"').next().unwrap().to_string());
+            }
+        }
+        for part in text.split("include \"").skip(1) {
+            included.insert(part.split('"').next().unwrap().to_string());
+        }
+        for r in values_refs(&text) {
+            let pointer = format!("/{}", r.replace('.', "/"));
+            assert!(
+                values.pointer(&pointer).is_some(),
+                "{name}: .Values.{r} is not in values.yaml"
+            );
+        }
+        for line in text.lines() {
+            if let Some(kind) = line.strip_prefix("kind: ") {
+                kinds.insert(kind.trim().to_string());
+            }
+        }
+    }
+    assert!(included.is_subset(&defined), "{included:?} ⊄ {defined:?}");
+    let expected: BTreeSet<String> = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(kinds, expected);
+    for (_, text) in values["policies"].as_object().unwrap() {
+        check_policy_text(text.as_str().unwrap());
+    }
+
+    if !have("helm") {
+        eprintln!(
+            "note: helm is not installed; the chart was linted, not rendered \
+             (install helm to render and schema-check it here)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("helm")
+        .args(["template", "tessera"])
+        .arg(&chart_dir)
+        .args(["--namespace", "tessera"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = dir.path().join("rendered.yaml");
+    std::fs::write(&rendered, &out.stdout).unwrap();
+    if have("kubernetes-validate") {
+        let (ok, msg) = kubernetes_validate(&[rendered]);
+        assert!(ok, "{msg}");
+    }
+}
+
+// ---- configuration precedence, end to end ----
+
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(TESSERA);
+    cmd.arg("run").args(args).arg("--print-config");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("TESSERA_")) {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_settings_come_from_file_then_environment_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(
+        &file,
+        "policies: [policies]\nmode: audit\nstateDir: /file/state\nlogFormat: json\n\
+         decisionLog:\n  path: /file/decisions.jsonl\n  keep: 3\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let (code, out, err) = print_config(&["--config", f], &[]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["configFile"], f);
+    assert_eq!(v["mode"], "audit");
+    assert_eq!(
+        v["policies"][0],
+        dir.path().join("policies").display().to_string()
+    );
+    assert_eq!(v["decisionLog"]["keep"], 3);
+    assert_eq!(v["metrics"]["listen"], "127.0.0.1:9477");
+
+    let (_, out, _) = print_config(
+        &["--config", f],
+        &[
+            ("TESSERA_MODE", "enforce"),
+            ("TESSERA_STATE_DIR", "/env/state"),
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mode"], "enforce");
+    assert_eq!(v["stateDir"], "/env/state");
+    assert_eq!(v["logFormat"], "json");
+
+    let (_, out, _) = print_config(
+        &["--config", f, "--mode", "audit", "--metrics-addr", "off"],
+        &[
+            ("TESSERA_MODE", "enforce"),
+            ("TESSERA_METRICS_ADDR", "127.0.0.1:1"),
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mode"], "audit");
+    assert_eq!(v["metrics"]["listen"], Value::Null);
+
+    // TESSERA_CONFIG names the file too.
+    let (_, out, _) = print_config(&[], &[("TESSERA_CONFIG", f)]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["stateDir"], "/file/state");
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_every_error_placed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(
+        &file,
+        "mode: strict\nmetrics:\n  listen: nowhere\n  path: /m\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let (code, out, err) = print_config(&["--config", f], &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains(&format!("{f}:4:3: unknown setting `path`")),
+        "{err}"
+    );
+    let (code, _, err) = print_config(&["--config", &format!("{f}.absent")], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot read the configuration file"), "{err}");
+    std::fs::write(&file, "mode: strict\nmetrics:\n  listen: nowhere\n").unwrap();
+    let (code, _, err) = print_config(&["--config", f], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("{f}:1:7: unknown mode `strict` — ")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{f}:3:11: ")), "{err}");
+}
+
+#[test]
+fn the_shipped_config_file_is_valid() {
+    let path = root().join("packaging/config.yaml");
+    FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let (code, out, err) = print_config(&["--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["decisionLog"]["maxAge"], "1day");
+}
