@@ -127,7 +127,7 @@ attempts! {
     an_open_connection_passed_on_gets_through_as_documented => ScmRightsConnectedSocket,
     fork_child_of_a_bind_process_holder_is_refused => ForkBindProcess,
     fork_child_of_a_bind_workload_holder_is_allowed => ForkBindWorkload,
-    exec_keeps_a_bind_process_grant_as_documented => ExecAfterGrant,
+    exec_ends_a_bind_process_grant => ExecAfterGrant,
     setuid_to_another_user_is_refused => SetuidAfterGrant,
     moving_to_another_workloads_cgroup_is_refused => CgroupMoveOtherWorkload,
     moving_to_a_cgroup_of_no_workload_is_refused => CgroupMoveNoWorkload,

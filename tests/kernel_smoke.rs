@@ -513,7 +513,7 @@ fn kernel_decisions_on_a_test_cgroup() {
     events.assert_none();
     assert_eq!(enforcer.dropped_events().unwrap(), 0);
     let stats = enforcer.program_stats().unwrap();
-    assert_eq!(stats.len(), 8, "{stats:?}");
+    assert_eq!(stats.len(), 9, "{stats:?}");
     drop(client);
 
     enforcer.detach().unwrap();

@@ -29,6 +29,7 @@ pub mod program_names {
     pub const SENDMSG6: &str = "tessera_sendmsg6";
     pub const PROCESS_EXIT: &str = "tessera_process_exit";
     pub const SOCKET_SYSCALL: &str = "tessera_socket_syscall";
+    pub const PROCESS_EXEC: &str = "tessera_process_exec";
 }
 
 /// Map capacities. The agent refuses a policy that needs more entries than these.

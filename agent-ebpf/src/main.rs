@@ -72,6 +72,16 @@ pub fn tessera_socket_syscall(ctx: TracePointContext) -> u32 {
     0
 }
 
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn tessera_process_exec(_ctx: TracePointContext) -> u32 {
+    // A new program image ends the process's `bind: process` grants: the credential was
+    // issued to the program that asked for it, not to whatever it execs. (After exec the
+    // calling thread is the thread-group leader, so tgid is the process.)
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = PROCESS_GRANTS.remove(&tgid);
+    0
+}
+
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn tessera_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -204,6 +214,7 @@ const _: () = {
     assert!(same(p::SENDMSG6, "tessera_sendmsg6"));
     assert!(same(p::PROCESS_EXIT, "tessera_process_exit"));
     assert!(same(p::SOCKET_SYSCALL, "tessera_socket_syscall"));
+    assert!(same(p::PROCESS_EXEC, "tessera_process_exec"));
 };
 
 #[cfg(not(test))]

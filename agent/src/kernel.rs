@@ -164,17 +164,11 @@ impl Enforcer {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(program_error(name))?;
         }
-        let name = program_names::PROCESS_EXIT;
-        let exit: &mut TracePoint = program(&mut ebpf, name)?;
-        exit.load().map_err(program_error(name))?;
-        exit.attach("sched", "sched_process_exit")
-            .map_err(program_error(name))?;
-        let name = program_names::SOCKET_SYSCALL;
-        let socket: &mut TracePoint = program(&mut ebpf, name)?;
-        socket.load().map_err(program_error(name))?;
-        socket
-            .attach("syscalls", "sys_enter_socket")
-            .map_err(program_error(name))?;
+        for (name, category, event) in pin::TRACEPOINTS {
+            let tp: &mut TracePoint = program(&mut ebpf, name)?;
+            tp.load().map_err(program_error(name))?;
+            tp.attach(category, event).map_err(program_error(name))?;
+        }
 
         let mut policy = PolicyMaps {
             exact: take_map(&mut ebpf, map_names::ENDPOINTS_EXACT)?,

@@ -58,8 +58,9 @@ const SET_MAPS: [&str; 5] = [
 ];
 
 /// Tracepoints every set attaches: (program, category, name).
-const TRACEPOINTS: [(&str, &str, &str); 2] = [
+pub(super) const TRACEPOINTS: [(&str, &str, &str); 3] = [
     (program_names::PROCESS_EXIT, "sched", "sched_process_exit"),
+    (program_names::PROCESS_EXEC, "sched", "sched_process_exec"),
     (
         program_names::SOCKET_SYSCALL,
         "syscalls",

@@ -109,12 +109,11 @@ impl Attempt {
                 stopped_by: "allowed: WORKLOAD_GRANTS covers every process of the workload",
                 gap: None,
             },
-            ExecAfterGrant => Expected {
-                result: Outcome::Allowed,
-                record: allow("connect4"),
-                stopped_by: "nothing: exec keeps the tgid, so the bind: process grant stays",
-                gap: Some("a bind: process grant survives exec of another program"),
-            },
+            ExecAfterGrant => refused(
+                "no_credential",
+                "connect4",
+                "the sched_process_exec tracepoint deletes the process's PROCESS_GRANTS",
+            ),
             SetuidAfterGrant => refused(
                 "workload_not_allowed",
                 "connect4",
