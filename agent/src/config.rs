@@ -3,7 +3,6 @@
 //! defaults fill in what neither gives. Errors read like policy errors:
 //! `FILE:LINE:COL: what is wrong — how to fix it`, all of them at once.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -84,46 +83,9 @@ pub struct FileConfig {
     pub source: Option<PathBuf>,
 }
 
-/// One problem in a configuration file. Displays as `FILE:LINE:COL: message — hint`.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}:{column}: {message} — {hint}", file.display())]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-    pub hint: String,
-}
-
-/// Every problem found in a configuration file, in position order. Never empty.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-impl ConfigError {
-    fn at(file: &Path, loc: Location, message: String, hint: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_path_buf(),
-            line: usize::try_from(loc.line()).unwrap_or(usize::MAX).max(1),
-            column: usize::try_from(loc.column()).unwrap_or(usize::MAX).max(1),
-            message,
-            hint: hint.into(),
-        }
-    }
-}
+/// Problems in a configuration file, as `FILE:LINE:COL: message — hint`: the same type as a
+/// policy's errors.
+pub use crate::located::{LocatedError as ConfigError, LocatedErrors as ConfigErrors};
 
 impl FileConfig {
     /// Reads and validates `file`.

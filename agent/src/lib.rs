@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod decision;
 pub mod identity;
 pub mod kernel;
+pub mod located;
 pub mod metrics;
 pub mod policy;
 pub mod resolve;

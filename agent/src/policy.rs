@@ -13,12 +13,11 @@ use serde::Serialize;
 
 use crate::identity::spiffe::SpiffeId;
 
-mod error;
 mod load;
 mod raw;
 mod validate;
 
-pub use error::{PolicyError, PolicyErrors};
+pub use crate::located::{LocatedError as PolicyError, LocatedErrors as PolicyErrors};
 
 /// A validated policy: every loaded file, merged.
 #[derive(Clone, Debug, PartialEq)]

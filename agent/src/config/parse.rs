@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_saphyr::{Location, MessageFormatter, UserMessageFormatter};
+use serde_saphyr::Location;
 
 use super::{ConfigError, FileConfig, RawConfig, S};
 
@@ -207,53 +207,15 @@ pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Turns a serde-saphyr error into ours, saying how to fix the common ones.
 pub(super) fn yaml_error(file: &Path, err: &serde_saphyr::Error) -> ConfigError {
-    use serde_saphyr::Error as E;
-    let loc = err.location().unwrap_or(Location::UNKNOWN);
-    let mut inner = err;
-    while let E::AliasError { error, .. } | E::WithSnippet { error, .. } = inner {
-        inner = error;
-    }
-    let (message, hint) = match inner {
-        E::SerdeUnknownField {
-            field, expected, ..
-        } => {
-            let allowed = if expected.len() > 6 {
-                FIELDS.to_owned()
-            } else {
-                expected.join(", ")
-            };
-            (
-                format!("unknown setting `{field}`"),
-                format!("allowed here: {allowed} (see packaging/config.yaml)"),
-            )
-        }
-        E::SerdeInvalidType {
-            unexpected,
-            expected,
-            ..
-        } => (
-            format!("expected {expected}, found {unexpected}"),
-            format!("write {expected} here"),
-        ),
-        E::InvalidScalar { ty, .. } => (
-            format!("expected a value of type {ty}"),
-            format!("write a {ty} here"),
-        ),
-        E::DuplicateMappingKey { key, .. } => (
-            match key {
-                Some(k) => format!("duplicate key `{k}`"),
-                None => "duplicate key".into(),
-            },
-            "keep only one of them".into(),
-        ),
-        other => (
-            UserMessageFormatter
-                .format_message(other)
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect(),
-            "fix the YAML here (check indentation, quotes and colons)".into(),
-        ),
-    };
-    ConfigError::at(file, loc, message, hint)
+    crate::located::yaml_error(file, err, |field, expected| {
+        let allowed = if expected.len() > 6 {
+            FIELDS.to_owned()
+        } else {
+            expected.join(", ")
+        };
+        (
+            format!("unknown setting `{field}`"),
+            format!("allowed here: {allowed} (see packaging/config.yaml)"),
+        )
+    })
 }

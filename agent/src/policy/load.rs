@@ -3,12 +3,13 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
+use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use super::raw::{FIELD_SETS, RawDocument};
 use super::validate::{self, Document};
 use super::{PolicyError, PolicyErrors, PolicySet};
+use crate::located::yaml_error;
 
 pub(super) fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
@@ -143,56 +144,9 @@ fn parse_documents<'a>(
     for doc in docs {
         match doc {
             Ok(raw) => documents.push(Document { file, raw }),
-            Err(e) => errors.push(yaml_error(file, &e)),
+            Err(e) => errors.push(yaml_error(file, &e, unknown_field)),
         }
     }
-}
-
-/// Turns a serde-saphyr error into ours, rewording the common ones so they say how to fix them.
-fn yaml_error(file: &Path, err: &serde_saphyr::Error) -> PolicyError {
-    use serde_saphyr::Error as E;
-    let loc = err.location().unwrap_or(Location::UNKNOWN);
-    let mut inner = err;
-    while let E::AliasError { error, .. } | E::WithSnippet { error, .. } = inner {
-        inner = error;
-    }
-    let (message, hint) = match inner {
-        E::SerdeUnknownField {
-            field, expected, ..
-        } => unknown_field(field, expected),
-        E::SerdeInvalidType {
-            unexpected,
-            expected,
-            ..
-        } => (
-            format!("expected {expected}, found {unexpected}"),
-            format!("write {expected} here"),
-        ),
-        E::InvalidScalar { ty, .. } => {
-            let what = scalar_kind(ty);
-            (format!("expected {what}"), format!("write {what} here"))
-        }
-        E::Unexpected { expected, .. } => {
-            let what = match *expected {
-                "sequence start" => "a list",
-                "mapping start" => "a mapping (key: value)",
-                other => other,
-            };
-            (format!("expected {what}"), format!("write {what} here"))
-        }
-        E::DuplicateMappingKey { key, .. } => (
-            match key {
-                Some(k) => format!("duplicate key `{k}`"),
-                None => "duplicate key".into(),
-            },
-            "keep only one of them".into(),
-        ),
-        other => (
-            sanitize(&UserMessageFormatter.format_message(other)),
-            "fix the YAML here (check indentation, quotes and brackets)".into(),
-        ),
-    };
-    PolicyError::at(file, loc, message, hint)
 }
 
 fn unknown_field(field: &str, expected: &[&str]) -> (String, String) {
@@ -221,23 +175,6 @@ fn unknown_field(field: &str, expected: &[&str]) -> (String, String) {
         ));
     }
     (format!("unknown field `{field}` in {}", set.context), hint)
-}
-
-fn scalar_kind(ty: &str) -> &str {
-    match ty {
-        "bool" => "true or false",
-        t if t.starts_with('i') || t.starts_with('u') => "a whole number",
-        t if t.starts_with('f') => "a number",
-        t => t,
-    }
-}
-
-/// Keeps an error on one line whatever the YAML library put into it.
-fn sanitize(message: &str) -> String {
-    message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
