@@ -56,28 +56,7 @@ impl AttestError {
 
 /// Reads the evidence of the process a pidfd refers to.
 pub fn attest_pidfd(pidfd: &OwnedFd) -> Result<ProcessEvidence, AttestError> {
-    let fdinfo = PathBuf::from(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()));
-    let text = read(&fdinfo)?;
-    let pid = match field(&text, "Pid:") {
-        Some(v) => v.parse::<i64>().map_err(|_| AttestError::Parse {
-            path: fdinfo.clone(),
-            field: "Pid:",
-        })?,
-        None => {
-            return Err(AttestError::Parse {
-                path: fdinfo,
-                field: "Pid:",
-            });
-        }
-    };
-    let pid = match pid {
-        -1 => return Err(AttestError::Exited),
-        0 => return Err(AttestError::PidNotVisible),
-        p => u32::try_from(p).map_err(|_| AttestError::Parse {
-            path: fdinfo,
-            field: "Pid:",
-        })?,
-    };
+    let pid = pid_of(pidfd)?;
 
     let evidence = read_proc(pid);
     // Whatever the reads found, they count only if the process is still the one we hold.
@@ -133,7 +112,7 @@ fn read_proc(pid: u32) -> Result<ProcessEvidence, AttestError> {
     })
 }
 
-fn read(path: &std::path::Path) -> Result<String, AttestError> {
+pub(super) fn read(path: &std::path::Path) -> Result<String, AttestError> {
     fs::read_to_string(path).map_err(|source| {
         // A vanished /proc entry means the process exited; the liveness check decides.
         if source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ESRCH) {
@@ -147,10 +126,32 @@ fn read(path: &std::path::Path) -> Result<String, AttestError> {
     })
 }
 
-fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+pub(super) fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     text.lines()
         .find_map(|l| l.strip_prefix(name))
         .map(str::trim)
+}
+
+/// The pid a pidfd refers to, in the agent's pid namespace (its fdinfo's `Pid:`).
+pub(super) fn pid_of(pidfd: &OwnedFd) -> Result<u32, AttestError> {
+    let fdinfo = PathBuf::from(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()));
+    let text = read(&fdinfo)?;
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    match pid {
+        Some(-1) => Err(AttestError::Exited),
+        Some(0) => Err(AttestError::PidNotVisible),
+        Some(p) => u32::try_from(p).map_err(|_| AttestError::Parse {
+            path: fdinfo,
+            field: "Pid:",
+        }),
+        None => Err(AttestError::Parse {
+            path: fdinfo,
+            field: "Pid:",
+        }),
+    }
 }
 
 /// The first (real) id of a `Uid:`/`Gid:` line: "real effective saved fs".

@@ -6,14 +6,13 @@
 //! (systemd units, container, Kubernetes pod: [`cgroup`]); the executable's path and SHA-256
 //! ([`exe`]). Kubernetes metadata from the API server ([`super::k8s`]) is added by the caller.
 
-use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::attest::{AttestError, pidfd_alive};
+use super::attest::{AttestError, field, pid_of, pidfd_alive, read};
 use super::k8s::PodMetadata;
 use super::spiffe::template::{Placeholder, RenderError, SpiffeIdTemplate};
 use super::spiffe::{SpiffeId, TrustDomain};
@@ -218,48 +217,6 @@ pub fn open_pidfd(pid: u32) -> Result<OwnedFd, EvidenceError> {
             }
         }
     })
-}
-
-/// The pid a pidfd refers to, in the agent's pid namespace (its fdinfo's `Pid:`).
-fn pid_of(pidfd: &OwnedFd) -> Result<u32, AttestError> {
-    let fdinfo = PathBuf::from(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()));
-    let text = read(&fdinfo)?;
-    let pid = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse::<i64>().ok());
-    match pid {
-        Some(-1) => Err(AttestError::Exited),
-        Some(0) => Err(AttestError::PidNotVisible),
-        Some(p) => u32::try_from(p).map_err(|_| AttestError::Parse {
-            path: fdinfo,
-            field: "Pid:",
-        }),
-        None => Err(AttestError::Parse {
-            path: fdinfo,
-            field: "Pid:",
-        }),
-    }
-}
-
-fn read(path: &Path) -> Result<String, AttestError> {
-    fs::read_to_string(path).map_err(|source| {
-        // A vanished /proc entry means the process exited; the liveness check decides.
-        if source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ESRCH) {
-            AttestError::Exited
-        } else {
-            AttestError::Read {
-                path: path.to_owned(),
-                source,
-            }
-        }
-    })
-}
-
-fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .map(str::trim)
 }
 
 /// A `Uid:`/`Gid:` line: "real effective saved fs".
