@@ -184,8 +184,10 @@ fn workload(name: &str, cgroup: &str) -> Workload {
     Workload {
         name: name.to_owned(),
         spiffe_id: spiffe(name),
-        cgroup: Some(cgroup.to_owned()),
-        uid: None,
+        selectors: tessera_agent::identity::selectors::Selectors {
+            cgroup: Some(cgroup.to_owned()),
+            ..Default::default()
+        },
         egress: Egress::Open,
         mode: Mode::Enforce,
     }
@@ -211,6 +213,7 @@ fn rule(name: &str, endpoints: Vec<u32>, credential: bool, mode: Mode) -> Rule {
         credential: credential.then_some(CredentialPolicy {
             max_ttl: Duration::from_secs(300),
             bind: Bind::Process,
+            keep_on_exec: false,
         }),
         mode,
     }
@@ -233,7 +236,7 @@ fn grant(credential_id: u64, endpoint_id: u32, expires_at_ns: u64) -> GrantSlot 
         endpoint_id,
         workload_id: 0,
         state: GRANT_ACTIVE,
-        _pad: 0,
+        flags: 0,
     }
 }
 
@@ -283,6 +286,8 @@ fn kernel_decisions_on_a_test_cgroup() {
     let cgroup = TestCgroup::create(&root, &name);
     // The client runs one level below the workload's cgroup: the kernel walks the ancestors.
     let leaf = TestCgroup::create(&cgroup.path, "leaf");
+    // A sibling, where a workload's cgroup is missing.
+    let _other = TestCgroup::create(&cgroup.path, "other");
     assert_eq!(
         cgroup_id(&leaf.path).unwrap(),
         cgroup_id(&root.join(&name).join("leaf")).unwrap()
@@ -348,7 +353,8 @@ fn kernel_decisions_on_a_test_cgroup() {
 
     // 2. A workload, but no rule for it.
     let agent = workload("agent", &cgroup.policy_path());
-    let missing = workload("missing", "/tessera-test-no-such-cgroup");
+    let missing_path = format!("{}/other/no-such-cgroup", cgroup.policy_path());
+    let missing = workload("missing", &missing_path);
     let report = sync(
         &enforcer,
         &policy(vec![agent.clone(), missing], endpoints(), vec![]),
@@ -513,7 +519,7 @@ fn kernel_decisions_on_a_test_cgroup() {
     events.assert_none();
     assert_eq!(enforcer.dropped_events().unwrap(), 0);
     let stats = enforcer.program_stats().unwrap();
-    assert_eq!(stats.len(), 9, "{stats:?}");
+    assert_eq!(stats.len(), 10, "{stats:?}");
     drop(client);
 
     enforcer.detach().unwrap();

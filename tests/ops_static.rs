@@ -223,6 +223,11 @@ fn configmap_config_and_policies_are_valid() {
     let c = FileConfig::from_bytes(Path::new("configmap:config.yaml"), text.as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.decision_log.as_deref(), Some("-"));
+    // In a pod the agent has a cgroup namespace of its own: it must enter the host's.
+    assert_eq!(
+        c.cgroup_namespace,
+        Some(tessera_agent::daemon::cgroupns::CgroupNamespace::Host)
+    );
     assert_eq!(
         c.metrics_listen,
         Some(Some("0.0.0.0:9477".parse().unwrap()))
@@ -397,6 +402,7 @@ fn run_settings_come_from_file_then_environment_then_flags() {
     );
     assert_eq!(v["decisionLog"]["keep"], 3);
     assert_eq!(v["metrics"]["listen"], "127.0.0.1:9477");
+    assert_eq!(v["cgroupNamespace"], "inherit");
 
     let (_, out, _) = print_config(
         &["--config", f],
@@ -408,6 +414,10 @@ fn run_settings_come_from_file_then_environment_then_flags() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["mode"], "enforce");
     assert_eq!(v["stateDir"], "/env/state");
+    assert_eq!(v["cgroupNamespace"], "inherit");
+    let (_, out, _) = print_config(&["--config", f], &[("TESSERA_CGROUP_NAMESPACE", "host")]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["cgroupNamespace"], "host");
     assert_eq!(v["logFormat"], "json");
 
     let (_, out, _) = print_config(

@@ -134,3 +134,45 @@ fn run_refuses_a_bad_policy_whole() {
         "a refused policy must not start the Workload API"
     );
 }
+
+#[test]
+fn check_reports_ambiguous_workloads_and_accepts_every_selector() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("selectors.yaml");
+    let workloads = "    - name: app\n      match:\n        cgroup: /svc/app\n\
+         \x20   - name: by-unit\n      match: { systemdUnit: app.service, gid: 10 }\n\
+         \x20   - name: by-exe\n      match: { exe: /usr/bin/app, uid: 5 }\n\
+         \x20   - name: by-pod\n      match: { k8s: { namespace: shop, podLabels: { app: web } } }\n\
+         \x20   - name: by-container\n      match: { container: 3f1c9e0b5a7d }\n";
+    std::fs::write(
+        &file,
+        GOOD.replace(
+            "    - name: app\n      match:\n        cgroup: /svc/app\n",
+            workloads,
+        ),
+    )
+    .expect("write");
+    let path = file.to_str().expect("utf-8");
+    let (code, out, err) = tessera(&["check", path]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Same specificity, and a pod with both labels would match both.
+    let ambiguous = workloads.to_owned()
+        + "    - name: by-other-label\n      match: { k8s: { namespace: shop, podLabels: { tier: db } } }\n";
+    std::fs::write(
+        &file,
+        GOOD.replace(
+            "    - name: app\n      match:\n        cgroup: /svc/app\n",
+            &ambiguous,
+        ),
+    )
+    .expect("write");
+    let (code, _, err) = tessera(&["check", path]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{path}:20:14: workload `by-other-label` is ambiguous: workload `by-pod` ({path}:16:14)"
+        )),
+        "{err}"
+    );
+}

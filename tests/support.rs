@@ -159,10 +159,22 @@ pub struct Agent {
     pub agent_log: PathBuf,
     attach: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, Option<String>)>,
 }
 
 impl Agent {
     pub fn start(policy_yaml: &str, attach: &Path, extra: &[&str]) -> Self {
+        Self::start_env(policy_yaml, attach, extra, &[])
+    }
+
+    /// Like [`Agent::start`], with environment changes for the agent: `(name, Some(value))`
+    /// sets a variable, `(name, None)` removes it.
+    pub fn start_env(
+        policy_yaml: &str,
+        attach: &Path,
+        extra: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy = dir.path().join("policy.yaml");
         std::fs::write(&policy, policy_yaml).expect("write policy");
@@ -171,7 +183,11 @@ impl Agent {
         let log = dir.path().join("decisions.jsonl");
         let agent_log = dir.path().join("agent.log");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = spawn_agent(dir.path(), &policy, attach, &extra, &agent_log);
+        let env: Vec<(String, Option<String>)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect();
+        let child = spawn_agent(dir.path(), &policy, attach, &extra, &env, &agent_log);
         let mut agent = Self {
             child,
             dir,
@@ -182,6 +198,7 @@ impl Agent {
             agent_log,
             attach: attach.to_path_buf(),
             extra,
+            env,
         };
         agent.wait_ready();
         agent
@@ -202,6 +219,7 @@ impl Agent {
             &self.policy,
             &self.attach,
             &self.extra,
+            &self.env,
             &self.agent_log,
         );
         self.wait_ready();
@@ -380,6 +398,7 @@ fn spawn_agent(
     policy: &Path,
     attach: &Path,
     extra: &[String],
+    env: &[(String, Option<String>)],
     agent_log: &Path,
 ) -> Child {
     let stderr = std::fs::OpenOptions::new()
@@ -387,8 +406,14 @@ fn spawn_agent(
         .append(true)
         .open(agent_log)
         .expect("agent log");
-    Command::new(TESSERA)
-        .arg("run")
+    let mut cmd = Command::new(TESSERA);
+    for (name, value) in env {
+        match value {
+            Some(v) => cmd.env(name, v),
+            None => cmd.env_remove(name),
+        };
+    }
+    cmd.arg("run")
         .arg("--policy")
         .arg(policy)
         .arg("--cgroup")
@@ -425,10 +450,21 @@ impl Workload {
         Self::spawn_with(Command::new("python3"), cgroup, api)
     }
 
+    /// tests/workload.py run by `program` (a copy of python3, or a wrapper that execs one),
+    /// exec'd inside `cgroup` from the start (a shell moves itself there, then execs): the
+    /// kernel sees the exec below the attach point, as it sees a service or container start.
+    pub fn spawn_in(cgroup: &Path, api: &Path, program: &[&str]) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(cgroup)
+            .args(program);
+        Self::spawn_with(cmd, cgroup, api)
+    }
+
     pub fn spawn_with(mut cmd: Command, cgroup: &Path, api: &Path) -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/workload.py");
         let mut child = cmd
-            .arg(script)
+            .arg(workload_script())
             .arg(cgroup)
             .arg(api)
             .stdin(Stdio::piped())
@@ -520,6 +556,66 @@ impl Drop for Workload {
     }
 }
 
+/// The path of tests/workload.py.
+pub fn workload_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/workload.py")
+}
+
+/// The commands of tests/workload.py beyond the network and Workload API ones.
+impl Workload {
+    /// setgroups(groups), setresgid(gid), setresuid(uid); "ok" or the errno name.
+    pub fn setuid(&mut self, uid: u32, gid: u32) -> String {
+        let out = self.send(json!({"op": "setuid", "uid": uid, "gid": gid, "groups": []}));
+        out["result"].as_str().unwrap_or("?").to_string()
+    }
+
+    /// Forks a child that answers commands too; returns its pid.
+    pub fn fork(&mut self) -> u32 {
+        let out = self.send(json!({"op": "fork"}));
+        out["child"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("fork failed: {out}")) as u32
+    }
+
+    /// One command for a child made by [`Workload::fork`].
+    pub fn child(&mut self, pid: u32, cmd: Value) -> Value {
+        self.send(json!({"op": "child", "pid": pid, "cmd": cmd}))
+    }
+
+    /// TCP connect to 127.0.0.1:`port` from a child: "ok", "EPERM", ...
+    pub fn child_connect4(&mut self, pid: u32, port: u16) -> String {
+        let out = self.child(
+            pid,
+            json!({"op": "connect", "family": 4, "host": "127.0.0.1", "port": port}),
+        );
+        out["result"].as_str().unwrap_or("?").to_string()
+    }
+
+    /// Makes the process exec `exe` (None: the same interpreter) running workload.py again;
+    /// waits for the new image's ready line (the pid stays).
+    pub fn exec(&mut self, exe: Option<&Path>) {
+        let mut cmd = json!({"op": "exec"});
+        if let Some(exe) = exe {
+            cmd["exe"] = json!(exe.to_str().expect("utf-8 path"));
+        }
+        writeln!(self.stdin, "{cmd}").expect("write workload");
+        self.stdin.flush().expect("flush");
+        let ready = self.read();
+        assert_eq!(ready["ready"], json!(self.pid), "exec failed: {ready}");
+    }
+
+    /// An environment variable of the process.
+    pub fn env(&mut self, name: &str) -> Option<String> {
+        let out = self.send(json!({"op": "env", "name": name}));
+        out["value"].as_str().map(str::to_string)
+    }
+
+    /// pid, ppid, uid, gid, exe and cgroup as the process sees them.
+    pub fn whoami(&mut self) -> Value {
+        self.send(json!({"op": "whoami"}))
+    }
+}
+
 /// A policy with one workload (`app`, by cgroup) allowed to `vault` on 127.0.0.1 and ::1 at
 /// `port` (tcp) and `dns` (udp), plus `other` (no rule) and `api` (a second endpoint).
 pub fn standard_policy(cgroup_rel: &str, port: u16, other_port: u16, mode: &str) -> String {
@@ -561,6 +657,125 @@ spec:
       workloads: [app]
       endpoints: [api]
       credential: {{ required: true, maxTtl: 10m, bind: process }}
+"#
+    )
+}
+
+/// Decision records of one process, and connects that wait for theirs.
+impl Agent {
+    /// The decision records of the process `pid` (by tgid), in log order.
+    pub fn decisions_of(&self, pid: u32) -> Vec<Value> {
+        self.decisions()
+            .into_iter()
+            .filter(|d| d["process"]["tgid"] == pid)
+            .collect()
+    }
+
+    /// Runs `call` (one connect or send to a protected endpoint by process `pid`) and waits
+    /// for its decision record. Every earlier protected call of `pid` must have been waited
+    /// for the same way, so that the next record is this call's.
+    pub fn probe(&self, pid: u32, call: impl FnOnce() -> String) -> (String, Value) {
+        let before = self.decisions_of(pid).len();
+        let result = call();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(d) = self.decisions_of(pid).into_iter().nth(before) {
+                return (result, d);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no decision record for process {pid} ({result}); log:\n{:#?}",
+                self.decisions()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`Agent::probe`], repeated while the agent has not attested the caller yet (reason
+    /// `identity_pending`: the agent attests it after that deny). Returns the settled result,
+    /// its record and how many `identity_pending` denies came before it.
+    pub fn settled(&self, pid: u32, mut call: impl FnMut() -> String) -> (String, Value, usize) {
+        let mut pending = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (result, d) = self.probe(pid, &mut call);
+            if d["reason"] != "identity_pending" {
+                return (result, d, pending);
+            }
+            assert_eq!(result, "EPERM", "identity_pending must deny: {d}");
+            pending += 1;
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} still identity_pending after {pending} tries: {d}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lets processes of other uids reach the Workload API socket (its directory is 0700).
+    pub fn open_api_dir(&self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the agent's directory");
+    }
+}
+
+/// The real python3 binary (not a pyenv shim or a symlink), so that copies of it run.
+pub fn real_python() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "python3 failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A copy of `real_python()` at `path`, with `extra` bytes appended (so that its SHA-256
+/// differs and it still runs); returns the copy's lower-case hex SHA-256.
+pub fn python_copy(path: &Path, extra: &[u8]) -> String {
+    use sha2::Digest as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut bytes = std::fs::read(real_python()).expect("read python3");
+    bytes.extend_from_slice(extra);
+    // Through a temporary name: a running binary cannot be rewritten in place (ETXTBSY).
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, &bytes).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename");
+    let digest = sha2::Sha256::digest(&bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A policy document: the given `workloads:` and `rules:` entries (YAML, indented by four
+/// spaces as list items of `spec`), endpoint `vault` (TCP 127.0.0.1 and ::1, `port`) and
+/// endpoint `api` (TCP 127.0.0.1, `api_port`).
+pub fn identity_policy(workloads: &str, rules: &str, port: u16, api_port: u16) -> String {
+    format!(
+        r#"apiVersion: tessera.dev/v1alpha1
+kind: Policy
+metadata:
+  name: identity-test
+spec:
+  trustDomain: test.tessera.dev
+  mode: enforce
+  workloads:
+{workloads}
+  endpoints:
+    - name: vault
+      kind: secret-store
+      addresses: ["127.0.0.1/32", "::1/128"]
+      ports: [{port}]
+      protocol: tcp
+    - name: api
+      kind: api
+      addresses: ["127.0.0.1/32"]
+      ports: [{api_port}]
+      protocol: tcp
+  rules:
+{rules}
 "#
     )
 }

@@ -264,3 +264,57 @@ fn whoami_says_when_nothing_matches() {
         "{stderr}"
     );
 }
+
+#[test]
+fn whoami_chooses_by_every_selector() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("whoami-selectors");
+    let (svc, _) = cg.child("system.slice/payments.service");
+    let pod_slice = format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/docker-{CID}.scope",
+        POD_UID.replace('-', "_")
+    );
+    let (ctr, _) = cg.child(&pod_slice);
+    let in_svc = Sleeper::in_cgroup(&svc);
+    let in_ctr = Sleeper::in_cgroup(&ctr);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", in_svc.pid())).expect("read exe");
+    let exe = exe.display();
+    let base = &cg.rel;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("p.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nspec:\n  trustDomain: example.org\n  workloads:\n\
+             \x20   - name: everything\n      match: {{ cgroup: {base} }}\n\
+             \x20   - name: unit\n      match: {{ systemdUnit: payments.service }}\n\
+             \x20   - name: unit-exe\n      match: {{ systemdUnit: payments.service, exe: {exe} }}\n\
+             \x20   - name: unit-other-exe\n      match: {{ systemdUnit: payments.service, exe: /nonexistent/bin }}\n\
+             \x20   - name: container\n      match: {{ container: {} }}\n",
+            &CID[..12]
+        ),
+    )
+    .expect("write policy");
+
+    let r = whoami_json(&path, in_svc.pid());
+    assert_eq!(r["workload"]["name"], "unit-exe", "{r:#}");
+    for name in ["everything", "unit", "unit-exe"] {
+        assert_eq!(workload(&r, name)["matched"], true, "{name}: {r:#}");
+    }
+    let other = workload(&r, "unit-other-exe");
+    assert_eq!(other["matched"], false);
+    let exe_row = other["selectors"]
+        .as_array()
+        .expect("selectors")
+        .iter()
+        .find(|s| s["selector"] == "exe")
+        .expect("an exe row");
+    assert_eq!(exe_row["actual"], exe.to_string(), "{other:#}");
+    assert_eq!(exe_row["matched"], false);
+
+    let r = whoami_json(&path, in_ctr.pid());
+    assert_eq!(r["workload"]["name"], "container", "{r:#}");
+    assert_eq!(r["evidence"]["container"]["runtime"], "docker", "{r:#}");
+}

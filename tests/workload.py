@@ -11,7 +11,18 @@ line with one JSON line on stdout. Commands:
   {"op": "udp_connect", "family": 4|6, "host": H, "port": P}       UDP connect then send
                                   (with "send": false, connect only: no packet leaves)
   {"op": "socket", "domain": D, "type": T, "proto": P}            socket(D, T, P), then closed
+  {"op": "setuid", "uid": U, "gid": G, "groups": [..]?}          setgroups, setresgid, setresuid
+  {"op": "whoami"}                 {"pid", "ppid", "uid", "gid", "exe", "cgroup"} of this process
+  {"op": "env", "name": N}         {"value": os.environ.get(N)} (never printed by the agent)
+  {"op": "move", "cgroup": DIR}    write this pid into DIR/cgroup.procs
+  {"op": "fork"}                   fork a child that answers commands too: {"child": pid}
+  {"op": "child", "pid": P, "cmd": {...}}  one command for that child, its answer
+                                  ({"op": "exit"} ends the child and waits for it)
+  {"op": "exec", "exe": PATH?, "argv0": A?}  execv PATH (default: this interpreter) running
+                                  this script again with the same CGROUP_DIR and API_SOCKET;
+                                  the new image (same pid) prints {"ready": pid} again
   {"op": "exit"}
+A process already in CGROUP_DIR (started there, or exec'd again) does not move itself.
 Network answers: {"result": "ok"} or {"result": "EPERM"} / {"result": "<errno name>"}.
 """
 import errno
@@ -85,29 +96,134 @@ def make_socket(cmd):
         return {"result": errname(err)}
 
 
-def main():
-    cgroup, api_socket = sys.argv[1], sys.argv[2]
-    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+def own_cgroup():
+    """This process's cgroup v2 path, relative to the hierarchy root."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return None
+
+
+def move(cgroup_dir):
+    with open(os.path.join(cgroup_dir, "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
-    print(json.dumps({"ready": os.getpid()}), flush=True)
-    for line in sys.stdin:
+
+
+def set_ids(cmd):
+    try:
+        os.setgroups(cmd.get("groups", []))
+        os.setresgid(cmd["gid"], cmd["gid"], cmd["gid"])
+        os.setresuid(cmd["uid"], cmd["uid"], cmd["uid"])
+        return {"result": "ok", "uid": os.getuid(), "gid": os.getgid()}
+    except OSError as err:
+        return {"result": errname(err)}
+
+
+# Children made by "fork": pid -> (command pipe, answer pipe).
+CHILDREN = {}
+
+
+def fork():
+    cmd_r, cmd_w = os.pipe()
+    ans_r, ans_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(cmd_w)
+        os.close(ans_r)
+        for (w, r) in CHILDREN.values():
+            w.close()
+            r.close()
+        CHILDREN.clear()
+        commands = os.fdopen(cmd_r, "r")
+        answers = os.fdopen(ans_w, "w")
+        try:
+            serve(commands, answers)
+        finally:
+            os._exit(0)
+    os.close(cmd_r)
+    os.close(ans_w)
+    CHILDREN[pid] = (os.fdopen(cmd_w, "w"), os.fdopen(ans_r, "r"))
+    return {"child": pid}
+
+
+def to_child(cmd):
+    pid = cmd["pid"]
+    if pid not in CHILDREN:
+        return {"error": f"no child {pid}"}
+    w, r = CHILDREN[pid]
+    sub = cmd["cmd"]
+    w.write(json.dumps(sub) + "\n")
+    w.flush()
+    if sub["op"] == "exit":
+        w.close()
+        r.close()
+        del CHILDREN[pid]
+        os.waitpid(pid, 0)
+        return {"result": "ok"}
+    line = r.readline()
+    return json.loads(line) if line else {"error": f"child {pid} exited"}
+
+
+def dispatch(cmd, api_socket, cgroup):
+    op = cmd["op"]
+    if op == "token":
+        body = {"audience": cmd["audience"]}
+        for key in ("ttl_seconds", "task"):
+            if key in cmd:
+                body[key] = cmd[key]
+        return api(api_socket, "POST", "/v1/credentials", json.dumps(body))
+    if op == "raw":
+        return api(api_socket, cmd["method"], cmd["path"], cmd.get("body"))
+    if op == "socket":
+        return make_socket(cmd)
+    if op == "setuid":
+        return set_ids(cmd)
+    if op == "whoami":
+        return {
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "exe": os.readlink("/proc/self/exe"),
+            "cgroup": own_cgroup(),
+        }
+    if op == "env":
+        return {"value": os.environ.get(cmd["name"])}
+    if op == "move":
+        try:
+            move(cmd["cgroup"])
+            return {"result": "ok"}
+        except OSError as err:
+            return {"result": errname(err)}
+    if op == "fork":
+        return fork()
+    if op == "child":
+        return to_child(cmd)
+    if op == "exec":
+        exe = cmd.get("exe") or sys.executable
+        sys.stdout.flush()
+        os.execv(exe, [cmd.get("argv0", exe), os.path.abspath(__file__), cgroup, api_socket])
+    return net(cmd)
+
+
+def serve(commands, answers):
+    cgroup, api_socket = sys.argv[1], sys.argv[2]
+    for line in commands:
         cmd = json.loads(line)
-        op = cmd["op"]
-        if op == "exit":
+        if cmd["op"] == "exit":
             break
-        if op == "token":
-            body = {"audience": cmd["audience"]}
-            for key in ("ttl_seconds", "task"):
-                if key in cmd:
-                    body[key] = cmd[key]
-            out = api(api_socket, "POST", "/v1/credentials", json.dumps(body))
-        elif op == "raw":
-            out = api(api_socket, cmd["method"], cmd["path"], cmd.get("body"))
-        elif op == "socket":
-            out = make_socket(cmd)
-        else:
-            out = net(cmd)
-        print(json.dumps(out), flush=True)
+        answers.write(json.dumps(dispatch(cmd, api_socket, cgroup)) + "\n")
+        answers.flush()
+
+
+def main():
+    cgroup = sys.argv[1]
+    here = own_cgroup()
+    if not (here and os.path.normpath(cgroup).endswith(here) and here != "/"):
+        move(cgroup)
+    print(json.dumps({"ready": os.getpid()}), flush=True)
+    serve(sys.stdin, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_DROPS: &str = "EVENT_DROPS";
     pub const SOCKET_TAGS: &str = "SOCKET_TAGS";
+    pub const PROCESS_IDENTITY: &str = "PROCESS_IDENTITY";
+    pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
 }
 
 /// Program names (the Rust function names in `tessera-ebpf`).
@@ -30,6 +32,7 @@ pub mod program_names {
     pub const PROCESS_EXIT: &str = "tessera_process_exit";
     pub const SOCKET_SYSCALL: &str = "tessera_socket_syscall";
     pub const PROCESS_EXEC: &str = "tessera_process_exec";
+    pub const PROCESS_FORK: &str = "tessera_process_fork";
 }
 
 /// Map capacities. The agent refuses a policy that needs more entries than these.
@@ -41,6 +44,10 @@ pub mod capacity {
     pub const PROCESS_GRANTS: u32 = 65_536;
     pub const WORKLOAD_GRANTS: u32 = 65_536;
     pub const SOCKET_TAGS: u32 = 131_072;
+    /// Attested processes (and, briefly, threads: see `ProcessIdentity`).
+    pub const PROCESS_IDENTITY: u32 = 131_072;
+    /// Ring buffer of `ProcessEvent`s (exec of a process the agent must attest).
+    pub const PROCESS_EVENTS_BYTES: u32 = 1 << 18;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
     /// Backlog after which the kernel wakes the agent; below it, events are submitted without a
@@ -86,17 +93,39 @@ pub const WORKLOAD_EGRESS_ALLOWLIST: u32 = 2;
 /// `WorkloadValue::flags`: the workload's document is in audit mode; applies to the denies
 /// that no rule or endpoint covers (raw/packet sockets, unlisted egress).
 pub const WORKLOAD_MODE_AUDIT: u32 = 4;
+/// `WorkloadValue::flags`: below this cgroup (for this uid), a workload chosen by selectors the
+/// kernel cannot see (exe, exeSha256, gid, groups, systemd unit, container, Kubernetes) may
+/// apply: a caller without a current `PROCESS_IDENTITY` entry is not yet attested, and a
+/// protected endpoint denies it (`REASON_IDENTITY_PENDING`) until the agent has attested it.
+/// An entry with only this flag has `workload_id` `NONE_ID`.
+pub const WORKLOAD_NEEDS_ATTEST: u32 = 8;
+/// The `WORKLOAD_*` flags a `ProcessIdentity` carries over to the decision.
+pub const WORKLOAD_DECISION_FLAGS: u32 =
+    WORKLOAD_RESTRICTED | WORKLOAD_EGRESS_ALLOWLIST | WORKLOAD_MODE_AUDIT;
+
+/// `ProcessIdentity::flags`: the identity depends on the executable (some workload that could
+/// match the process has an `exe` or `exeSha256` selector): an exec drops it.
+pub const IDENTITY_EXE_DEPENDENT: u32 = 1 << 16;
 
 /// `Config::flags`: some workload has an egress allow-list (else an unprotected destination
 /// is allowed after the endpoint lookup alone).
 pub const CONFIG_EGRESS_ALLOWLIST: u32 = 1;
 /// `Config::flags`: some workload is restricted.
 pub const CONFIG_RESTRICTED: u32 = 2;
+/// `Config::flags`: some workload needs the agent's attestation: every exec below the attach
+/// point is sent to the agent (`PROCESS_EVENTS`).
+pub const CONFIG_ATTEST_EXEC: u32 = 4;
 
 /// `GrantSlot::state` values.
 pub const GRANT_EMPTY: u32 = 0;
 pub const GRANT_ACTIVE: u32 = 1;
 pub const GRANT_REVOKED: u32 = 2;
+
+/// `GrantSlot::flags`: `bind: process-tree`: children forked after issuance inherit the slot
+/// (in the kernel, at fork), and an exec keeps it.
+pub const GRANT_TREE: u32 = 1;
+/// `GrantSlot::flags`: `keepOnExec: true`: an exec keeps this `bind: process` slot.
+pub const GRANT_KEEP_ON_EXEC: u32 = 2;
 
 pub const HOOK_CONNECT4: u8 = 1;
 pub const HOOK_CONNECT6: u8 = 2;
@@ -124,6 +153,9 @@ pub const REASON_EGRESS_NOT_ALLOWLISTED: u8 = 8;
 pub const REASON_RAW_SOCKET_REFUSED: u8 = 9;
 /// A restricted workload tried to create a packet (AF_PACKET, AF_XDP) socket.
 pub const REASON_PACKET_SOCKET_REFUSED: u8 = 10;
+/// The caller may belong to a workload chosen by selectors only the agent can check, and the
+/// agent has not attested it yet (since its exec, setuid or cgroup move).
+pub const REASON_IDENTITY_PENDING: u8 = 11;
 
 /// Exact endpoint match: `ENDPOINTS_EXACT` key. `port` in host byte order; `ANY_PORT` for
 /// an endpoint without ports. `protocol` is `PROTO_TCP` or `PROTO_UDP` (an endpoint with
@@ -212,7 +244,8 @@ pub struct GrantSlot {
     pub workload_id: u32,
     /// `GRANT_EMPTY`, `GRANT_ACTIVE` or `GRANT_REVOKED`
     pub state: u32,
-    pub _pad: u32,
+    /// `GRANT_TREE`, `GRANT_KEEP_ON_EXEC`.
+    pub flags: u32,
 }
 
 /// `PROCESS_GRANTS` value, keyed by tgid (`u32`). Deleted in the kernel when the process exits.
@@ -228,6 +261,36 @@ pub struct ProcessGrants {
 pub struct WorkloadGrantKey {
     pub workload_id: u32,
     pub endpoint_id: u32,
+}
+
+/// `PROCESS_IDENTITY` value, keyed by tgid: the workload the agent attested the process as.
+/// It applies only while the caller's cgroup, uid and gid are still those attested (a cgroup
+/// move, setuid or setgid makes it stale: the kernel falls back to `WORKLOADS`). Deleted when
+/// the process exits; an exec deletes it when `IDENTITY_EXE_DEPENDENT` is set. A fork copies
+/// it to the child (keyed by the child's pid: a thread's copy is deleted when the thread exits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProcessIdentity {
+    pub cgroup_id: u64,
+    /// `NONE_ID`: attested, and no workload.
+    pub workload_id: u32,
+    /// The workload's `WORKLOAD_*` decision flags, and `IDENTITY_*` flags.
+    pub flags: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `ProcessEvent::kind`: the process executed a file (sent when `CONFIG_ATTEST_EXEC` is set).
+pub const PROCESS_EVENT_EXEC: u32 = 1;
+
+/// One entry of the `PROCESS_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProcessEvent {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    /// `PROCESS_EVENT_*`
+    pub kind: u32,
 }
 
 /// `CONFIG[0]`
@@ -316,6 +379,8 @@ mod pod {
     unsafe impl aya::Pod for WorkloadGrantKey {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SocketTag {}
+    unsafe impl aya::Pod for ProcessIdentity {}
+    unsafe impl aya::Pod for ProcessEvent {}
     unsafe impl aya::Pod for DecisionEvent {}
 }
 
@@ -340,6 +405,8 @@ mod tests {
         assert_eq!(size_of::<WorkloadGrantKey>(), 8);
         assert_eq!(size_of::<Config>(), 4 * 4 + 8);
         assert_eq!(size_of::<SocketTag>(), 8 + 4 * 4);
+        assert_eq!(size_of::<ProcessIdentity>(), 8 + 4 * 4);
+        assert_eq!(size_of::<ProcessEvent>(), 8 + 4 + 4);
         assert_eq!(
             size_of::<DecisionEvent>(),
             4 * 8 + 9 * 4 + 2 + 6 + 16 + 16 + 4

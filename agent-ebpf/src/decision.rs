@@ -5,26 +5,27 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
     },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use tessera_common::{
-    ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST, DecisionEvent,
-    EndpointCidrKey, EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS,
-    GrantSlot, MAX_CGROUP_DEPTH, MODE_AUDIT, MODE_ENFORCE, MODE_OVERRIDE_AUDIT,
-    MODE_OVERRIDE_ENFORCE, NONE_ID, REASON_ALLOWLISTED, REASON_CREDENTIAL_EXPIRED,
-    REASON_CREDENTIAL_REVOKED, REASON_CREDENTIAL_VALID, REASON_EGRESS_NOT_ALLOWLISTED,
-    REASON_NO_CREDENTIAL, REASON_UNKNOWN_WORKLOAD, REASON_WORKLOAD_NOT_ALLOWED,
-    RULE_CREDENTIAL_REQUIRED, RuleKey, VERDICT_ALLOW, VERDICT_DENY, WORKLOAD_EGRESS_ALLOWLIST,
-    WORKLOAD_MODE_AUDIT, WorkloadGrantKey, WorkloadKey, WorkloadValue, capacity,
+    ANY_PORT, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST, DecisionEvent, EndpointCidrKey,
+    EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS, GrantSlot, MODE_AUDIT,
+    MODE_ENFORCE, MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, NONE_ID, REASON_ALLOWLISTED,
+    REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED, REASON_CREDENTIAL_VALID,
+    REASON_EGRESS_NOT_ALLOWLISTED, REASON_IDENTITY_PENDING, REASON_NO_CREDENTIAL,
+    REASON_UNKNOWN_WORKLOAD, REASON_WORKLOAD_NOT_ALLOWED, RULE_CREDENTIAL_REQUIRED, RuleKey,
+    VERDICT_ALLOW, VERDICT_DENY, WORKLOAD_EGRESS_ALLOWLIST, WORKLOAD_MODE_AUDIT, WorkloadGrantKey,
+    WorkloadValue, capacity,
 };
 
+use crate::identity::{Caller, find_workload};
 use crate::maps::{
     CONFIG, ENDPOINTS_CIDR, ENDPOINTS_EXACT, EVENT_DROPS, EVENTS, PROCESS_GRANTS, RULES,
-    SOCKET_TAGS, WORKLOAD_GRANTS, WORKLOADS,
+    SOCKET_TAGS, WORKLOAD_GRANTS,
 };
 
 /// Return values of a cgroup sock_addr program.
@@ -60,9 +61,8 @@ pub fn decide(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let tgid = (pid_tgid >> 32) as u32;
-    let uid = uid_gid as u32;
 
-    let v = verdict(tgid, uid, &endpoint);
+    let v = verdict(tgid, find_workload(uid_gid), &endpoint);
 
     let enforced = v.verdict == VERDICT_DENY && !is_audit(v.mode);
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -89,7 +89,9 @@ fn decide_unprotected(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i3
         _ => return ALLOW,
     }
     let uid_gid = bpf_get_current_uid_gid();
-    let workload = find_workload(uid_gid as u32);
+    // A caller still awaiting attestation is judged by its cgroup and uid here: egress
+    // allow-lists of workloads the agent attests apply from its attestation on.
+    let workload = find_workload(uid_gid).workload;
     if workload.flags & WORKLOAD_EGRESS_ALLOWLIST == 0 {
         return ALLOW;
     }
@@ -168,60 +170,22 @@ fn find_endpoint(dest: &Destination) -> Option<EndpointValue> {
     ENDPOINTS_CIDR.get(&cidr).copied()
 }
 
-/// The workload of the caller: the deepest ancestor cgroup with a workload (one for this uid
-/// before one for any uid), else a uid-only workload. `workload_id` is `NONE_ID` (and
-/// `flags` 0) when there is none.
 #[inline(always)]
-pub fn find_workload(uid: u32) -> WorkloadValue {
-    let mut found = WorkloadValue {
-        workload_id: NONE_ID,
-        flags: 0,
-    };
-    let mut level: i32 = 0;
-    while level < MAX_CGROUP_DEPTH as i32 {
-        let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if cgroup_id == 0 {
-            break;
-        }
-        let mut key = WorkloadKey {
-            cgroup_id,
-            uid,
-            _pad: 0,
-        };
-        if let Some(v) = WORKLOADS.get_ptr(&key) {
-            found = unsafe { *v };
-        } else {
-            key.uid = ANY_UID;
-            if let Some(v) = WORKLOADS.get_ptr(&key) {
-                found = unsafe { *v };
-            }
-        }
-        level += 1;
-    }
-    if found.workload_id != NONE_ID {
-        return found;
-    }
-    let key = WorkloadKey {
-        cgroup_id: ANY_CGROUP,
-        uid,
-        _pad: 0,
-    };
-    match WORKLOADS.get_ptr(&key) {
-        Some(v) => unsafe { *v },
-        None => found,
-    }
-}
-
-#[inline(always)]
-fn verdict(tgid: u32, uid: u32, endpoint: &EndpointValue) -> Verdict {
+fn verdict(tgid: u32, caller: Caller, endpoint: &EndpointValue) -> Verdict {
     let mut v = Verdict {
         verdict: VERDICT_DENY,
         reason: REASON_UNKNOWN_WORKLOAD,
         mode: endpoint.mode,
-        workload_id: find_workload(uid).workload_id,
+        workload_id: caller.workload.workload_id,
         rule_id: NONE_ID,
         credential_id: 0,
     };
+    if caller.pending {
+        // Fail closed until the agent has attested the caller (the event asks it to).
+        v.reason = REASON_IDENTITY_PENDING;
+        v.workload_id = NONE_ID;
+        return v;
+    }
     if v.workload_id == NONE_ID {
         return v;
     }

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod decision;
+mod identity;
 mod maps;
 mod sockets;
 
@@ -24,7 +25,7 @@ use tessera_common::{
 
 use crate::{
     decision::{ALLOW, Destination, decide},
-    maps::{PROCESS_GRANTS, SOCKET_TAGS},
+    maps::SOCKET_TAGS,
 };
 
 #[cgroup_sock(sock_create)]
@@ -73,23 +74,20 @@ pub fn tessera_socket_syscall(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
-pub fn tessera_process_exec(_ctx: TracePointContext) -> u32 {
-    // A new program image ends the process's `bind: process` grants: the credential was
-    // issued to the program that asked for it, not to whatever it execs. (After exec the
-    // calling thread is the thread-group leader, so tgid is the process.)
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let _ = PROCESS_GRANTS.remove(&tgid);
+pub fn tessera_process_exec(ctx: TracePointContext) -> u32 {
+    identity::process_exec(&ctx);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn tessera_process_fork(ctx: TracePointContext) -> u32 {
+    identity::process_fork(&ctx);
     0
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn tessera_process_exit(_ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // Only the thread-group leader's exit ends the process's grants, so that a reused pid
-    // never inherits them.
-    if pid_tgid as u32 == (pid_tgid >> 32) as u32 {
-        let _ = PROCESS_GRANTS.remove(&((pid_tgid >> 32) as u32));
-    }
+    identity::process_exit();
     0
 }
 
@@ -215,6 +213,7 @@ const _: () = {
     assert!(same(p::PROCESS_EXIT, "tessera_process_exit"));
     assert!(same(p::SOCKET_SYSCALL, "tessera_socket_syscall"));
     assert!(same(p::PROCESS_EXEC, "tessera_process_exec"));
+    assert!(same(p::PROCESS_FORK, "tessera_process_fork"));
 };
 
 #[cfg(not(test))]

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use tessera_common::{
-    Config, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, ProcessGrants, RuleKey,
-    RuleValue, SocketTag, WorkloadGrantKey, WorkloadKey, WorkloadValue, capacity, map_names,
+    Config, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, ProcessGrants, ProcessIdentity,
+    RuleKey, RuleValue, SocketTag, WorkloadGrantKey, WorkloadKey, WorkloadValue, capacity,
+    map_names,
 };
 
 #[map]
@@ -49,6 +50,15 @@ pub static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 pub static SOCKET_TAGS: LruHashMap<u64, SocketTag> =
     LruHashMap::with_max_entries(capacity::SOCKET_TAGS, 0);
 
+/// Keyed by tgid (and briefly by a new thread's id: see `identity::process_fork`).
+#[map]
+pub static PROCESS_IDENTITY: HashMap<u32, ProcessIdentity> =
+    HashMap::with_max_entries(capacity::PROCESS_IDENTITY, 0);
+
+/// `ProcessEvent`s: execs the agent must attest.
+#[map]
+pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::PROCESS_EVENTS_BYTES, 0);
+
 // The map names are the statics' identifiers: keep them equal to the names the agent looks up.
 const _: () = {
     use crate::same;
@@ -62,4 +72,6 @@ const _: () = {
     assert!(same(map_names::EVENTS, "EVENTS"));
     assert!(same(map_names::EVENT_DROPS, "EVENT_DROPS"));
     assert!(same(map_names::SOCKET_TAGS, "SOCKET_TAGS"));
+    assert!(same(map_names::PROCESS_IDENTITY, "PROCESS_IDENTITY"));
+    assert!(same(map_names::PROCESS_EVENTS, "PROCESS_EVENTS"));
 };

@@ -6,19 +6,19 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_socket_cookie, bpf_send_signal,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_send_signal,
     },
     programs::{SockContext, TracePointContext},
 };
 use tessera_common::{
-    CONFIG_RESTRICTED, HOOK_SOCK_CREATE, HOOK_SOCKET_SYSCALL, MAX_CGROUP_DEPTH, NONE_ID, PROTO_RAW,
+    CONFIG_RESTRICTED, HOOK_SOCK_CREATE, HOOK_SOCKET_SYSCALL, NONE_ID, PROTO_RAW,
     REASON_PACKET_SOCKET_REFUSED, REASON_RAW_SOCKET_REFUSED, VERDICT_DENY, WORKLOAD_RESTRICTED,
     WorkloadValue,
 };
 
 use crate::{
-    decision::{Destination, Verdict, emit, find_workload, is_audit, workload_mode},
+    decision::{Destination, Verdict, emit, is_audit, workload_mode},
+    identity::{below, find_workload},
     maps::CONFIG,
 };
 
@@ -46,7 +46,8 @@ fn restricted_workload() -> Option<(WorkloadValue, u64)> {
         _ => return None,
     }
     let uid_gid = bpf_get_current_uid_gid();
-    let workload = find_workload(uid_gid as u32);
+    // A caller still awaiting attestation is judged by its cgroup and uid.
+    let workload = find_workload(uid_gid).workload;
     if workload.flags & WORKLOAD_RESTRICTED == 0 {
         return None;
     }
@@ -126,7 +127,8 @@ pub fn socket_syscall(ctx: &TracePointContext) {
     let packet = family == AF_PACKET
         || family == AF_XDP
         || (family == u64::from(AF_INET) && sock_type & SOCK_TYPE_MASK == SOCK_PACKET);
-    if !packet || !below_attached_cgroup() {
+    let attached = CONFIG.get(0).map_or(0, |c| c.attached_cgroup_id);
+    if !packet || !below(attached) {
         return;
     }
     let Some((workload, uid_gid)) = restricted_workload() else {
@@ -151,25 +153,4 @@ pub fn socket_syscall(ctx: &TracePointContext) {
         uid_gid,
         enforced,
     );
-}
-
-/// Whether the caller is in the cgroup the programs are attached to, or below it.
-#[inline(always)]
-fn below_attached_cgroup() -> bool {
-    let attached = match CONFIG.get(0) {
-        Some(c) if c.attached_cgroup_id != 0 => c.attached_cgroup_id,
-        _ => return false,
-    };
-    let mut level: i32 = 0;
-    while level < MAX_CGROUP_DEPTH as i32 {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 {
-            return false;
-        }
-        if id == attached {
-            return true;
-        }
-        level += 1;
-    }
-    false
 }

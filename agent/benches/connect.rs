@@ -3,8 +3,10 @@
 //! In one run, alternating so that machine noise hits both sides alike: the loopback TCP
 //! connect+close rate of this process with the programs attached to its own cgroup vs detached;
 //! and, from the kernel's BPF run-time statistics, the mean run time per call of connect4 and
-//! sendmsg4. Each with 1k and with 100k endpoint entries loaded. Reports medians and ratios,
-//! prints a table and writes JSON. Numbers here are measurements, never pass/fail.
+//! sendmsg4. Each with 1k and with 100k endpoint entries loaded; then with 10 and with 10k
+//! workloads, this process attested (its identity in `PROCESS_IDENTITY`, beside one for each
+//! workload). Reports medians and ratios, prints a table and writes JSON. Numbers here are
+//! measurements, never pass/fail.
 use std::{
     net::{TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
@@ -15,7 +17,19 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use tessera_agent::{kernel, policy::PolicySet};
-use tessera_common::{GRANT_ACTIVE, GrantSlot};
+use tessera_common::{GRANT_ACTIVE, GrantSlot, ProcessIdentity};
+
+/// Where a measurement's policy and identities stand.
+#[derive(Clone, Copy)]
+struct Shape {
+    endpoints: usize,
+    workloads: usize,
+    /// This process has an attested identity (and so does each workload's fake process).
+    attested: bool,
+}
+
+/// Keys of the fake processes' identities: above any pid (pid_max is at most 2^22).
+const FAKE_TGID_BASE: u32 = 1 << 23;
 
 /// Connects per measured batch, and batches per side.
 const BATCH: usize = 2_000;
@@ -45,9 +59,20 @@ fn main() -> Result<()> {
     // This process is the workload: its own connects are the ones decided.
     cgroup.enter()?;
     let mut results = Vec::new();
-    for entries in [1_000usize, 100_000] {
+    let shapes = [
+        (1_000, 1, false),
+        (100_000, 1, false),
+        (1_000, 10, true),
+        (1_000, 10_000, true),
+    ];
+    for (endpoints, workloads, attested) in shapes {
+        let shape = Shape {
+            endpoints,
+            workloads,
+            attested,
+        };
         results.push(measure(
-            entries,
+            shape,
             &root,
             &cgroup,
             [tcp_port, free_port, udp_port],
@@ -72,12 +97,13 @@ fn main() -> Result<()> {
 }
 
 fn measure(
-    entries: usize,
+    shape: Shape,
     root: &Path,
     cg: &BenchCgroup,
     [tcp_port, free_port, udp_port]: [u16; 3],
 ) -> Result<Value> {
-    let policy = bench_policy(entries, &cg.rel, tcp_port, udp_port)?;
+    let entries = shape.endpoints;
+    let policy = bench_policy(shape, &cg.rel, tcp_port, udp_port)?;
     let mut enforcer = kernel::Enforcer::load()?;
     enforcer.sync_policy(&policy, root)?;
     // A grant for this process, so the connects take the full path: endpoint, workload, rule,
@@ -96,9 +122,29 @@ fn measure(
                 endpoint_id: endpoint.0,
                 workload_id: workload.0,
                 state: GRANT_ACTIVE,
-                _pad: 0,
+                flags: 0,
             },
         )?;
+    }
+    if shape.attested {
+        // As the agent writes them after attesting: this process, and one fake process per
+        // workload (keys no real process has).
+        let identities = enforcer.identities();
+        let cgroup_id = kernel::cgroup_id(&cg.path)?;
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        let identity = |workload_id| ProcessIdentity {
+            cgroup_id,
+            workload_id,
+            flags: 0,
+            uid,
+            gid,
+        };
+        identities.put(std::process::id(), identity(workload.0))?;
+        for i in 1..shape.workloads {
+            let i = u32::try_from(i)?;
+            identities.put(FAKE_TGID_BASE + i, identity(i))?;
+        }
     }
     // Drain events so the ring buffer never fills (a full buffer would be a different path).
     let mut events = enforcer.events()?;
@@ -159,6 +205,8 @@ fn measure(
         .collect();
     Ok(json!({
         "endpoint_entries": entries,
+        "workloads": shape.workloads,
+        "attested": shape.attested,
         "connect_rate_detached_per_s": median(&detached),
         "connect_rate_attached_per_s": median(&attached),
         "rate_ratio_attached_vs_detached": median(&ratios),
@@ -215,8 +263,9 @@ fn median(v: &[f64]) -> f64 {
 
 fn print_table(results: &[Value]) {
     println!(
-        "\n{:>9} | {:>11} | {:>11} | {:>10} | {:>11} | {:>10} | {:>11} | {:>11}",
+        "\n{:>9} | {:>10} | {:>11} | {:>11} | {:>10} | {:>11} | {:>10} | {:>11} | {:>11}",
         "endpoints",
+        "workloads",
         "detached/s",
         "attached/s",
         "ratio",
@@ -225,11 +274,20 @@ fn print_table(results: &[Value]) {
         "unprot. ns",
         "sendmsg4 ns"
     );
-    println!("{}", "-".repeat(105));
+    println!("{}", "-".repeat(118));
     for r in results {
         println!(
-            "{:>9} | {:>11.0} | {:>11.0} | {:>10.3} | {:>11.0} | {:>13.3} | {:>10.0} | {:>11.0}",
+            "{:>9} | {:>10} | {:>11.0} | {:>11.0} | {:>10.3} | {:>11.0} | {:>13.3} | {:>10.0} | {:>11.0}",
             r["endpoint_entries"],
+            format!(
+                "{}{}",
+                r["workloads"],
+                if r["attested"].as_bool() == Some(true) {
+                    " att."
+                } else {
+                    ""
+                }
+            ),
             r["connect_rate_detached_per_s"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
@@ -251,20 +309,27 @@ fn print_table(results: &[Value]) {
     }
 }
 
-/// `entries` endpoints in all: `vault` (tcp) and `dns` (udp) on loopback, the rest /32s in
-/// 10.0.0.0/8 and a share of CIDRs, as a large allow-list would have.
-fn bench_policy(
-    entries: usize,
-    cgroup_rel: &str,
-    tcp_port: u16,
-    udp_port: u16,
-) -> Result<PolicySet> {
+/// `shape.endpoints` endpoints in all: `vault` (tcp) and `dns` (udp) on loopback, the rest
+/// /32s in 10.0.0.0/8 and a share of CIDRs, as a large allow-list would have; and
+/// `shape.workloads` workloads: `bench` (this cgroup), the others one uid each.
+fn bench_policy(shape: Shape, cgroup_rel: &str, tcp_port: u16, udp_port: u16) -> Result<PolicySet> {
+    let entries = shape.endpoints;
     use std::fmt::Write as _;
     let mut y = String::with_capacity(entries * 80);
     writeln!(
         y,
         "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: bench }}\nspec:\n  trustDomain: bench.tessera.dev\n  workloads:\n    - {{ name: bench, match: {{ cgroup: {cgroup_rel} }} }}\n  endpoints:\n    - {{ name: vault, addresses: [\"127.0.0.1/32\"], ports: [{tcp_port}] }}\n    - {{ name: dns, addresses: [\"127.0.0.1/32\"], ports: [{udp_port}], protocol: udp }}"
     )?;
+    let workloads_end = y.find("  endpoints:").context("policy text")?;
+    let mut others = String::new();
+    for i in 1..shape.workloads {
+        writeln!(
+            others,
+            "    - {{ name: w{i}, match: {{ uid: {uid} }} }}",
+            uid = 200_000 + i
+        )?;
+    }
+    y.insert_str(workloads_end, &others);
     for i in 2..entries {
         let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
         // One in ten is a network, in ranges of their own so that no two overlap.

@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod check;
+pub mod exec;
 pub mod logs;
 pub mod revoke;
 pub mod run;
@@ -38,6 +39,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Ask the Workload API for a credential for this process; print the JWT.
     Token(token::TokenArgs),
+    /// Take a credential for this process, then exec CMD holding it (`bind: process-tree`).
+    Exec(exec::ExecArgs),
     /// Revoke credentials now.
     Revoke(revoke::RevokeArgs),
     /// Read or follow the decision log.

@@ -29,6 +29,7 @@ type S<T> = Spanned<T>;
 struct RawConfig {
     policies: Option<S<Vec<S<String>>>>,
     cgroup: Option<S<String>>,
+    cgroup_namespace: Option<S<String>>,
     mode: Option<S<String>>,
     decision_log: Option<S<RawDecisionLog>>,
     api_socket: Option<S<String>>,
@@ -61,6 +62,8 @@ struct RawMetrics {
 pub struct FileConfig {
     pub policies: Option<Vec<PathBuf>>,
     pub cgroup: Option<PathBuf>,
+    /// `host`, `inherit` or a namespace file: the cgroup namespace cgroup paths are read in.
+    pub cgroup_namespace: Option<crate::daemon::cgroupns::CgroupNamespace>,
     /// `enforce` or `audit`.
     pub mode: Option<String>,
     /// A path, `-` (stdout) or `journald`.

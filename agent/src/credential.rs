@@ -46,4 +46,7 @@ pub trait GrantStore: Send + Sync {
         key: WorkloadGrantKey,
         credential_id: u64,
     ) -> Result<bool, GrantStoreError>;
+    /// Marks revoked every process's slot holding `credential_id` (a `bind: process-tree`
+    /// grant, copied by the kernel to children); returns how many there were.
+    fn revoke_tree_grant(&self, credential_id: u64) -> Result<usize, GrantStoreError>;
 }

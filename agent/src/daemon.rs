@@ -16,6 +16,8 @@ use crate::{
     cli::run::ModeArg,
     credential::{self, CredentialError, CredentialService},
     decision::{DecisionRecord, DecisionSink, Enricher, SinkError, SinkOptions},
+    identity::attestor::Attestor,
+    identity::evidence::{DEFAULT_MAX_HASH_BYTES, EvidenceReader},
     kernel::{self, Enforcer, KernelError},
     metrics::{self, Metrics, MetricsError, MetricsServer},
     policy::{Mode, PolicyErrors, PolicySet},
@@ -23,6 +25,12 @@ use crate::{
 };
 
 mod adapters;
+// Kernel ids by name (kernel/ids.rs). Declared here until kernel.rs declares it (`mod ids;`
+// and `pub use ids::KernelIds;` there; then use `crate::kernel::KernelIds` and drop this).
+mod attestation;
+pub mod cgroupns;
+#[path = "kernel/ids.rs"]
+pub mod kernel_ids;
 mod reload;
 mod status;
 
@@ -64,6 +72,8 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    KernelIds(#[from] kernel_ids::IdsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -99,9 +109,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         Some(ModeArg::Audit) => tessera_common::MODE_OVERRIDE_AUDIT,
     };
     // Pinned in bpffs: a previous agent's programs are adopted, and ours outlive us.
-    let compiled = kernel::compile(&policy, |path| {
-        kernel::cgroup_id(&cgroup_root.join(path.trim_start_matches('/')))
-    });
+    let compiled = reload::compile_policy(&config.state_dir, &cgroup_root, &policy)?;
     for warning in &compiled.warnings {
         warn!(%warning, "policy sync");
     }
@@ -122,13 +130,25 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         "enforcing (pinned)"
     );
     let grants = enforcer.grants();
+    // Every selector, checked in user space; the answers go to the kernel's identities.
+    let attestor = Arc::new(
+        Attestor::new(
+            EvidenceReader::new(DEFAULT_MAX_HASH_BYTES),
+            crate::identity::k8s::from_environment(None),
+            policy.clone(),
+        )
+        .with_kernel(enforcer.identities(), cgroup_root.clone()),
+    );
     let resolved = ResolvedHosts::new(policy.clone(), enforcer.endpoint_entries());
-    let service = Arc::new(CredentialService::new(
-        &config.state_dir,
-        format!("spiffe://{}/tessera-agent", issuer_domain(&policy)),
-        policy.clone(),
-        Arc::new(KernelGrants(grants.clone())),
-    )?);
+    let service = Arc::new(
+        CredentialService::new(
+            &config.state_dir,
+            format!("spiffe://{}/tessera-agent", issuer_domain(&policy)),
+            policy.clone(),
+            Arc::new(KernelGrants(grants.clone())),
+        )?
+        .with_attestor(attestor.clone()),
+    );
     service.set_observer(metrics.clone());
     let sink = DecisionSink::open_with(
         Path::new(&config.decision_log),
@@ -142,11 +162,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     .with_mode_override(config.mode.map(|m| match m {
         ModeArg::Enforce => Mode::Enforce,
         ModeArg::Audit => Mode::Audit,
-    }));
+    }))
+    .with_evidence({
+        // Evidence the attestor read (exe hash, pod metadata) for the decision records.
+        let attestor = attestor.clone();
+        Arc::new(move |tgid: u32| attestor.evidence(tgid))
+    });
 
     let api = credential::bind_socket(&config.api_socket, 0o666)?;
     let admin = credential::bind_socket(&config.admin_socket, 0o600)?;
     let mut events = enforcer.events()?;
+    let process_events = enforcer.process_events()?;
     info!(cgroup = %attach_point.display(), "programs attached");
 
     let enforcer = Arc::new(Mutex::new(enforcer));
@@ -156,18 +182,20 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     views.load_saved(&config.state_dir);
     reload::save_policy(&config.state_dir, adoption.generation(), &policy);
     let current_policy = Arc::new(Mutex::new(policy.clone()));
-    let mut reloader = reload::Reloader {
-        paths: config.policies.clone(),
-        cgroup_root: cgroup_root.clone(),
-        state_dir: config.state_dir.clone(),
-        mode_override,
-        enforcer: enforcer.clone(),
-        grants: grants.clone(),
-        service: service.clone(),
-        current: current_policy.clone(),
+    let mut reloader = reload::Reloader::new(
+        reload::Shared {
+            paths: config.policies.clone(),
+            cgroup_root: cgroup_root.clone(),
+            state_dir: config.state_dir.clone(),
+            mode_override,
+            enforcer: enforcer.clone(),
+            grants: grants.clone(),
+            service: service.clone(),
+            current: current_policy.clone(),
+        },
         watch,
         views,
-    };
+    );
     let counters = Arc::new(Counters::default());
     let status = reload::live_status(
         attach_point.clone(),
@@ -189,6 +217,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let (attest, attest_task) = attestation::spawn(
+        attestor.clone(),
+        process_events,
+        relative_cgroup(&attach_point, &cgroup_root),
+        stop_rx.clone(),
+    );
     // Endpoint hosts: one task per name, resolving and protecting until stop.
     let mut hosts = resolve::spawn(config.dns_server, &resolved, stop_rx.clone()).await?;
     let api_task = tokio::spawn(credential::serve_workload_api(
@@ -207,6 +241,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     info!(api = %config.api_socket.display(), admin = %config.admin_socket.display(), "ready");
     metrics.set_ready(true);
     metrics::systemd::ready("enforcing; Workload API listening");
+    // Workload cgroups that do not exist yet: when one appears, the policy is synced again.
+    let mut missing = reload::missing_cgroups(&policy, &cgroup_root);
     let mut housekeeping = tokio::time::interval(
         metrics::systemd::watchdog_interval()
             .unwrap_or(Duration::from_secs(1))
@@ -227,7 +263,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(event) => write_decision(&reloader, &mut sink, &counters, &metrics, &event),
+                Some(event) => {
+                    if event.reason == tessera_common::REASON_IDENTITY_PENDING {
+                        attest.pending(event.tgid);
+                    }
+                    write_decision(&reloader, &mut sink, &counters, &metrics, &event);
+                }
                 None => { warn!("the kernel event stream ended"); break; }
             },
             _ = drop_check.tick() => {
@@ -238,28 +279,29 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                     reload::save_reported_drops(&config.state_dir, reported_drops);
                 }
             }
-            _ = sighup.recv() => {
-                // What is queued first: a reload stops the reading for a moment.
-                while let Some(event) = events.try_next() {
-                    write_decision(&reloader, &mut sink, &counters, &metrics, &event);
-                }
-                if let reload::Outcome::Applied { .. } = reloader.reload("SIGHUP") {
-                    metrics.set_policy(&reloader.policy());
-                    hosts.policy_changed(reloader.policy());
-                }
-            }
+            // Reloads run on a blocking thread: events keep being read meanwhile.
+            _ = sighup.recv() => reloader.request("SIGHUP"),
             _ = policy_poll.tick() => {
                 if reloader.files_changed() {
-                    while let Some(event) = events.try_next() {
-                        write_decision(&reloader, &mut sink, &counters, &metrics, &event);
-                    }
-                    if let reload::Outcome::Applied { .. } = reloader.reload("policy files changed") {
-                        metrics.set_policy(&reloader.policy());
-                        hosts.policy_changed(reloader.policy());
-                    }
+                    reloader.request("policy files changed");
+                }
+            }
+            outcome = reloader.finished() => {
+                missing = reload::missing_cgroups(&reloader.policy(), &cgroup_root);
+                if let reload::Outcome::Applied { .. } = outcome {
+                    metrics.set_policy(&reloader.policy());
+                    hosts.policy_changed(reloader.policy());
+                    // The credential service gave the attestor the new policy.
+                    let attestor = attestor.clone();
+                    tokio::task::spawn_blocking(move || attestor.reattest_all());
                 }
             }
             _ = housekeeping.tick() => {
+                let root = &cgroup_root;
+                if missing.iter().any(|c| root.join(c.trim_start_matches('/')).exists()) {
+                    missing.clear();
+                    reloader.request_resync("a cgroup a workload names appeared");
+                }
                 // From the event loop itself: a stuck loop stops the pings and systemd restarts us.
                 metrics::systemd::watchdog_ping();
                 if let Err(e) = sink.flush_due() {
@@ -294,6 +336,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     let reported_drops = check_drops(&enforcer, &counters, reported_drops);
     reload::save_reported_drops(&config.state_dir, reported_drops);
+    let _ = tokio::time::timeout(Duration::from_secs(5), attest_task).await;
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
@@ -363,6 +406,12 @@ fn resolve_cgroup(arg: Option<&Path>, root: &Path) -> Result<PathBuf, DaemonErro
         return Err(DaemonError::NoSuchCgroup(path, root.to_path_buf()));
     }
     Ok(path)
+}
+
+/// `cgroup` relative to the cgroup v2 root, as /proc/PID/cgroup writes it (`/` for the root).
+fn relative_cgroup(cgroup: &Path, root: &Path) -> String {
+    let relative = cgroup.strip_prefix(root).unwrap_or(cgroup);
+    format!("/{}", relative.display()).replace("//", "/")
 }
 
 /// The issuer's trust domain: the policy's, when every document shares one.

@@ -8,12 +8,12 @@ mod record;
 mod sink;
 
 pub use compact::{format_compact, format_compact_coloured};
-pub use enrich::{CredentialLookup, CredentialRef, Enricher, NoCredentials};
+pub use enrich::{CredentialLookup, CredentialRef, Enricher, EvidenceSource, NoCredentials};
 pub use filter::RecordFilter;
 pub use follow::{FollowError, LogFollower, LogLine};
 pub use record::{
-    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PolicyRecord, ProcessRecord,
-    Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
+    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PodRecord, PolicyRecord,
+    ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
 pub use sink::{DecisionSink, JOURNAL_SOCKET, SinkError, SinkOptions};
 

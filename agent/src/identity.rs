@@ -1,5 +1,6 @@
 //! Attestation: a process (by pidfd) to its evidence and workload; SPIFFE IDs.
 pub mod attest;
+pub mod attestor;
 pub mod evidence;
 pub mod k8s;
 pub mod selectors;

@@ -25,16 +25,20 @@ mod compile;
 mod dynamic;
 mod events;
 mod grants;
+mod identity;
 mod pin;
 mod pinfs;
+mod scope;
 mod stats;
 mod sync;
 mod system;
+mod tracefs;
 
-pub use compile::{CompiledPolicy, SyncWarning, compile};
+pub use compile::{CompiledPolicy, SyncWarning, compile, workload_flags};
 pub use dynamic::{EndpointEntries, HeldEntry, kernel_endpoint_id};
-pub use events::EventReader;
+pub use events::{EventReader, RingReader};
 pub use grants::GrantMaps;
+pub use identity::{Identities, decode_process_event};
 pub use pin::Adoption;
 pub use pinfs::{PIN_ROOT, pin_dir, uninstall};
 pub use stats::{BpfStatsGuard, ProgramStats, enable_bpf_stats};
@@ -143,7 +147,9 @@ pub struct Enforcer {
     policy: Arc<Mutex<PolicyMaps>>,
     drops: PerCpuArray<MapData, u64>,
     grants: GrantMaps,
+    identities: Identities,
     events: Option<RingBuf<MapData>>,
+    process_events: Option<RingBuf<MapData>>,
     attachments: Vec<Attachment>,
     cgroup: Option<PathBuf>,
     /// Set when the programs are pinned in bpffs (`open_pinned`): they outlive the agent.
@@ -155,7 +161,10 @@ impl Enforcer {
     /// mounting bpffs and tracefs first when they are absent. Attaches nothing to cgroups.
     pub fn load() -> Result<Enforcer, KernelError> {
         system::ensure_mounted()?;
-        let mut ebpf = Ebpf::load(PROGRAMS).map_err(KernelError::Object)?;
+        let offsets = tracefs::offsets();
+        let mut ebpf = tracefs::loader(&offsets)
+            .load(PROGRAMS)
+            .map_err(KernelError::Object)?;
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSock = program(&mut ebpf, name)?;
             prog.load().map_err(program_error(name))?;
@@ -188,13 +197,17 @@ impl Enforcer {
         );
         let drops = take_map(&mut ebpf, map_names::EVENT_DROPS)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
+        let process_events = Some(take_map(&mut ebpf, map_names::PROCESS_EVENTS)?);
+        let identities = Identities::new(take_map(&mut ebpf, map_names::PROCESS_IDENTITY)?);
         info!("eBPF programs loaded");
         Ok(Enforcer {
             ebpf,
             policy: Arc::new(Mutex::new(policy)),
             drops,
             grants,
+            identities,
             events,
+            process_events,
             attachments: Vec::new(),
             cgroup: None,
             pins: None,
@@ -329,8 +342,23 @@ impl Enforcer {
     pub fn events(&mut self) -> Result<EventReader, KernelError> {
         self.events
             .take()
-            .map(EventReader::new)
+            .map(|ring| RingReader::new(ring, events::decode))
             .ok_or(KernelError::EventsTaken)
+    }
+
+    /// The exec notifications of processes to attest; can be taken once.
+    pub fn process_events(
+        &mut self,
+    ) -> Result<RingReader<tessera_common::ProcessEvent>, KernelError> {
+        self.process_events
+            .take()
+            .map(|ring| RingReader::new(ring, decode_process_event))
+            .ok_or(KernelError::EventsTaken)
+    }
+
+    /// The attested identities the kernel decides with.
+    pub fn identities(&self) -> Identities {
+        self.identities.clone()
     }
 
     /// Events lost because the ring buffer was full, summed over CPUs.
@@ -407,6 +435,7 @@ mod tests {
         send::<Enforcer>();
         send::<EventReader>();
         send_sync::<GrantMaps>();
+        send_sync::<Identities>();
         send_sync::<KernelError>();
     }
 }

@@ -6,6 +6,12 @@ use tessera_agent::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread exists: `--cgroup-namespace host` is a per-thread setns.
+    if let Command::Run(args) = &cli.command
+        && let Err(code) = tessera_agent::cli::run::before_runtime(args)
+    {
+        return code;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -17,11 +23,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => tessera_agent::cli::run::run(*args).await,
             Command::Check(args) => tessera_agent::cli::check::run(&args),
             Command::Token(args) => tessera_agent::cli::token::run(&args).await,
+            Command::Exec(args) => tessera_agent::cli::exec::run(&args).await,
             Command::Revoke(args) => tessera_agent::cli::revoke::run(&args).await,
             Command::Logs(args) => tessera_agent::cli::logs::run(&args).await,
             Command::Status(args) => tessera_agent::cli::status::run(&args).await,
@@ -30,5 +37,8 @@ fn main() -> ExitCode {
             Command::Uninstall(args) => tessera_agent::cli::uninstall::run(&args),
             Command::SelftestActor(args) => tessera_agent::cli::selftest::actor(&args).await,
         }
-    })
+    });
+    // Background tasks (a pod watch retrying, a blocking DNS lookup) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::identity::selectors::Selectors;
 use crate::identity::spiffe::SpiffeId;
 
+mod attested;
 mod load;
 mod raw;
 mod validate;
@@ -48,10 +50,10 @@ pub struct RuleId(pub u32);
 pub struct Workload {
     pub name: String,
     pub spiffe_id: SpiffeId,
-    /// Normalised absolute path relative to the cgroup v2 root (`/a/b`; `/` is the root);
-    /// matches that cgroup and its subtree.
-    pub cgroup: Option<String>,
-    pub uid: Option<u32>,
+    /// Its whole `match:` (at least one selector; validated and normalised: a cgroup is an
+    /// absolute path relative to the cgroup v2 root, `/a/b`, `/` the root, matching that
+    /// cgroup and its subtree; hashes and container IDs are lower case).
+    pub selectors: Selectors,
     /// `egress:`; `Open` when not written.
     pub egress: Egress,
     /// Its document's `spec.mode`: applies to the denies no rule covers (raw and packet
@@ -161,6 +163,9 @@ pub struct CredentialPolicy {
     /// Greater than zero, at most 24 hours.
     pub max_ttl: Duration,
     pub bind: Bind,
+    /// `keepOnExec: true`: a `bind: process` grant survives an exec of a different executable
+    /// (otherwise it ends there). Always false for other binds.
+    pub keep_on_exec: bool,
 }
 
 /// What a credential's kernel grant is bound to.
@@ -169,6 +174,9 @@ pub struct CredentialPolicy {
 pub enum Bind {
     /// The process (tgid) that asked for it.
     Process,
+    /// The process that asked for it and the children it forks after issuance (inherited in
+    /// the kernel).
+    ProcessTree,
     /// Every process of the workload.
     Workload,
 }
@@ -255,12 +263,12 @@ impl PolicySet {
         self.workloads
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.uid.is_none_or(|u| u == uid))
+            .filter(|(_, w)| w.selectors.uid.is_none_or(|u| u == uid))
             .filter_map(|(i, w)| {
-                let rank = match &w.cgroup {
-                    None => (false, 0, w.uid.is_some()),
+                let rank = match &w.selectors.cgroup {
+                    None => (false, 0, w.selectors.uid.is_some()),
                     Some(c) if cgroup_contains(c, process_cgroup) => {
-                        (true, cgroup_depth(c), w.uid.is_some())
+                        (true, cgroup_depth(c), w.selectors.uid.is_some())
                     }
                     Some(_) => return None,
                 };
@@ -310,6 +318,7 @@ impl Bind {
     pub fn as_str(self) -> &'static str {
         match self {
             Bind::Process => "process",
+            Bind::ProcessTree => "process-tree",
             Bind::Workload => "workload",
         }
     }

@@ -146,7 +146,7 @@ impl ResolvedHosts {
 fn endpoint_name(policy: &PolicySet, kernel_id: u32) -> String {
     (0u32..)
         .zip(&policy.endpoints)
-        .find(|&(i, _)| kernel_endpoint_id(EndpointId(i)) == kernel_id)
+        .find(|&(i, e)| kernel_endpoint_id(e, EndpointId(i)) == kernel_id)
         .map_or_else(|| format!("#{kernel_id}"), |(_, e)| e.name.clone())
 }
 

@@ -16,7 +16,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         );
     }
     // The default members: the eBPF crate only builds for the BPF target.
-    let mut args = vec!["test".to_string()];
+    // Every test binary runs even when one fails: the summary then counts them all.
+    let mut args = vec!["test".to_string(), "--no-fail-fast".to_string()];
     if !extra.is_empty() {
         args.push("--".into());
         args.extend(extra.iter().cloned());

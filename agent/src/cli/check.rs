@@ -86,8 +86,8 @@ mod tests {
             lines,
             [
                 format!(
-                    "{file}:8:9: unknown field `uuid` in workload match — allowed: cgroup, uid \
-                     (gid, systemdUnit, exe, exeSha256, container, k8s are not supported yet)"
+                    "{file}:8:9: unknown field `uuid` in workload match — allowed: cgroup, uid, \
+                     gid, systemdUnit, exe, exeSha256, container, k8s"
                 ),
                 format!(
                     "{file}:10:1: the document has no apiVersion — add apiVersion: tessera.dev/v1alpha1"

@@ -10,7 +10,10 @@ use std::{
 
 use crate::{
     config::{self, FileConfig},
-    daemon::{self, DaemonConfig},
+    daemon::{
+        self, DaemonConfig,
+        cgroupns::{self, CgroupNamespace},
+    },
     decision::SinkOptions,
     telemetry::{self, LogFormat},
 };
@@ -31,6 +34,12 @@ pub struct RunArgs {
     /// or relative to it (`/tessera-demo`). Default: the cgroup v2 root, i.e. the whole host.
     #[arg(long, env = "TESSERA_CGROUP")]
     pub cgroup: Option<PathBuf>,
+    /// The cgroup namespace cgroup paths are read in: `host` enters the host's (PID 1's) at
+    /// start, for a container with a cgroup namespace of its own (a Kubernetes DaemonSet;
+    /// needs hostPID and CAP_SYS_ADMIN); `inherit` keeps the agent's own and warns when it is
+    /// not the host's; a path (`/proc/PID/ns/cgroup`) enters that namespace. [default: inherit]
+    #[arg(long, env = "TESSERA_CGROUP_NAMESPACE", value_parser = cgroupns::parse_arg)]
+    pub cgroup_namespace: Option<CgroupNamespace>,
     /// Force every rule into this mode; by default each rule's own mode applies.
     #[arg(long, value_enum, env = "TESSERA_MODE")]
     pub mode: Option<ModeArg>,
@@ -93,6 +102,34 @@ pub enum LogFormatArg {
     Json,
 }
 
+/// What must happen before the async runtime (and so any other thread) exists: entering the
+/// host's cgroup namespace (`--cgroup-namespace host`), a per-thread attribute that threads
+/// inherit from their creator. Errors are printed; the exit code is returned.
+pub fn before_runtime(args: &RunArgs) -> Result<(), ExitCode> {
+    if args.print_config {
+        return Ok(());
+    }
+    // A refused file is reported by `run` with every error; nothing to enter then.
+    let Ok(file) = load_file(args.config.as_deref()) else {
+        return Ok(());
+    };
+    match cgroupns::enter(&cgroup_namespace(args, &file)) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            eprintln!("tessera run: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `--cgroup-namespace` over `cgroupNamespace:` over `inherit`.
+pub fn cgroup_namespace(args: &RunArgs, file: &FileConfig) -> CgroupNamespace {
+    args.cgroup_namespace
+        .clone()
+        .or_else(|| file.cgroup_namespace.clone())
+        .unwrap_or_default()
+}
+
 pub async fn run(args: RunArgs) -> ExitCode {
     let file = match load_file(args.config.as_deref()) {
         Ok(file) => file,
@@ -103,7 +140,9 @@ pub async fn run(args: RunArgs) -> ExitCode {
     };
     let (config, log_format) = resolve(&args, &file);
     if args.print_config {
-        println!("{:#}", describe(&config, log_format, &file));
+        let mut described = describe(&config, log_format, &file);
+        described["cgroupNamespace"] = cgroup_namespace(&args, &file).describe().into();
+        println!("{described:#}");
         return ExitCode::SUCCESS;
     }
     telemetry::init(match log_format {
@@ -113,10 +152,21 @@ pub async fn run(args: RunArgs) -> ExitCode {
     if let Some(source) = &file.source {
         tracing::info!(config = %source.display(), "configuration file read");
     }
+    if let Err(e) = cgroupns::report(&cgroup_namespace(&args, &file)) {
+        eprintln!("tessera run: {e}");
+        return ExitCode::FAILURE;
+    }
     match daemon::run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tessera run: {e}");
+            // The causes say what to fix (a verifier log, a path, an errno).
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("tessera run: {message}");
             ExitCode::FAILURE
         }
     }

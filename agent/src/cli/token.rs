@@ -1,7 +1,7 @@
 //! `tessera token`: ask the Workload API for a credential for the calling process.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use crate::credential::{self, TokenRequest};
+use crate::credential::{self, ClientError, TokenRequest, TokenResponse};
 
 #[derive(clap::Args, Debug)]
 pub struct TokenArgs {
@@ -19,15 +19,27 @@ pub struct TokenArgs {
     pub socket: PathBuf,
 }
 
+impl TokenArgs {
+    /// The `POST /v1/credentials` body these arguments ask for.
+    pub fn request(&self) -> TokenRequest {
+        TokenRequest {
+            audience: self.audience.clone(),
+            task: self.task.clone(),
+            ttl_seconds: self.ttl.map(|d| d.as_secs()),
+        }
+    }
+}
+
+/// Asks the Workload API at `args.socket` for a credential for the calling process (shared by
+/// `tessera token` and `tessera exec`).
+pub async fn request(args: &TokenArgs) -> Result<TokenResponse, ClientError> {
+    credential::request_token(&args.socket, &args.request()).await
+}
+
 /// Prints the JWT on stdout. The credential is attested to *this* process, which exits at once:
 /// so only `bind: workload` rules give a credential that outlives it (see the README).
 pub async fn run(args: &TokenArgs) -> ExitCode {
-    let request = TokenRequest {
-        audience: args.audience.clone(),
-        task: args.task.clone(),
-        ttl_seconds: args.ttl.map(|d| d.as_secs()),
-    };
-    match credential::request_token(&args.socket, &request).await {
+    match request(args).await {
         Ok(response) => {
             println!("{}", response.token);
             ExitCode::SUCCESS

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::identity::evidence::{DEFAULT_MAX_HASH_BYTES, Evidence, EvidenceReader, ExeHash};
 use crate::identity::k8s::{self, CacheState};
-use crate::identity::selectors::{SelectorResult, Selectors};
+use crate::identity::selectors::SelectorResult;
 use crate::policy::PolicySet;
 
 /// Show which workload a process is, and why.
@@ -143,15 +143,16 @@ pub async fn whoami(args: &WhoamiArgs) -> Result<WhoamiReport, WhoamiError> {
     Ok(report(&set, evidence, pods.state()))
 }
 
-/// The report for `evidence` under `set`; which workload is chosen is the kernel's rule.
+/// The report for `evidence` under `set`; the chosen workload is the most specific whose every
+/// selector holds ([`PolicySet::match_evidence`]).
 pub fn report(set: &PolicySet, evidence: Evidence, k8s_state: CacheState) -> WhoamiReport {
-    let chosen = set.match_workload(&evidence.cgroup, evidence.uid.real);
+    let chosen = set.match_evidence(&evidence);
     let workloads = set
         .workloads
         .iter()
         .enumerate()
         .map(|(i, w)| {
-            let selectors = Selectors::of_workload(w);
+            let selectors = &w.selectors;
             WorkloadMatch {
                 name: w.name.clone(),
                 spiffe_id: w.spiffe_id.to_string(),
@@ -242,6 +243,7 @@ pub fn format_text(r: &WhoamiReport) -> String {
                         format!("not hashed: {size} bytes, over the {limit}-byte limit")
                     }
                     ExeHash::Unavailable { reason } => format!("unavailable: {reason}"),
+                    ExeHash::NotComputed => "not computed".to_owned(),
                 },
             );
         }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde_saphyr::Location;
 
 use super::{ConfigError, FileConfig, RawConfig, S};
+use crate::daemon::cgroupns::CgroupNamespace;
 
-const FIELDS: &str = "policies, cgroup, mode, decisionLog, apiSocket, adminSocket, stateDir, \
+const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
                       dnsServer, logFormat, failOpen, metrics";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
@@ -51,6 +52,17 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
     }
     if let Some(c) = raw.cgroup {
         out.cgroup = path(&c, "cgroup", errors);
+    }
+    if let Some(n) = raw.cgroup_namespace {
+        match CgroupNamespace::parse(&n.value) {
+            Some(mode) => out.cgroup_namespace = Some(mode),
+            None => errors.push(err(
+                n.referenced,
+                format!("unknown cgroupNamespace `{}`", n.value),
+                "write host (enter the host's cgroup namespace, for a DaemonSet), inherit, or the \
+                 absolute path of a namespace file such as /proc/1/ns/cgroup",
+            )),
+        }
     }
     if let Some(m) = raw.mode {
         match m.value.as_str() {

@@ -219,3 +219,29 @@ fn sizes_and_listeners_parse() {
     );
     assert!(parse_listen("9477").is_err());
 }
+
+#[test]
+fn the_cgroup_namespace_comes_from_flag_file_or_default() {
+    use crate::cli::run::cgroup_namespace;
+    use crate::daemon::cgroupns::CgroupNamespace;
+    let file = load("cgroupNamespace: host\n").unwrap();
+    assert_eq!(file.cgroup_namespace, Some(CgroupNamespace::Host));
+    assert_eq!(
+        cgroup_namespace(&run_args(&[]), &file),
+        CgroupNamespace::Host
+    );
+    assert_eq!(
+        cgroup_namespace(&run_args(&["--cgroup-namespace", "inherit"]), &file),
+        CgroupNamespace::Inherit
+    );
+    assert_eq!(
+        cgroup_namespace(&run_args(&[]), &FileConfig::default()),
+        CgroupNamespace::Inherit
+    );
+    let e = errors("cgroupNamespace: private\n");
+    assert!(
+        e[0].starts_with("/etc/tessera/config.yaml:1:18: unknown cgroupNamespace `private`"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("write host"), "{e:?}");
+}

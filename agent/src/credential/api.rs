@@ -19,7 +19,8 @@ use tracing::warn;
 use super::CredentialError;
 use super::http::{self, HttpResponse};
 use super::service::{CredentialService, Refusal};
-use crate::identity::attest::{ProcessEvidence, attest_pidfd, pidfd_alive};
+use crate::identity::attest::pidfd_alive;
+use crate::identity::attestor::Attested;
 use crate::identity::spiffe::SpiffeId;
 
 /// Longest `task` accepted.
@@ -50,6 +51,10 @@ pub struct TokenResponse {
     pub audience: String,
     /// RFC 3339, UTC.
     pub expires_at: String,
+    /// What the kernel grant is bound to, from the rule: `process`, `process-tree` or
+    /// `workload` (empty from an agent older than this field).
+    #[serde(default)]
+    pub bind: String,
 }
 
 impl TokenRequest {
@@ -146,7 +151,7 @@ async fn route(
         "/v1/credentials" if method == Method::POST => {
             let result = async {
                 let body: TokenRequest = http::read_json(req, REQUEST_SHAPE).await?;
-                let (pidfd, evidence) = attest(&caller)?;
+                let (pidfd, evidence) = attest(&svc, &caller)?;
                 svc.issue(&evidence, &body, &|| pidfd_alive(pidfd))
             }
             .await;
@@ -163,7 +168,8 @@ async fn route(
                 if method != Method::DELETE {
                     return http::method_not_allowed("DELETE");
                 }
-                let result = attest(&caller).and_then(|(_, evidence)| svc.end_own(&evidence, jti));
+                let result =
+                    attest(&svc, &caller).and_then(|(_, evidence)| svc.end_own(&evidence, jti));
                 match result {
                     Ok(jti) => http::json(StatusCode::OK, &serde_json::json!({ "revoked": jti })),
                     Err(r) => http::refusal(&r),
@@ -174,13 +180,16 @@ async fn route(
     }
 }
 
-fn attest(caller: &Option<OwnedFd>) -> Result<(&OwnedFd, ProcessEvidence), Refusal> {
+fn attest<'a>(
+    svc: &CredentialService,
+    caller: &'a Option<OwnedFd>,
+) -> Result<(&'a OwnedFd, Attested), Refusal> {
     let Some(pidfd) = caller else {
         return Err(Refusal::Internal(
             "the agent cannot identify the calling process (no SO_PEERPIDFD)".to_owned(),
         ));
     };
-    match attest_pidfd(pidfd) {
+    match svc.attestor().attest_pidfd(pidfd) {
         Ok(evidence) => Ok((pidfd, evidence)),
         Err(e) if e.is_exited() => Err(Refusal::Forbidden {
             reason: "caller_exited",

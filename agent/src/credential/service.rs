@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::time::{ClockId, clock_gettime};
-use tessera_common::{GRANT_ACTIVE, GrantSlot, WorkloadGrantKey};
+use tessera_common::{GRANT_ACTIVE, GRANT_KEEP_ON_EXEC, GRANT_TREE, GrantSlot, WorkloadGrantKey};
 use tracing::{info, warn};
 
 use super::GrantStore;
@@ -14,16 +14,19 @@ use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keys::SigningKeys;
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
-use crate::identity::attest::ProcessEvidence;
-use crate::policy::{Bind, PolicySet};
+use crate::daemon::kernel_ids::KernelIds;
+use crate::identity::attestor::{Attested, Attestor};
+use crate::identity::evidence::EvidenceReader;
+use crate::identity::k8s::PodCache;
+use crate::policy::{Bind, EndpointId, PolicySet, WorkloadId};
 
 /// Issues credentials to attested callers and keeps the kernel grants in step.
 pub struct CredentialService {
     keys: SigningKeys,
     issuer: String,
-    policy: RwLock<Arc<PolicySet>>,
     grants: Arc<dyn GrantStore>,
     registry: Registry,
+    attestor: Arc<Attestor>,
     observer: RwLock<Option<Arc<dyn CredentialObserver>>>,
 }
 
@@ -67,7 +70,11 @@ impl CredentialService {
         Ok(CredentialService {
             keys: SigningKeys::load_or_generate(state_dir)?,
             issuer,
-            policy: RwLock::new(policy),
+            attestor: Arc::new(Attestor::new(
+                EvidenceReader::default(),
+                PodCache::disabled(),
+                policy,
+            )),
             grants,
             registry: Registry::open(state_dir),
             observer: RwLock::new(None),
@@ -79,16 +86,20 @@ impl CredentialService {
         *self.observer.write().unwrap_or_else(|e| e.into_inner()) = Some(observer);
     }
 
-    /// Replaces the policy used for new requests (after a reload).
-    pub fn set_policy(&self, policy: Arc<PolicySet>) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    /// Attests callers with `attestor` (which writes their identities to the kernel) instead
+    /// of one of its own that only answers.
+    pub fn with_attestor(mut self, attestor: Arc<Attestor>) -> Self {
+        self.attestor = attestor;
+        self
     }
 
-    fn policy(&self) -> Arc<PolicySet> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    pub fn attestor(&self) -> &Arc<Attestor> {
+        &self.attestor
+    }
+
+    /// Replaces the policy used for new requests (after a reload), the attestor's too.
+    pub fn set_policy(&self, policy: Arc<PolicySet>) {
+        self.attestor.set_policy(policy);
     }
 
     /// The credential behind a kernel `credential_id` (for the decision log).
@@ -135,6 +146,10 @@ impl CredentialService {
     fn revoke_grant(&self, c: &CredentialInfo) -> Result<bool, GrantStoreError> {
         match c.bind {
             Bind::Process => self.grants.revoke_process_grant(c.pid, c.credential_id),
+            Bind::ProcessTree => self
+                .grants
+                .revoke_tree_grant(c.credential_id)
+                .map(|n| n > 0),
             Bind::Workload => self
                 .grants
                 .revoke_workload_grant(workload_key(c), c.credential_id),
@@ -145,7 +160,7 @@ impl CredentialService {
     /// still there (`still_alive`) before answering.
     pub(crate) fn issue(
         &self,
-        caller: &ProcessEvidence,
+        caller: &Attested,
         req: &TokenRequest,
         still_alive: &dyn Fn() -> bool,
     ) -> Result<TokenResponse, Refusal> {
@@ -171,18 +186,21 @@ impl CredentialService {
 
     fn issue_unobserved(
         &self,
-        caller: &ProcessEvidence,
+        caller: &Attested,
         req: &TokenRequest,
         still_alive: &dyn Fn() -> bool,
     ) -> Result<TokenResponse, Refusal> {
         let task = req.validate()?;
-        let policy = self.policy();
-        let Some(wid) = policy.match_workload(&caller.cgroup_path, caller.uid) else {
+        // The policy the caller was attested under: its ids go with it.
+        let policy = caller.policy.clone();
+        let ev = &caller.evidence;
+        let Some(wid) = caller.workload else {
             return Err(Refusal::forbidden(
                 "unknown_workload",
                 format!(
-                    "process {} ({}, uid {}, cgroup {}) matches no workload of the policy",
-                    caller.pid, caller.comm, caller.uid, caller.cgroup_path
+                    "process {} ({}, uid {}, cgroup {}) matches no workload of the policy; \
+                     `tessera whoami --pid {}` shows each selector",
+                    ev.pid, ev.comm, ev.uid.real, ev.cgroup, ev.pid
                 ),
             ));
         };
@@ -251,30 +269,38 @@ impl CredentialService {
         // fraction of the current second.
         let ttl_ns = Duration::from_secs(ttl)
             .saturating_sub(Duration::from_nanos(u64::from(since_epoch.subsec_nanos())));
+        // Kernel ids are stable by name (`KernelIds`), not policy positions.
+        let ids = KernelIds::of(&policy);
+        let (kernel_workload, kernel_endpoint) = (ids.workload(wid), ids.endpoint(eid));
         let slot = GrantSlot {
             expires_at_ns: boot_time_ns().saturating_add(duration_ns(ttl_ns)),
             credential_id,
-            endpoint_id: eid.0,
-            workload_id: wid.0,
+            endpoint_id: kernel_endpoint,
+            workload_id: kernel_workload,
             state: GRANT_ACTIVE,
-            _pad: 0,
+            flags: match cred_policy.bind {
+                Bind::ProcessTree => GRANT_TREE,
+                Bind::Process if cred_policy.keep_on_exec => GRANT_KEEP_ON_EXEC,
+                Bind::Process | Bind::Workload => 0,
+            },
         };
         let info = CredentialInfo {
             credential_id,
             jti: jti.clone(),
             spiffe_id: workload.spiffe_id.clone(),
-            workload: wid,
+            // The kernel ids (what the grant is keyed by), which outlive reorderings.
+            workload: WorkloadId(kernel_workload),
             audience: endpoint.name.clone(),
-            endpoint: eid,
+            endpoint: EndpointId(kernel_endpoint),
             task: claims.task.clone(),
-            pid: caller.pid,
+            pid: ev.pid,
             issued_at: UNIX_EPOCH + Duration::from_secs(iat),
             expires_at: UNIX_EPOCH + Duration::from_secs(exp),
             bind: cred_policy.bind,
             revoked: false,
         };
         let written = match cred_policy.bind {
-            Bind::Process => self.grants.put_process_grant(caller.pid, slot),
+            Bind::Process | Bind::ProcessTree => self.grants.put_process_grant(ev.pid, slot),
             Bind::Workload => self.grants.put_workload_grant(workload_key(&info), slot),
         };
         if let Err(e) = written {
@@ -295,6 +321,8 @@ impl CredentialService {
         if !still_alive() {
             let removed = match info.bind {
                 Bind::Process => self.grants.remove_process_grant(info.pid, credential_id),
+                // A child forked meanwhile holds a copy: revoke them all.
+                Bind::ProcessTree => self.grants.revoke_tree_grant(credential_id).map(|n| n > 0),
                 Bind::Workload => self
                     .grants
                     .revoke_workload_grant(workload_key(&info), credential_id),
@@ -313,7 +341,7 @@ impl CredentialService {
             workload = %info.spiffe_id,
             endpoint = %info.audience,
             jti = %jti,
-            pid = caller.pid,
+            pid = ev.pid,
             ttl_seconds = ttl,
             bind = info.bind.as_str(),
             "credential issued"
@@ -324,24 +352,26 @@ impl CredentialService {
             spiffe_id: info.spiffe_id,
             audience: info.audience,
             expires_at: humantime::format_rfc3339_seconds(info.expires_at).to_string(),
+            bind: info.bind.as_str().to_owned(),
         })
     }
 
     /// `DELETE /v1/credentials/{jti}`: the holder's workload ends a credential early.
-    pub(crate) fn end_own(&self, caller: &ProcessEvidence, jti: &str) -> Result<String, Refusal> {
+    pub(crate) fn end_own(&self, caller: &Attested, jti: &str) -> Result<String, Refusal> {
         let not_found = || {
             Refusal::NotFound(format!(
                 "no credential {jti:?} issued to your workload; check the jti"
             ))
         };
-        let policy = self.policy();
-        let wid = policy
-            .match_workload(&caller.cgroup_path, caller.uid)
-            .ok_or_else(not_found)?;
+        let policy = caller.policy.clone();
+        let wid = caller.workload.ok_or_else(not_found)?;
         let c = self
             .registry
             .get(jti)
-            .filter(|c| c.workload == wid && c.spiffe_id == policy.workload(wid).spiffe_id)
+            .filter(|c| {
+                c.workload == WorkloadId(KernelIds::of(&policy).workload(wid))
+                    && c.spiffe_id == policy.workload(wid).spiffe_id
+            })
             .ok_or_else(not_found)?;
         if !c.revoked {
             self.revoke_grant(&c).map_err(|e| {
@@ -349,12 +379,13 @@ impl CredentialService {
                 Refusal::Internal("the agent could not update the kernel grant".to_owned())
             })?;
             self.registry.mark_revoked(jti);
-            info!(jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = caller.pid, "credential ended by its holder");
+            info!(jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = caller.evidence.pid, "credential ended by its holder");
         }
         Ok(c.jti)
     }
 }
 
+/// The workload grant's key: a credential's `workload` and `endpoint` are kernel ids.
 fn workload_key(c: &CredentialInfo) -> WorkloadGrantKey {
     WorkloadGrantKey {
         workload_id: c.workload.0,

@@ -21,6 +21,7 @@ pub(crate) enum GrantCall {
     RemoveProcess(u32, u64),
     PutWorkload(WorkloadGrantKey, GrantSlot),
     RevokeWorkload(WorkloadGrantKey, u64),
+    RevokeTree(u64),
 }
 
 /// Records calls and keeps the slots, so revocation can be checked.
@@ -56,6 +57,18 @@ impl RecordingGrants {
 }
 
 impl GrantStore for RecordingGrants {
+    fn revoke_tree_grant(&self, id: u64) -> Result<usize, GrantStoreError> {
+        self.record(GrantCall::RevokeTree(id));
+        let mut found = 0;
+        for (_, s) in self.process.lock().expect("lock").iter_mut() {
+            if s.credential_id == id {
+                s.state = GRANT_REVOKED;
+                found += 1;
+            }
+        }
+        Ok(found)
+    }
+
     fn put_process_grant(&self, tgid: u32, slot: GrantSlot) -> Result<(), GrantStoreError> {
         self.record(GrantCall::PutProcess(tgid, slot));
         self.process.lock().expect("lock").push((tgid, slot));

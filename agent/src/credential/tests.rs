@@ -7,7 +7,6 @@ use tessera_common::{GRANT_ACTIVE, GRANT_REVOKED};
 use super::client::call;
 use super::testing::{GrantCall, ISSUER, boot_ns, harness, own_pid, refusal, req};
 use super::*;
-use crate::identity::attest::attest_pidfd;
 
 #[tokio::test]
 async fn issues_verifiable_token_writes_grant_and_ends_it() {
@@ -200,7 +199,7 @@ async fn exited_caller_gets_no_grant() {
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
     let pidfd =
         nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerPidfd).expect("pidfd");
-    let evidence = attest_pidfd(&pidfd).expect("attest");
+    let evidence = h.svc.attestor().attest_pidfd(&pidfd).expect("attest");
     let err = h
         .svc
         .issue(&evidence, &req("vault", None), &|| false)

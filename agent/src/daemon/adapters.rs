@@ -36,6 +36,9 @@ impl GrantStore for KernelGrants {
     ) -> Result<bool, GrantStoreError> {
         Ok(self.0.revoke_workload_grant(key, credential_id)?)
     }
+    fn revoke_tree_grant(&self, credential_id: u64) -> Result<usize, GrantStoreError> {
+        Ok(self.0.revoke_everywhere(credential_id)?)
+    }
 }
 
 pub struct CredentialRefs(pub Arc<CredentialService>);

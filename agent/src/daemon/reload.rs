@@ -5,8 +5,12 @@
 //! installed as a new program set (`Enforcer::swap_policy`); any failure leaves the running
 //! policy enforcing and is logged with its reason. Decision events carry the generation of the
 //! program set that decided them, and are explained with that generation's policy.
+//!
+//! The work (reading, compiling, loading and attaching programs: 0.2–1 s) runs on a blocking
+//! thread, so the event loop keeps reading decisions meanwhile: `Reloader::request` starts it,
+//! `Reloader::finished` is its completion. The policy of the new generation is known to the
+//! enricher before the new programs are attached, so their first decisions are explained right.
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -16,14 +20,22 @@ use std::{
 };
 
 use tessera_common::DecisionEvent;
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
 
 use crate::{
     credential::CredentialService,
-    decision::{DecisionRecord, Enricher},
+    decision::DecisionRecord,
     kernel::{self, Enforcer, GrantMaps},
     policy::PolicySet,
 };
+
+mod generations;
+
+use super::kernel_ids::{self, IdsError};
+
+use generations::saved_policies;
+pub use generations::{Generations, save_policy};
 
 /// Reload counters, for status and metrics (`reloads()`, `reload_failures()`, ...).
 pub struct ReloadCounters {
@@ -57,11 +69,6 @@ pub(super) fn set_generation(generation: u32) {
     COUNTERS.generation.store(generation, Ordering::Relaxed);
 }
 
-/// How many generations' policies are kept in memory (the event reader may lag behind a burst
-/// of reloads) and in the state directory (for the next agent).
-const KEEP_GENERATIONS: usize = 64;
-const KEEP_SAVED_GENERATIONS: usize = 16;
-
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -75,101 +82,221 @@ pub enum Outcome {
     Refused(String),
 }
 
-/// Everything a reload touches.
-pub struct Reloader {
-    pub(super) paths: Vec<PathBuf>,
-    pub(super) cgroup_root: PathBuf,
-    pub(super) state_dir: PathBuf,
-    pub(super) mode_override: u32,
-    pub(super) enforcer: Arc<Mutex<Enforcer>>,
-    pub(super) grants: GrantMaps,
-    pub(super) service: Arc<CredentialService>,
+/// Everything a reload touches, shared with the blocking thread that does it.
+pub struct Shared {
+    pub paths: Vec<PathBuf>,
+    pub cgroup_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub mode_override: u32,
+    pub enforcer: Arc<Mutex<Enforcer>>,
+    pub grants: GrantMaps,
+    pub service: Arc<CredentialService>,
     /// The policy enforced now; shared with the status provider.
-    pub(super) current: Arc<Mutex<Arc<PolicySet>>>,
-    pub(super) watch: PolicyWatch,
-    pub(super) views: Generations,
+    pub current: Arc<Mutex<Arc<PolicySet>>>,
+}
+
+/// Reloads, one at a time, off the event loop; explains decisions by generation.
+pub struct Reloader {
+    shared: Arc<Shared>,
+    views: Arc<Mutex<Generations>>,
+    watch: PolicyWatch,
+    /// The reload running now.
+    running: Option<JoinHandle<Outcome>>,
+    /// Asked for while one was running: runs next (requests coalesce).
+    queued: Option<&'static str>,
+    /// The next reload syncs the kernel even when the revision is unchanged (a workload's
+    /// cgroup appeared).
+    resync: bool,
 }
 
 impl Reloader {
-    pub fn policy(&self) -> Arc<PolicySet> {
-        lock(&self.current).clone()
+    pub fn new(shared: Shared, watch: PolicyWatch, views: Generations) -> Self {
+        Reloader {
+            shared: Arc::new(shared),
+            views: Arc::new(Mutex::new(views)),
+            watch,
+            running: None,
+            queued: None,
+            resync: false,
+        }
     }
 
-    /// Whether a policy file changed since the last reload.
+    pub fn policy(&self) -> Arc<PolicySet> {
+        lock(&self.shared.current).clone()
+    }
+
+    /// Whether a policy file changed since the last reload started.
     pub fn files_changed(&mut self) -> bool {
         self.watch.changed()
     }
 
-    pub fn reload(&mut self, why: &'static str) -> Outcome {
-        let outcome = self.try_reload();
-        match &outcome {
-            Outcome::Unchanged => info!(why, "reload: the policy is unchanged"),
-            Outcome::Applied {
-                generation,
-                revision,
-            } => {
-                COUNTERS.reloads.fetch_add(1, Ordering::Relaxed);
-                info!(why, generation, %revision, "reload: new policy enforcing");
+    /// Starts a reload on a blocking thread, or queues one behind the reload running now.
+    /// Its outcome comes from `finished`.
+    pub fn request(&mut self, why: &'static str) {
+        if self.running.is_some() {
+            debug!(why, "reload queued behind the one running");
+            self.queued = Some(why);
+            return;
+        }
+        // The files are read from now on: later edits are a new change.
+        self.watch.mark_seen();
+        let shared = self.shared.clone();
+        let views = self.views.clone();
+        let resync = std::mem::take(&mut self.resync);
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            reload_blocking(&shared, &views, why, resync)
+        }));
+    }
+
+    /// Like `request`, but the kernel is synced again even if the policy is unchanged: a
+    /// cgroup a workload names now exists.
+    pub fn request_resync(&mut self, why: &'static str) {
+        self.resync = true;
+        self.request(why);
+    }
+
+    /// The outcome of the running reload once it is done (then starts a queued one); never
+    /// completes while none runs. Cancel-safe: dropped before completion, the reload keeps
+    /// running and a later call returns its outcome.
+    pub async fn finished(&mut self) -> Outcome {
+        let Some(task) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = match task.await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let outcome = Outcome::Refused(format!("the reload task failed: {e}"));
+                log_outcome("reload task", &outcome, &self.policy());
+                outcome
             }
-            Outcome::Refused(reason) => {
-                COUNTERS.failures.fetch_add(1, Ordering::Relaxed);
-                let old = self.policy();
-                warn!(why, %reason, revision = %old.revision, "reload refused: the previous policy is still enforcing");
-            }
+        };
+        self.running = None;
+        if let Some(why) = self.queued.take() {
+            self.request(why);
         }
         outcome
     }
 
-    fn try_reload(&mut self) -> Outcome {
-        // The files were read now: later edits are a new change.
-        self.watch.mark_seen();
-        let policy = match PolicySet::load(&self.paths) {
-            Ok(policy) => Arc::new(policy),
-            Err(errors) => return Outcome::Refused(errors.to_string()),
-        };
-        let old = self.policy();
-        if policy.revision == old.revision {
-            return Outcome::Unchanged;
-        }
-        let compiled = kernel::compile(&policy, |path| {
-            kernel::cgroup_id(&self.cgroup_root.join(path.trim_start_matches('/')))
-        });
-        let Ok(mut enforcer) = self.enforcer.lock() else {
-            return Outcome::Refused("the kernel handle is poisoned".to_owned());
-        };
-        // Grants name workloads and endpoints by position: when a position now names
-        // something else, the grants go first (callers ask again) rather than open a door.
-        if !ids_compatible(&old, &policy) {
-            let live = self.grants.active_count(kernel::boot_time_ns());
-            if let Err(e) = self.grants.clear() {
-                return Outcome::Refused(format!("cannot clear the renumbered grants: {e}"));
-            }
-            warn!(
-                grants = live,
-                "the new policy renumbers workloads or endpoints: credentials must be requested again"
-            );
-        }
-        let report = match enforcer.swap_policy(&policy.revision, &compiled, self.mode_override) {
-            Ok(report) => report,
-            Err(e) => return Outcome::Refused(error_chain(&e)),
-        };
-        drop(enforcer);
-        for warning in &report.warnings {
-            warn!(%warning, "policy sync");
-        }
-        self.service.set_policy(policy.clone());
-        self.views.insert(report.generation, policy.clone());
-        save_policy(&self.state_dir, report.generation, &policy);
-        set_generation(report.generation);
-        *lock(&self.current) = policy.clone();
-        Outcome::Applied {
-            generation: report.generation,
-            revision: policy.revision.clone(),
-        }
-    }
-
     pub fn enrich(&self, event: &DecisionEvent) -> DecisionRecord {
-        self.views.enrich(event)
+        lock(&self.views).enrich(event)
+    }
+}
+
+/// One reload, start to end, logged; runs on a blocking thread.
+fn reload_blocking(
+    shared: &Shared,
+    views: &Mutex<Generations>,
+    why: &'static str,
+    resync: bool,
+) -> Outcome {
+    let outcome = try_reload(shared, views, resync);
+    if let Outcome::Applied { .. } = outcome {
+        COUNTERS.reloads.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Outcome::Refused(_) = outcome {
+        COUNTERS.failures.fetch_add(1, Ordering::Relaxed);
+    }
+    log_outcome(why, &outcome, &lock(&shared.current));
+    outcome
+}
+
+fn log_outcome(why: &'static str, outcome: &Outcome, current: &PolicySet) {
+    match outcome {
+        Outcome::Unchanged => info!(why, "reload: the policy is unchanged"),
+        Outcome::Applied {
+            generation,
+            revision,
+        } => info!(why, generation, %revision, "reload: new policy enforcing"),
+        Outcome::Refused(reason) => warn!(
+            why,
+            %reason,
+            revision = %current.revision,
+            "reload refused: the previous policy is still enforcing"
+        ),
+    }
+}
+
+fn try_reload(shared: &Shared, views: &Mutex<Generations>, resync: bool) -> Outcome {
+    let policy = match PolicySet::load(&shared.paths) {
+        Ok(policy) => Arc::new(policy),
+        Err(errors) => return Outcome::Refused(errors.to_string()),
+    };
+    let old = lock(&shared.current).clone();
+    if policy.revision == old.revision && !resync {
+        return Outcome::Unchanged;
+    }
+    let compiled = match compile_policy(&shared.state_dir, &shared.cgroup_root, &policy) {
+        Ok(compiled) => compiled,
+        Err(e) => return Outcome::Refused(error_chain(&e)),
+    };
+    let Ok(mut enforcer) = shared.enforcer.lock() else {
+        return Outcome::Refused("the kernel handle is poisoned".to_owned());
+    };
+    // Grants name workloads and endpoints by kernel id, stable by name: they keep their
+    // meaning across reorderings and additions. When a workload or endpoint is gone, the
+    // grants go (callers ask again): the kernel cannot yet drop only that one's.
+    if !ids_compatible(&old, &policy) {
+        let live = shared.grants.active_count(kernel::boot_time_ns());
+        if let Err(e) = shared.grants.clear() {
+            return Outcome::Refused(format!("cannot clear the grants: {e}"));
+        }
+        warn!(
+            grants = live,
+            "the new policy removes workloads or endpoints: credentials must be requested again"
+        );
+    }
+    // The generation the swap will create, explained before its programs decide anything.
+    let next = next_generation(enforcer.pinned_generation().unwrap_or(policy_generation()));
+    lock(views).prepare(next, policy.clone());
+    let report = match enforcer.swap_policy(&policy.revision, &compiled, shared.mode_override) {
+        Ok(report) => report,
+        Err(e) => {
+            lock(views).discard(next);
+            return Outcome::Refused(error_chain(&e));
+        }
+    };
+    drop(enforcer);
+    {
+        let mut views = lock(views);
+        if report.generation != next {
+            views.discard(next);
+            views.prepare(report.generation, policy.clone());
+        }
+        views.commit(report.generation);
+    }
+    for warning in &report.warnings {
+        warn!(%warning, "policy sync");
+    }
+    shared.service.set_policy(policy.clone());
+    save_policy(&shared.state_dir, report.generation, &policy);
+    set_generation(report.generation);
+    *lock(&shared.current) = policy.clone();
+    Outcome::Applied {
+        generation: report.generation,
+        revision: policy.revision.clone(),
+    }
+}
+
+/// Compiles `policy` for the kernel, at the start and on every reload: its names get their
+/// kernel ids from the state directory's table (new names: new ids, saved before the kernel
+/// sees them); workload cgroup paths are resolved under `cgroup_root`.
+pub fn compile_policy(
+    state_dir: &Path,
+    cgroup_root: &Path,
+    policy: &PolicySet,
+) -> Result<kernel::CompiledPolicy, IdsError> {
+    kernel_ids::load_table(state_dir)?;
+    kernel_ids::assign_and_save(policy)?;
+    Ok(kernel::compile(policy, |path| {
+        kernel::cgroup_id(&cgroup_root.join(path.trim_start_matches('/')))
+    }))
+}
+
+/// The generation `Enforcer::swap_policy` gives the set after `current` (0 is never used).
+fn next_generation(current: u32) -> u32 {
+    match current.wrapping_add(1) {
+        0 => 1,
+        g => g,
     }
 }
 
@@ -202,9 +329,22 @@ pub(super) fn live_status(
     })
 }
 
-/// Kernel ids are positions: grants keep their meaning when every workload and endpoint of the
-/// old policy keeps its position (new ones may follow).
+/// Whether the grants written under `old` keep their meaning under `new`: kernel ids are
+/// stable by name (`KernelIds`), so when every workload and endpoint of `old` is still in `new`
+/// (in any order; new ones may be added).
 pub fn ids_compatible(old: &PolicySet, new: &PolicySet) -> bool {
+    let names = |p: &PolicySet| -> (Vec<String>, Vec<String>) {
+        (
+            p.workloads.iter().map(|w| w.name.clone()).collect(),
+            p.endpoints.iter().map(|e| e.name.clone()).collect(),
+        )
+    };
+    let ((old_w, old_e), (new_w, new_e)) = (names(old), names(new));
+    old_w.iter().all(|n| new_w.contains(n)) && old_e.iter().all(|n| new_e.contains(n))
+}
+
+/// Every workload and endpoint of `old` at the same position in `new`.
+fn positions_kept(old: &PolicySet, new: &PolicySet) -> bool {
     fn prefix<'a>(
         old: impl ExactSizeIterator<Item = &'a str>,
         mut new: impl Iterator<Item = &'a str>,
@@ -218,73 +358,6 @@ pub fn ids_compatible(old: &PolicySet, new: &PolicySet) -> bool {
         old.endpoints.iter().map(|e| e.name.as_str()),
         new.endpoints.iter().map(|e| e.name.as_str()),
     )
-}
-
-/// Decision enrichers by policy generation.
-pub struct Generations {
-    by_generation: BTreeMap<u32, Enricher>,
-    current: u32,
-    base: Enricher,
-    /// The last unknown generation warned about.
-    unknown: AtomicU32,
-}
-
-impl Generations {
-    /// `base` explains the events of `generation`; later ones get its settings.
-    pub fn new(base: Enricher, generation: u32, policy: Arc<PolicySet>) -> Self {
-        let mut by_generation = BTreeMap::new();
-        by_generation.insert(generation, base.with_policy(policy));
-        Generations {
-            by_generation,
-            current: generation,
-            base,
-            unknown: AtomicU32::new(u32::MAX),
-        }
-    }
-
-    /// Explains the events of `generation` with `policy` (the newest generation is current).
-    pub fn insert(&mut self, generation: u32, policy: Arc<PolicySet>) {
-        self.by_generation
-            .insert(generation, self.base.with_policy(policy));
-        if generation >= self.current {
-            self.current = generation;
-        }
-        while self.by_generation.len() > KEEP_GENERATIONS {
-            self.by_generation.pop_first();
-        }
-    }
-
-    /// Loads what the state directory kept of earlier generations (a restarted agent reads
-    /// the events its predecessor's programs produced).
-    pub fn load_saved(&mut self, state_dir: &Path) {
-        for (generation, policy) in saved_policies(state_dir) {
-            self.by_generation
-                .entry(generation)
-                .or_insert_with(|| self.base.with_policy(Arc::new(policy)));
-        }
-        while self.by_generation.len() > KEEP_GENERATIONS {
-            self.by_generation.pop_first();
-        }
-    }
-
-    pub fn enrich(&self, event: &DecisionEvent) -> DecisionRecord {
-        let view = match self.by_generation.get(&event.policy_generation) {
-            Some(view) => view,
-            None => {
-                // Once per generation: its records name the current policy instead.
-                let generation = event.policy_generation;
-                if self.unknown.swap(generation, Ordering::Relaxed) != generation {
-                    warn!(
-                        generation,
-                        current = self.current,
-                        "decisions of a policy generation this agent does not know: explained with the current policy"
-                    );
-                }
-                self.by_generation.get(&self.current).unwrap_or(&self.base)
-            }
-        };
-        view.enrich(event)
-    }
 }
 
 /// Mtimes of the policy files (and of directories, whose mtime changes when a file is added
@@ -335,65 +408,6 @@ fn stamp(path: &Path) -> (PathBuf, Option<SystemTime>, u64) {
     )
 }
 
-fn generations_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("generations")
-}
-
-/// Keeps a copy of the policy files of `generation` (they may change before its events are
-/// read), and forgets the oldest copies.
-pub fn save_policy(state_dir: &Path, generation: u32, policy: &PolicySet) {
-    let dir = generations_dir(state_dir).join(format!("g{generation:010}"));
-    let result = (|| -> std::io::Result<()> {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(state_dir)?;
-        std::fs::create_dir_all(&dir)?;
-        for (i, source) in policy.sources.iter().enumerate() {
-            std::fs::copy(source, dir.join(format!("{i:04}.yaml")))?;
-        }
-        std::fs::write(dir.join("revision"), &policy.revision)
-    })();
-    if let Err(e) = result {
-        warn!(error = %e, dir = %dir.display(), "cannot keep a copy of the policy for later decisions");
-        return;
-    }
-    let mut saved: Vec<PathBuf> = std::fs::read_dir(generations_dir(state_dir))
-        .map(|e| e.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    saved.sort();
-    while saved.len() > KEEP_SAVED_GENERATIONS {
-        let _ = std::fs::remove_dir_all(saved.remove(0));
-    }
-}
-
-fn saved_policies(state_dir: &Path) -> Vec<(u32, PolicySet)> {
-    let Ok(entries) = std::fs::read_dir(generations_dir(state_dir)) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(generation) = name.strip_prefix('g').and_then(|g| g.parse().ok()) else {
-            continue;
-        };
-        let Ok(revision) = std::fs::read_to_string(entry.path().join("revision")) else {
-            continue;
-        };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(entry.path())
-            .map(|e| e.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.retain(|f| f.extension().is_some_and(|x| x == "yaml"));
-        files.sort();
-        match PolicySet::load(&files) {
-            Ok(mut policy) => {
-                policy.revision = revision;
-                out.push((generation, policy));
-            }
-            Err(e) => warn!(generation, error = %e, "a saved policy no longer loads"),
-        }
-    }
-    out
-}
-
 /// Before a restarted agent replaces the pinned set of another revision: the grants stay when
 /// the saved policy of that generation numbers workloads and endpoints as the new one does,
 /// else they are cleared (unknown numbering must not open a door).
@@ -407,7 +421,16 @@ pub fn before_replace(
     let previous = saved_policies(state_dir)
         .into_iter()
         .find(|(g, p)| *g == generation && p.revision == revision);
-    if previous.is_some_and(|(_, old)| ids_compatible(&old, new)) {
+    // Without a table from before this agent (a first start, or pins of an agent that
+    // numbered by position), the pinned set's ids are positions: every name must keep its own.
+    let compatible = |old: &PolicySet| {
+        if kernel_ids::table_was_new() {
+            positions_kept(old, new)
+        } else {
+            ids_compatible(old, new)
+        }
+    };
+    if previous.is_some_and(|(_, old)| compatible(&old)) {
         return Ok(());
     }
     let live = grants.active_count(kernel::boot_time_ns());
@@ -462,6 +485,17 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The cgroups (relative to the cgroup v2 root) that workloads name and that do not exist:
+/// the daemon syncs the policy again when one appears.
+pub fn missing_cgroups(policy: &PolicySet, cgroup_root: &Path) -> Vec<String> {
+    policy
+        .workloads
+        .iter()
+        .filter_map(|w| w.selectors.cgroup.clone())
+        .filter(|c| !cgroup_root.join(c.trim_start_matches('/')).exists())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,12 +521,17 @@ mod tests {
     }
 
     #[test]
-    fn grants_keep_their_meaning_only_when_positions_do() {
+    fn grants_keep_their_meaning_while_their_names_stay() {
         let old = policy(&["a", "b"], &["x"]);
-        assert!(ids_compatible(&old, &policy(&["a", "b", "c"], &["x", "y"])));
-        assert!(!ids_compatible(&old, &policy(&["b", "a"], &["x"])));
+        // By position (no table from before): only additions at the end.
+        assert!(positions_kept(&old, &policy(&["a", "b", "c"], &["x", "y"])));
+        assert!(!positions_kept(&old, &policy(&["b", "a"], &["x"])));
+        assert!(!positions_kept(&old, &policy(&["a"], &["x"])));
+        assert!(!positions_kept(&old, &policy(&["a", "b"], &["y", "x"])));
+        // By name (kernel ids from the table): any order, removals only break it.
+        assert!(ids_compatible(&old, &policy(&["c", "b", "a"], &["y", "x"])));
         assert!(!ids_compatible(&old, &policy(&["a"], &["x"])));
-        assert!(!ids_compatible(&old, &policy(&["a", "b"], &["y", "x"])));
+        assert!(!ids_compatible(&old, &policy(&["a", "b"], &["y"])));
     }
 
     #[test]

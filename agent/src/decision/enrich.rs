@@ -1,5 +1,10 @@
-//! `Enricher`: a kernel `DecisionEvent` plus the policy, the credential registry and /proc
-//! become a `DecisionRecord`.
+//! `Enricher`: a kernel `DecisionEvent` plus the policy, the credential registry, the agent's
+//! attested evidence and /proc become a `DecisionRecord`.
+//!
+//! Records are written on the event loop: nothing here reads or hashes an executable. The
+//! executable's hash and the pod's metadata come only from an [`EvidenceSource`] (what the agent
+//! attested), and only when that evidence is about the process and cgroup the kernel saw (and,
+//! for the hash, the executable `/proc/PID/exe` still names, while the process lives).
 use std::collections::HashMap;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -9,13 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::time::{ClockId, clock_gettime};
-use tessera_common::{DecisionEvent, NONE_ID};
+use tessera_common::DecisionEvent;
 use tracing::warn;
 
 use super::record::{
-    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PolicyRecord, ProcessRecord,
-    Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
+    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PodRecord, PolicyRecord,
+    ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
+use crate::daemon::kernel_ids::KernelIds;
+use crate::identity::evidence::{Evidence, Exe, cgroup};
 use crate::policy::{Mode, PolicySet};
 
 /// What the decision log may say about an issued credential. Never the token.
@@ -52,15 +59,38 @@ impl CredentialLookup for NoCredentials {
     }
 }
 
+/// What the agent attested about live processes, as the enricher sees it.
+pub trait EvidenceSource: Send + Sync {
+    /// The evidence last attested for process `tgid` (in the agent's pid namespace), if any.
+    /// Called on the event loop for every record: answer from memory, never read a file.
+    /// The enricher uses it only if its `pid` is `tgid` and its `cgroup` is the one the kernel
+    /// saw; the source should still forget processes that exited (pid reuse) or exec'd.
+    fn evidence(&self, tgid: u32) -> Option<Arc<Evidence>>;
+}
+
+impl<F> EvidenceSource for F
+where
+    F: Fn(u32) -> Option<Arc<Evidence>> + Send + Sync,
+{
+    fn evidence(&self, tgid: u32) -> Option<Arc<Evidence>> {
+        self(tgid)
+    }
+}
+
 /// Turns kernel events into decision records.
 pub struct Enricher {
     policy: Arc<PolicySet>,
+    /// The kernel ids of `policy`'s workloads, endpoints and rules.
+    ids: KernelIds,
     credentials: Arc<dyn CredentialLookup>,
     cgroup_root: PathBuf,
     /// Wall clock minus boot clock, in ns, measured once: the boot clock does not jump, so
     /// every event converts the same way (a later wall-clock step is not followed).
     boot_to_wall_ns: i128,
     mode_override: Option<Mode>,
+    /// Attested evidence (exe hash, pod metadata); without it, records carry what /proc and the
+    /// cgroup path tell.
+    evidence: Option<Arc<dyn EvidenceSource>>,
     /// cgroup id → path, learnt from processes still alive, for those that are not.
     cgroup_paths: Mutex<HashMap<u64, String>>,
 }
@@ -77,11 +107,13 @@ impl Enricher {
         cgroup_root: PathBuf,
     ) -> Self {
         Self {
+            ids: KernelIds::of(&policy),
             policy,
             credentials,
             cgroup_root,
             boot_to_wall_ns: measure_boot_to_wall_ns(),
             mode_override: None,
+            evidence: None,
             cgroup_paths: Mutex::new(HashMap::new()),
         }
     }
@@ -92,7 +124,14 @@ impl Enricher {
         self
     }
 
-    /// The same enricher (clock offset, credentials, cache) for a newly loaded policy.
+    /// Where to find the agent's attested evidence of a process (kept by
+    /// [`with_policy`](Self::with_policy)).
+    pub fn with_evidence(mut self, source: Arc<dyn EvidenceSource>) -> Self {
+        self.evidence = Some(source);
+        self
+    }
+
+    /// The same enricher (clock offset, credentials, evidence, cache) for a newly loaded policy.
     pub fn with_policy(&self, policy: Arc<PolicySet>) -> Self {
         let cache = self
             .cgroup_paths
@@ -100,11 +139,13 @@ impl Enricher {
             .map(|c| c.clone())
             .unwrap_or_default();
         Self {
+            ids: KernelIds::of(&policy),
             policy,
             credentials: Arc::clone(&self.credentials),
             cgroup_root: self.cgroup_root.clone(),
             boot_to_wall_ns: self.boot_to_wall_ns,
             mode_override: self.mode_override,
+            evidence: self.evidence.clone(),
             cgroup_paths: Mutex::new(cache),
         }
     }
@@ -132,9 +173,15 @@ impl Enricher {
             );
         }
 
-        let workload = by_id(&policy.workloads, ev.workload_id);
-        let endpoint = by_id(&policy.endpoints, ev.endpoint_id);
-        let rule = by_id(&policy.rules, ev.rule_id);
+        let workload = self
+            .ids
+            .workload_id(ev.workload_id)
+            .map(|w| policy.workload(w));
+        let endpoint = self
+            .ids
+            .endpoint_id(ev.endpoint_id)
+            .map(|e| policy.endpoint(e));
+        let rule = self.ids.rule_id(ev.rule_id).map(|r| policy.rule(r));
         let enforced = ev.enforced != 0;
         let mode = match (verdict, enforced) {
             (Verdict::Deny, false) => DecisionMode::Audit,
@@ -153,7 +200,7 @@ impl Enricher {
                 expires_at: c.expires_at,
                 bind: c.bind.to_owned(),
             });
-        let workload_cgroup = workload.and_then(|w| w.cgroup.as_deref());
+        let workload_cgroup = workload.and_then(|w| w.selectors.cgroup.as_deref());
 
         DecisionRecord {
             schema: SCHEMA.to_owned(),
@@ -170,17 +217,7 @@ impl Enricher {
                 port: ev.port,
                 endpoint: endpoint.map(|e| e.name.clone()),
             },
-            process: ProcessRecord {
-                pid: ev.pid,
-                tgid: ev.tgid,
-                uid: ev.uid,
-                gid: ev.gid,
-                comm: comm_string(&ev.comm),
-                exe: fs::read_link(format!("/proc/{}/exe", ev.tgid))
-                    .ok()
-                    .map(|p| p.to_string_lossy().into_owned()),
-                cgroup: self.cgroup_path(ev.tgid, ev.cgroup_id, workload_cgroup),
-            },
+            process: self.process(ev, workload_cgroup),
             workload: workload.map(|w| WorkloadRecord {
                 name: w.name.clone(),
                 spiffe_id: w.spiffe_id.clone(),
@@ -191,6 +228,63 @@ impl Enricher {
                 rule: rule.map(|r| r.name.clone()),
             },
         }
+    }
+
+    fn process(&self, ev: &DecisionEvent, workload_cgroup: Option<&str>) -> ProcessRecord {
+        let cgroup = self.cgroup_path(ev.tgid, ev.cgroup_id, workload_cgroup);
+        let attested = self.attested(ev.tgid, cgroup.as_deref());
+        // A readlink, not a read: the one /proc look-up records always made.
+        let live_exe = fs::read_link(format!("/proc/{}/exe", ev.tgid))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        // Evidence from before an exec the source has not caught up with names another file.
+        let attested_exe = attested
+            .as_deref()
+            .and_then(|e| e.exe.as_ref())
+            .filter(|e| {
+                live_exe
+                    .as_deref()
+                    .is_none_or(|live| same_file_name(live, e))
+            });
+        let facts = cgroup.as_deref().map(cgroup::parse).unwrap_or_default();
+        let systemd_unit = facts.innermost_unit().map(|u| u.name.clone());
+        let container = facts.container.map(|c| c.id);
+        let pod = facts.pod.map(|p| {
+            // Metadata only for the pod the cgroup path names.
+            let meta = attested
+                .as_deref()
+                .and_then(|e| e.kubernetes.as_ref())
+                .filter(|m| m.uid == p.uid);
+            PodRecord {
+                namespace: meta.map(|m| m.namespace.clone()),
+                name: meta.map(|m| m.name.clone()),
+                service_account: meta.map(|m| m.service_account.clone()),
+                uid: p.uid,
+            }
+        });
+        ProcessRecord {
+            pid: ev.pid,
+            tgid: ev.tgid,
+            uid: ev.uid,
+            gid: ev.gid,
+            comm: comm_string(&ev.comm),
+            exe: live_exe.or_else(|| attested_exe.map(exe_text)),
+            exe_sha256: attested_exe.and_then(|e| e.hash.sha256().map(str::to_owned)),
+            systemd_unit,
+            container,
+            pod,
+            cgroup,
+        }
+    }
+
+    /// The source's evidence of `tgid`, if it is about that process in the cgroup the kernel
+    /// saw (`cgroup`: the path of the event's cgroup id, checked against its inode).
+    fn attested(&self, tgid: u32, cgroup: Option<&str>) -> Option<Arc<Evidence>> {
+        let cgroup = cgroup?;
+        self.evidence
+            .as_ref()?
+            .evidence(tgid)
+            .filter(|e| e.pid == tgid && e.cgroup == cgroup)
     }
 
     /// The cgroup (relative to the root) whose id the kernel saw. Trusted only when the
@@ -229,16 +323,23 @@ impl Enricher {
     }
 }
 
-fn by_id<T>(items: &[T], id: u32) -> Option<&T> {
-    if id == NONE_ID {
-        return None;
-    }
-    items.get(usize::try_from(id).ok()?)
-}
-
 /// The cgroup v2 path from the text of /proc/PID/cgroup (its "0::" line).
 fn unified_cgroup(text: &str) -> Option<&str> {
     text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// Whether `readlink /proc/PID/exe` names the attested executable (deleted since, or not).
+fn same_file_name(live: &str, exe: &Exe) -> bool {
+    live.strip_suffix(" (deleted)").unwrap_or(live) == exe.path
+}
+
+/// The executable as `readlink /proc/PID/exe` shows it.
+fn exe_text(exe: &Exe) -> String {
+    if exe.deleted {
+        format!("{} (deleted)", exe.path)
+    } else {
+        exe.path.clone()
+    }
 }
 
 fn destination_ip(ev: &DecisionEvent) -> IpAddr {

@@ -58,6 +58,31 @@ pub struct ProcessRecord {
     pub exe: Option<String>,
     /// Relative to the cgroup v2 root; null when it could not be established.
     pub cgroup: Option<String>,
+    /// SHA-256 of the executable (lower-case hex), from the agent's attestation of the process;
+    /// absent when not known (never computed while writing the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe_sha256: Option<String>,
+    /// The innermost systemd unit on the cgroup path (`getty@tty1.service`); absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd_unit: Option<String>,
+    /// The container ID on the cgroup path; absent when the process is in no container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The Kubernetes pod on the cgroup path; absent outside one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRecord>,
+}
+
+/// A Kubernetes pod: its UID from the cgroup path, the rest from the API server when known.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,6 +142,9 @@ pub enum Reason {
     /// A restricted workload asked for a packet socket (hook `socket_syscall`; enforced by
     /// killing the process).
     PacketSocketRefused,
+    /// The caller may belong to a workload only the agent can tell (exe, unit, container,
+    /// pod…) and was not attested yet since its exec, setuid or cgroup move.
+    IdentityPending,
     /// A code this version does not know (a newer kernel program or a newer log).
     #[serde(other)]
     #[value(skip)]
@@ -194,7 +222,7 @@ impl From<crate::policy::Mode> for DecisionMode {
 
 impl Reason {
     /// Every reason a record can carry, in the order of DESIGN 4.4.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Self::CredentialValid,
         Self::Allowlisted,
         Self::NoCredential,
@@ -205,6 +233,7 @@ impl Reason {
         Self::EgressNotAllowlisted,
         Self::RawSocketRefused,
         Self::PacketSocketRefused,
+        Self::IdentityPending,
     ];
 
     /// From a kernel `REASON_*` code.
@@ -220,6 +249,7 @@ impl Reason {
             common::REASON_EGRESS_NOT_ALLOWLISTED => Self::EgressNotAllowlisted,
             common::REASON_RAW_SOCKET_REFUSED => Self::RawSocketRefused,
             common::REASON_PACKET_SOCKET_REFUSED => Self::PacketSocketRefused,
+            common::REASON_IDENTITY_PENDING => Self::IdentityPending,
             _ => Self::Unknown,
         }
     }
@@ -236,6 +266,7 @@ impl Reason {
             Self::EgressNotAllowlisted => "egress_not_allowlisted",
             Self::RawSocketRefused => "raw_socket_refused",
             Self::PacketSocketRefused => "packet_socket_refused",
+            Self::IdentityPending => "identity_pending",
             Self::Unknown => "unknown",
         }
     }

@@ -33,6 +33,10 @@ pub(crate) fn example_record() -> DecisionRecord {
             comm: "curl".to_owned(),
             exe: Some("/usr/bin/curl".to_owned()),
             cgroup: Some("/tessera-demo/payments".to_owned()),
+            exe_sha256: None,
+            systemd_unit: None,
+            container: None,
+            pod: None,
         },
         workload: Some(WorkloadRecord {
             name: "payments-agent".to_owned(),

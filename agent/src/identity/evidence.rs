@@ -119,6 +119,17 @@ pub enum EvidenceError {
     },
 }
 
+impl EvidenceError {
+    /// The process went away during attestation: nothing to answer.
+    pub fn is_exited(&self) -> bool {
+        match self {
+            EvidenceError::Attest(e) => e.is_exited(),
+            EvidenceError::NoSuchProcess { .. } => true,
+            EvidenceError::PidfdOpen { .. } => false,
+        }
+    }
+}
+
 /// Reads evidence; holds the executable hash cache, so keep one per agent.
 #[derive(Debug, Default)]
 pub struct EvidenceReader {
@@ -139,8 +150,14 @@ impl EvidenceReader {
 
     /// The evidence of the process `pidfd` refers to.
     pub fn read(&self, pidfd: &OwnedFd) -> Result<Evidence, EvidenceError> {
+        self.read_with(pidfd, true)
+    }
+
+    /// As [`EvidenceReader::read`]; without `hash_exe` the executable is not hashed
+    /// ([`ExeHash::NotComputed`]): the agent hashes only for a policy that selects by hash.
+    pub fn read_with(&self, pidfd: &OwnedFd, hash_exe: bool) -> Result<Evidence, EvidenceError> {
         let pid = pid_of(pidfd)?;
-        let evidence = self.read_proc(pid);
+        let evidence = self.read_proc(pid, hash_exe);
         // Whatever the reads found, they count only if the process is still the one we hold.
         if !pidfd_alive(pidfd) {
             return Err(AttestError::Exited.into());
@@ -158,7 +175,7 @@ impl EvidenceReader {
         self.read(&pidfd)
     }
 
-    fn read_proc(&self, pid: u32) -> Result<Evidence, AttestError> {
+    fn read_proc(&self, pid: u32, hash_exe: bool) -> Result<Evidence, AttestError> {
         let status_path = PathBuf::from(format!("/proc/{pid}/status"));
         let status = read(&status_path)?;
         let parse_err = |field| AttestError::Parse {
@@ -183,7 +200,11 @@ impl EvidenceReader {
         let exe = exe::exe_path(pid).map(|(path, deleted)| Exe {
             path,
             deleted,
-            hash: self.exe_hashes.hash_of(pid),
+            hash: if hash_exe {
+                self.exe_hashes.hash_of(pid)
+            } else {
+                ExeHash::NotComputed
+            },
         });
         Ok(Evidence {
             pid,

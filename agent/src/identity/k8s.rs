@@ -2,10 +2,14 @@
 //! and container names, from a list+watch of this node's pods (`spec.nodeName=<node>`), keyed
 //! by pod UID (which the cgroup path gives, see [`evidence::cgroup`](super::evidence::cgroup)).
 //!
-//! Outside a cluster (no `KUBERNETES_SERVICE_HOST`, or no in-cluster config) the cache stays
-//! disabled: Kubernetes selectors never match, and the agent says so once.
+//! In a pod the client comes from the in-cluster config (`KUBERNETES_SERVICE_HOST` and the
+//! service account files); elsewhere from the kubeconfig file `KUBECONFIG` names (one path), for
+//! an agent run as a host service next to a kubelet. With neither the cache stays disabled:
+//! Kubernetes selectors never match, and the agent says so once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
@@ -14,7 +18,7 @@ use tokio::sync::watch;
 mod pod;
 mod watcher;
 
-pub use watcher::spawn_watch;
+pub use watcher::{spawn_watch, spawn_watch_kubeconfig};
 
 /// One container of a pod, from its status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -144,52 +148,126 @@ impl PodCache {
 
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
-    #[error("not running in a Kubernetes cluster (KUBERNETES_SERVICE_HOST is not set)")]
+    #[error(
+        "not running in a Kubernetes cluster (KUBERNETES_SERVICE_HOST is not set) and KUBECONFIG is not set"
+    )]
     NotInCluster,
     #[error("cannot read the in-cluster Kubernetes configuration")]
     InCluster(#[source] kube::config::InClusterError),
     #[error("cannot build a Kubernetes API client")]
     Client(#[source] kube::Error),
     #[error(
+        "KUBECONFIG={0:?} lists several files; point it at the one kubeconfig the agent should use"
+    )]
+    SeveralKubeconfigs(OsString),
+    #[error("cannot read the kubeconfig {}", path.display())]
+    ReadKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot use the kubeconfig {}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
         "the node name is unknown: set NODE_NAME (the downward API's spec.nodeName) so that only this node's pods are watched"
     )]
     NoNodeName,
 }
 
-/// The cache for this host: watching this node's pods when in a cluster, else disabled (said
-/// once, at info level: outside Kubernetes that is normal). Needs a tokio runtime.
-pub fn from_environment(node_name: Option<&str>) -> PodCache {
-    match in_cluster_client() {
-        Ok(client) => {
-            let node = node_name
-                .map(str::to_owned)
-                .or_else(|| std::env::var("NODE_NAME").ok())
-                .filter(|n| !n.is_empty());
-            match node {
-                Some(node) => spawn_watch(client, &node),
-                None => {
-                    tracing::warn!(error = %K8sError::NoNodeName, "kubernetes selectors will never match");
-                    PodCache::disabled()
-                }
-            }
-        }
-        Err(K8sError::NotInCluster) => {
-            tracing::info!("not in a Kubernetes cluster: kubernetes selectors will never match");
-            PodCache::disabled()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "kubernetes selectors will never match");
-            PodCache::disabled()
+/// What the environment says about reaching the API server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct K8sEnvironment {
+    /// `KUBERNETES_SERVICE_HOST` is set: running in a pod.
+    pub in_cluster: bool,
+    /// `KUBECONFIG` (used only outside a pod).
+    pub kubeconfig: Option<OsString>,
+    /// `NODE_NAME` (the downward API's `spec.nodeName`).
+    pub node_name: Option<String>,
+}
+
+impl K8sEnvironment {
+    /// From this process's environment.
+    pub fn from_env() -> Self {
+        K8sEnvironment {
+            in_cluster: std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+            kubeconfig: std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()),
+            node_name: std::env::var("NODE_NAME").ok(),
         }
     }
 }
 
-fn in_cluster_client() -> Result<kube::Client, K8sError> {
-    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
-        return Err(K8sError::NotInCluster);
+/// How the client is built.
+enum ClientSource {
+    InCluster(kube::Client),
+    Kubeconfig {
+        path: PathBuf,
+        kubeconfig: kube::config::Kubeconfig,
+    },
+}
+
+/// The cache for this host: watching this node's pods when in a cluster or given a kubeconfig,
+/// else disabled (said once, at info level: outside Kubernetes that is normal). `node_name`
+/// overrides `NODE_NAME`. Needs a tokio runtime.
+pub fn from_environment(node_name: Option<&str>) -> PodCache {
+    let mut env = K8sEnvironment::from_env();
+    if let Some(node) = node_name {
+        env.node_name = Some(node.to_owned());
     }
-    let config = kube::Config::incluster().map_err(K8sError::InCluster)?;
-    kube::Client::try_from(config).map_err(K8sError::Client)
+    cache_for(&env)
+}
+
+/// [`from_environment`] with the environment given.
+pub fn cache_for(env: &K8sEnvironment) -> PodCache {
+    let source = match client_source(env) {
+        Ok(source) => source,
+        Err(K8sError::NotInCluster) => {
+            tracing::info!(
+                "not in a Kubernetes cluster and no KUBECONFIG: kubernetes selectors will never match"
+            );
+            return PodCache::disabled();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "kubernetes selectors will never match");
+            return PodCache::disabled();
+        }
+    };
+    let Some(node) = env.node_name.as_deref().filter(|n| !n.is_empty()) else {
+        tracing::warn!(error = %K8sError::NoNodeName, "kubernetes selectors will never match");
+        return PodCache::disabled();
+    };
+    match source {
+        ClientSource::InCluster(client) => spawn_watch(client, node),
+        ClientSource::Kubeconfig { path, kubeconfig } => {
+            tracing::info!(kubeconfig = %path.display(), "reaching the API server through a kubeconfig");
+            spawn_watch_kubeconfig(path, kubeconfig, node)
+        }
+    }
+}
+
+fn client_source(env: &K8sEnvironment) -> Result<ClientSource, K8sError> {
+    if env.in_cluster {
+        let config = kube::Config::incluster().map_err(K8sError::InCluster)?;
+        let client = kube::Client::try_from(config).map_err(K8sError::Client)?;
+        return Ok(ClientSource::InCluster(client));
+    }
+    let Some(value) = env.kubeconfig.as_ref() else {
+        return Err(K8sError::NotInCluster);
+    };
+    let paths: Vec<PathBuf> = std::env::split_paths(value)
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    let [path] =
+        <[PathBuf; 1]>::try_from(paths).map_err(|_| K8sError::SeveralKubeconfigs(value.clone()))?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&path).map_err(|source| K8sError::ReadKubeconfig {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(ClientSource::Kubeconfig { path, kubeconfig })
 }
 
 #[cfg(test)]

@@ -12,8 +12,9 @@ use tessera_common::{
     WORKLOAD_MODE_AUDIT, WORKLOAD_RESTRICTED, WorkloadKey, WorkloadValue,
 };
 
-use super::KernelError;
-use crate::policy::{Egress, Mode, PolicySet, Protocol, Workload};
+use super::{KernelError, scope};
+use crate::daemon::kernel_ids::KernelIds;
+use crate::policy::{Egress, EndpointId, Mode, PolicySet, Protocol, RuleId, Workload, WorkloadId};
 
 /// The policy maps' contents. CIDR keys are `(prefix length, data)`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -30,8 +31,8 @@ pub struct CompiledPolicy {
 /// Something in the policy that the kernel will not enforce as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SyncWarning {
-    /// The workload's cgroup does not exist (yet): the workload is not written, so its
-    /// processes map to no workload until the next sync after the cgroup appears.
+    /// The workload's cgroup does not exist (yet): the workload is not written until the next
+    /// sync after the cgroup appears (the daemon watches for it).
     MissingCgroup {
         workload: String,
         cgroup: String,
@@ -55,7 +56,7 @@ impl fmt::Display for SyncWarning {
             } => write!(
                 f,
                 "workload {workload} skipped: cgroup {cgroup} cannot be resolved ({error}); \
-                 create it and reload the policy"
+                 the agent syncs the policy again as soon as it appears (checked every second)"
             ),
             SyncWarning::OverlappingEndpoints {
                 kept,
@@ -70,15 +71,17 @@ impl fmt::Display for SyncWarning {
 }
 
 /// Compiles `policy`; `resolve_cgroup` maps a workload's cgroup path (`/a/b`, relative to
-/// the cgroup v2 root) to its cgroup id.
+/// the cgroup v2 root) to its cgroup id. Kernel ids are `KernelIds::of(policy)`: stable by
+/// name once the daemon loaded its table, positions otherwise.
 pub fn compile(
     policy: &PolicySet,
     resolve_cgroup: impl Fn(&str) -> Result<u64, KernelError>,
 ) -> CompiledPolicy {
+    let ids = KernelIds::of(policy);
     let mut out = CompiledPolicy::default();
-    for (id, endpoint) in (0u32..).zip(&policy.endpoints) {
+    for (pos, endpoint) in (0u32..).zip(&policy.endpoints) {
         let value = EndpointValue {
-            endpoint_id: id,
+            endpoint_id: ids.endpoint(EndpointId(pos)),
             mode: mode(endpoint.mode),
         };
         let protocols: &[u8] = match endpoint.protocol {
@@ -94,7 +97,7 @@ pub fn compile(
         for net in &endpoint.addresses {
             for &protocol in protocols {
                 for &port in ports {
-                    out.add_endpoint(policy, net, port, protocol, value);
+                    out.add_endpoint(policy, &ids, net, port, protocol, value);
                 }
             }
         }
@@ -104,8 +107,21 @@ pub fn compile(
         .iter()
         .flat_map(|r| r.workloads.iter().map(|w| w.0))
         .collect();
-    for (id, workload) in (0u32..).zip(&policy.workloads) {
-        let cgroup_id = match &workload.cgroup {
+    let mut scopes = Vec::new();
+    for (pos, workload) in (0u32..).zip(&policy.workloads) {
+        let scope = scope::Scope {
+            cgroup: workload.selectors.cgroup.clone(),
+            uid: workload.selectors.uid,
+        };
+        let flags = workload_flags(workload, in_rules.contains(&pos));
+        if workload.needs_attestation() {
+            // The agent attests its processes and writes their identities; the kernel only
+            // learns where to wait for them.
+            config_flags_of(&mut out, flags);
+            scopes.push(scope);
+            continue;
+        }
+        let cgroup_id = match &workload.selectors.cgroup {
             None => ANY_CGROUP,
             Some(path) => match resolve_cgroup(path) {
                 Ok(cgroup_id) => cgroup_id,
@@ -121,25 +137,20 @@ pub fn compile(
         };
         let key = WorkloadKey {
             cgroup_id,
-            uid: workload.uid.unwrap_or(ANY_UID),
+            uid: workload.selectors.uid.unwrap_or(ANY_UID),
             _pad: 0,
         };
-        let flags = workload_flags(workload, in_rules.contains(&id));
-        if flags & WORKLOAD_EGRESS_ALLOWLIST != 0 {
-            out.config_flags |= CONFIG_EGRESS_ALLOWLIST;
-        }
-        if flags & WORKLOAD_RESTRICTED != 0 {
-            out.config_flags |= CONFIG_RESTRICTED;
-        }
+        config_flags_of(&mut out, flags);
         // Validation refuses two workloads with the same selectors.
         out.workloads.entry(key).or_insert(WorkloadValue {
-            workload_id: id,
+            workload_id: ids.workload(WorkloadId(pos)),
             flags,
         });
     }
-    for (id, rule) in (0u32..).zip(&policy.rules) {
+    scope::mark(&mut out, &scopes, &resolve_cgroup);
+    for (pos, rule) in (0u32..).zip(&policy.rules) {
         let value = RuleValue {
-            rule_id: id,
+            rule_id: ids.rule(RuleId(pos)),
             flags: if rule.credential.is_some() {
                 RULE_CREDENTIAL_REQUIRED
             } else {
@@ -151,8 +162,8 @@ pub fn compile(
         for workload in &rule.workloads {
             for endpoint in &rule.endpoints {
                 let key = RuleKey {
-                    workload_id: workload.0,
-                    endpoint_id: endpoint.0,
+                    workload_id: ids.workload(*workload),
+                    endpoint_id: ids.endpoint(*endpoint),
                 };
                 out.rules.entry(key).or_insert(value);
             }
@@ -165,6 +176,7 @@ impl CompiledPolicy {
     fn add_endpoint(
         &mut self,
         policy: &PolicySet,
+        ids: &KernelIds,
         net: &IpNet,
         port: u16,
         protocol: u8,
@@ -196,7 +208,10 @@ impl CompiledPolicy {
                 .or_insert(value)
         };
         if existing.endpoint_id != value.endpoint_id {
-            let name = |id: u32| policy.endpoints[id as usize].name.clone();
+            let name = |id: u32| {
+                ids.endpoint_id(id)
+                    .map_or_else(|| format!("#{id}"), |e| policy.endpoint(e).name.clone())
+            };
             let proto = if protocol == PROTO_TCP { "tcp" } else { "udp" };
             self.warnings.push(SyncWarning::OverlappingEndpoints {
                 kept: name(existing.endpoint_id),
@@ -217,7 +232,18 @@ impl CompiledPolicy {
 }
 
 /// `WORKLOAD_*` flags: restricted when it is in a rule or has an egress allow-list.
-fn workload_flags(workload: &Workload, in_rules: bool) -> u32 {
+/// The `CONFIG_*` flags a workload with `WORKLOAD_*` `flags` needs.
+fn config_flags_of(out: &mut CompiledPolicy, flags: u32) {
+    if flags & WORKLOAD_EGRESS_ALLOWLIST != 0 {
+        out.config_flags |= CONFIG_EGRESS_ALLOWLIST;
+    }
+    if flags & WORKLOAD_RESTRICTED != 0 {
+        out.config_flags |= CONFIG_RESTRICTED;
+    }
+}
+
+/// The `WORKLOAD_*` decision flags of a workload (`in_rules`: some rule names it).
+pub fn workload_flags(workload: &Workload, in_rules: bool) -> u32 {
     let mut flags = 0;
     if workload.egress == Egress::Allowlist {
         flags |= WORKLOAD_EGRESS_ALLOWLIST | WORKLOAD_RESTRICTED;
@@ -265,6 +291,7 @@ mod tests {
     use crate::policy::{
         Bind, CredentialPolicy, Endpoint, EndpointId, EndpointKind, Rule, Workload, WorkloadId,
     };
+    use tessera_common::{CONFIG_ATTEST_EXEC, NONE_ID, WORKLOAD_NEEDS_ATTEST};
 
     fn endpoint(name: &str, addresses: &[&str], ports: Vec<u16>, protocol: Protocol) -> Endpoint {
         Endpoint {
@@ -282,8 +309,11 @@ mod tests {
         Workload {
             name: name.to_owned(),
             spiffe_id: format!("spiffe://example.org/{name}").parse().unwrap(),
-            cgroup: cgroup.map(str::to_owned),
-            uid,
+            selectors: crate::identity::selectors::Selectors {
+                cgroup: cgroup.map(str::to_owned),
+                uid,
+                ..Default::default()
+            },
             egress: Egress::Open,
             mode: Mode::Enforce,
         }
@@ -296,7 +326,17 @@ mod tests {
                 workload("a", Some("/demo/a"), None),
                 workload("b", Some("/demo/b"), Some(1001)),
                 workload("c", None, Some(0)),
-                workload("gone", Some("/gone"), None),
+                workload("gone", Some("/demo/gone"), None),
+                Workload {
+                    // A workload the agent attests, whose cgroup is missing: its scope is
+                    // marked at the nearest existing ancestor.
+                    selectors: crate::identity::selectors::Selectors {
+                        cgroup: Some("/demo/later".to_owned()),
+                        exe: Some("/usr/bin/later".to_owned()),
+                        ..Default::default()
+                    },
+                    ..workload("later", None, None)
+                },
             ],
             endpoints: vec![
                 endpoint(
@@ -315,6 +355,7 @@ mod tests {
                     credential: Some(CredentialPolicy {
                         max_ttl: Duration::from_secs(60),
                         bind: Bind::Process,
+                        keep_on_exec: false,
                     }),
                     mode: Mode::Enforce,
                 },
@@ -332,6 +373,8 @@ mod tests {
 
     fn resolve(path: &str) -> Result<u64, KernelError> {
         match path {
+            "/" => Ok(1),
+            "/demo" => Ok(10),
             "/demo/a" => Ok(100),
             "/demo/b" => Ok(200),
             _ => Err(KernelError::NoCgroup2),
@@ -391,7 +434,15 @@ mod tests {
         assert_eq!(id(key(100, ANY_UID)), Some(0));
         assert_eq!(id(key(200, 1001)), Some(1));
         assert_eq!(id(key(ANY_CGROUP, 0)), Some(2));
-        assert_eq!(c.workloads.len(), 3);
+        // The missing cgroup's nearest ancestor waits for the agent's attestation.
+        assert_eq!(
+            c.workloads.get(&key(10, ANY_UID)),
+            Some(&WorkloadValue {
+                workload_id: NONE_ID,
+                flags: WORKLOAD_NEEDS_ATTEST
+            })
+        );
+        assert_eq!(c.workloads.len(), 4);
         assert!(matches!(
             c.warnings.as_slice(),
             [SyncWarning::MissingCgroup { workload, .. }] if workload == "gone"
@@ -432,7 +483,7 @@ mod tests {
         };
         assert_eq!(flags(key(100, ANY_UID)), Some(WORKLOAD_RESTRICTED));
         assert_eq!(flags(key(ANY_CGROUP, 0)), Some(WORKLOAD_RESTRICTED));
-        assert_eq!(c.config_flags, CONFIG_RESTRICTED);
+        assert_eq!(c.config_flags, CONFIG_RESTRICTED | CONFIG_ATTEST_EXEC);
     }
 
     #[test]
@@ -460,13 +511,17 @@ mod tests {
         );
         // In no rule and open: unrestricted.
         assert_eq!(flags(200, 8), Some(0));
-        assert_eq!(c.config_flags, CONFIG_RESTRICTED | CONFIG_EGRESS_ALLOWLIST);
+        assert_eq!(
+            c.config_flags,
+            CONFIG_RESTRICTED | CONFIG_EGRESS_ALLOWLIST | CONFIG_ATTEST_EXEC
+        );
     }
 
     #[test]
     fn no_rules_and_no_allowlist_leave_the_config_flags_clear() {
         let mut p = policy();
         p.rules.clear();
+        p.workloads.pop();
         let c = compile(&p, resolve);
         assert_eq!(c.config_flags, 0);
         assert!(c.workloads.values().all(|v| v.flags == 0));

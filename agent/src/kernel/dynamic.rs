@@ -181,7 +181,7 @@ impl DynamicEntries {
             })
             .collect();
         let value = EndpointValue {
-            endpoint_id: kernel_endpoint_id(id),
+            endpoint_id: kernel_endpoint_id(endpoint, id),
             mode: match endpoint.mode {
                 Mode::Enforce => MODE_ENFORCE,
                 Mode::Audit => MODE_AUDIT,
@@ -341,10 +341,10 @@ impl DynamicEntries {
     }
 }
 
-/// The endpoint id the policy maps hold for endpoint `id`: its position, as `compile` numbers
-/// endpoints. The one place to change if `sync_policy` ever writes other ids.
-pub fn kernel_endpoint_id(id: EndpointId) -> u32 {
-    id.0
+/// The endpoint id the policy maps hold for `endpoint` (at position `id` of the policy): the
+/// kernel id of its name (`KernelIds`), as `compile` numbers endpoints.
+pub fn kernel_endpoint_id(endpoint: &Endpoint, id: EndpointId) -> u32 {
+    crate::daemon::kernel_ids::endpoint_by_name(&endpoint.name, id)
 }
 
 fn other(endpoint_id: u32, is_static: bool) -> Holder {

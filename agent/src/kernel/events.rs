@@ -1,4 +1,5 @@
-//! Decision events from the kernel's `EVENTS` ring buffer, read asynchronously.
+//! Decision events from the kernel's `EVENTS` ring buffer (and process events from
+//! `PROCESS_EVENTS`), read asynchronously.
 
 use std::mem::{offset_of, size_of};
 
@@ -11,8 +12,12 @@ use tracing::warn;
 const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Reads `DecisionEvent`s as the kernel submits them.
-pub struct EventReader {
+pub type EventReader = RingReader<DecisionEvent>;
+
+/// Reads one kind of record from a ring buffer as the kernel submits them.
+pub struct RingReader<T> {
     state: State,
+    decode: fn(&[u8]) -> Option<T>,
 }
 
 enum State {
@@ -22,16 +27,17 @@ enum State {
     Failed,
 }
 
-impl EventReader {
-    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
-        EventReader {
+impl<T> RingReader<T> {
+    pub(super) fn new(ring: RingBuf<MapData>, decode: fn(&[u8]) -> Option<T>) -> Self {
+        RingReader {
             state: State::Idle(ring),
+            decode,
         }
     }
 
     /// The next event; waits until one arrives. `None` when the ring buffer cannot be polled
     /// (must be called inside a tokio runtime).
-    pub async fn next(&mut self) -> Option<DecisionEvent> {
+    pub async fn next(&mut self) -> Option<T> {
         if let State::Idle(_) = self.state {
             let State::Idle(ring) = std::mem::replace(&mut self.state, State::Failed) else {
                 return None;
@@ -66,14 +72,14 @@ impl EventReader {
     }
 
     /// An event already in the ring buffer, without waiting.
-    pub fn try_next(&mut self) -> Option<DecisionEvent> {
+    pub fn try_next(&mut self) -> Option<T> {
         let ring = match &mut self.state {
             State::Idle(ring) => ring,
             State::Polling(fd) => fd.get_mut(),
             State::Failed => return None,
         };
         while let Some(item) = ring.next() {
-            if let Some(event) = decode(&item) {
+            if let Some(event) = (self.decode)(&item) {
                 return Some(event);
             }
         }

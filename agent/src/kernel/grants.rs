@@ -62,6 +62,22 @@ impl GrantMaps {
         self.edit_process_grant(tgid, credential_id, |slot| slot.state = GRANT_REVOKED)
     }
 
+    /// Marks revoked the slot for `credential_id` in every process that holds one (the
+    /// kernel copies `bind: process-tree` slots to children at fork). Returns how many.
+    pub fn revoke_everywhere(&self, credential_id: u64) -> Result<usize, KernelError> {
+        let tgids: Vec<u32> = {
+            let map = lock(&self.inner.process)?;
+            map.keys().filter_map(Result::ok).collect()
+        };
+        let mut count = 0;
+        for tgid in tgids {
+            if self.revoke_process_grant(tgid, credential_id)? {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     /// Empties the process's slot for `credential_id`. Returns whether there was one.
     pub fn remove_process_grant(&self, tgid: u32, credential_id: u64) -> Result<bool, KernelError> {
         self.edit_process_grant(tgid, credential_id, |slot| *slot = GrantSlot::default())

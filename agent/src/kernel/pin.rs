@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! /sys/fs/bpf/tessera/<cgroup, escaped>/
-//!     maps/{PROCESS_GRANTS,WORKLOAD_GRANTS,EVENTS,EVENT_DROPS,SOCKET_TAGS}   shared by every set
+//!     maps/{PROCESS_GRANTS,WORKLOAD_GRANTS,EVENTS,EVENT_DROPS,SOCKET_TAGS,
+//!           PROCESS_IDENTITY,PROCESS_EVENTS}                                shared by every set
 //!     g<generation>-<revision, escaped>/                                    one program set
 //!         {ENDPOINTS_EXACT,ENDPOINTS_CIDR,WORKLOADS,RULES,CONFIG}            its policy maps
-//!         link-<program>                                                     its 7 links
+//!         link-<program>                                                     its links (one per program)
 //! ```
 //!
 //! A *program set* is one load of the eBPF object: its own policy maps (and `CONFIG`, so its
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{HashMap, MapData, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint, links::FdLink},
 };
@@ -40,12 +41,14 @@ use crate::kernel::GrantMaps;
 
 /// Maps every program set shares: grants and socket tags must not reset on a reload, and the
 /// events of the old set must reach the same reader.
-const SHARED_MAPS: [&str; 5] = [
+const SHARED_MAPS: [&str; 7] = [
     map_names::PROCESS_GRANTS,
     map_names::WORKLOAD_GRANTS,
     map_names::EVENTS,
     map_names::EVENT_DROPS,
     map_names::SOCKET_TAGS,
+    map_names::PROCESS_IDENTITY,
+    map_names::PROCESS_EVENTS,
 ];
 
 /// Maps each program set has its own of (a new per-policy map belongs here).
@@ -58,9 +61,10 @@ const SET_MAPS: [&str; 5] = [
 ];
 
 /// Tracepoints every set attaches: (program, category, name).
-pub(super) const TRACEPOINTS: [(&str, &str, &str); 3] = [
+pub(super) const TRACEPOINTS: [(&str, &str, &str); 4] = [
     (program_names::PROCESS_EXIT, "sched", "sched_process_exit"),
     (program_names::PROCESS_EXEC, "sched", "sched_process_exec"),
+    (program_names::PROCESS_FORK, "sched", "sched_process_fork"),
     (
         program_names::SOCKET_SYSCALL,
         "syscalls",
@@ -152,6 +156,8 @@ impl Enforcer {
             ),
             drops: take_map(&mut ebpf, map_names::EVENT_DROPS)?,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
+            process_events: Some(take_map(&mut ebpf, map_names::PROCESS_EVENTS)?),
+            identities: super::Identities::new(take_map(&mut ebpf, map_names::PROCESS_IDENTITY)?),
             ebpf,
             policy,
             attachments: Vec::new(),
@@ -321,7 +327,8 @@ fn load_set(dir: &Path, set_path: Option<&Path>) -> Result<Ebpf, KernelError> {
             source,
         })?;
     }
-    let mut loader = EbpfLoader::new();
+    let offsets = super::tracefs::offsets();
+    let mut loader = super::tracefs::loader(&offsets);
     for name in SHARED_MAPS {
         loader.map_pin_path(name, Cow::Owned(shared.join(name)));
     }

@@ -2,11 +2,12 @@
 //!
 //! Every node that validation may complain about is `Spanned`, so its error can point at it.
 //! Required fields are `Option` here so that validation can report all of them at once
-//! instead of serde stopping at the first. Selectors and fields that this version recognises
-//! but does not support are kept (as `IgnoredAny`) so they are refused, not silently ignored.
+//! instead of serde stopping at the first. Unknown keys are refused (`deny_unknown_fields`),
+//! never silently ignored.
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 use serde_saphyr::Spanned;
 
 pub(super) type S<T> = Spanned<T>;
@@ -56,12 +57,22 @@ pub(super) struct RawMatch {
     pub cgroup: Option<S<String>>,
     /// Signed so that a negative uid gets our message, not serde's.
     pub uid: Option<S<i64>>,
-    pub gid: Option<S<IgnoredAny>>,
-    pub systemd_unit: Option<S<IgnoredAny>>,
-    pub exe: Option<S<IgnoredAny>>,
-    pub exe_sha256: Option<S<IgnoredAny>>,
-    pub container: Option<S<IgnoredAny>>,
-    pub k8s: Option<S<IgnoredAny>>,
+    pub gid: Option<S<i64>>,
+    pub systemd_unit: Option<S<String>>,
+    pub exe: Option<S<String>>,
+    pub exe_sha256: Option<S<String>>,
+    pub container: Option<S<String>>,
+    pub k8s: Option<S<RawK8s>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawK8s {
+    pub namespace: Option<S<String>>,
+    pub service_account: Option<S<String>>,
+    pub pod_name: Option<S<String>>,
+    pub pod_labels: Option<S<BTreeMap<String, S<String>>>>,
+    pub container_name: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +103,7 @@ pub(super) struct RawCredential {
     pub required: Option<S<bool>>,
     pub max_ttl: Option<S<String>>,
     pub bind: Option<S<String>>,
+    pub keep_on_exec: Option<S<bool>>,
 }
 
 /// Where an unknown key was found, for error messages: the mapping's name, its supported keys
@@ -136,7 +148,18 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
             "container",
             "k8s",
         ],
-        unsupported: &["gid", "systemdUnit", "exe", "exeSha256", "container", "k8s"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "k8s selector",
+        fields: &[
+            "namespace",
+            "serviceAccount",
+            "podName",
+            "podLabels",
+            "containerName",
+        ],
+        unsupported: &[],
     },
     FieldSet {
         context: "endpoint",
@@ -150,7 +173,7 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
     },
     FieldSet {
         context: "rule credential",
-        fields: &["required", "maxTtl", "bind"],
+        fields: &["required", "maxTtl", "bind", "keepOnExec"],
         unsupported: &[],
     },
 ];

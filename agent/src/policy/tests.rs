@@ -59,16 +59,21 @@ fn valid_policy_round_trip() {
             Workload {
                 name: "payments-agent".into(),
                 spiffe_id: "spiffe://example.org/agents/payments".parse().unwrap(),
-                cgroup: Some("/tessera-demo/payments".into()),
-                uid: Some(1001),
+                selectors: Selectors {
+                    cgroup: Some("/tessera-demo/payments".into()),
+                    uid: Some(1001),
+                    ..Selectors::default()
+                },
                 egress: Egress::Open,
                 mode: Mode::Audit,
             },
             Workload {
                 name: "batch".into(),
                 spiffe_id: "spiffe://example.org/batch".parse().unwrap(),
-                cgroup: Some("/batch".into()),
-                uid: None,
+                selectors: Selectors {
+                    cgroup: Some("/batch".into()),
+                    ..Selectors::default()
+                },
                 egress: Egress::Open,
                 mode: Mode::Audit,
             },
@@ -101,6 +106,7 @@ fn valid_policy_round_trip() {
                 credential: Some(CredentialPolicy {
                     max_ttl: Duration::from_secs(600),
                     bind: Bind::Process,
+                    keep_on_exec: false,
                 }),
                 mode: Mode::Enforce,
             },
@@ -118,6 +124,7 @@ fn valid_policy_round_trip() {
                 credential: Some(CredentialPolicy {
                     max_ttl: Duration::from_secs(5400),
                     bind: Bind::Workload,
+                    keep_on_exec: false,
                 }),
                 mode: Mode::Audit,
             },
@@ -323,9 +330,12 @@ fn demo_policy_is_what_the_demo_expects() {
     let set = PolicySet::load(&[file]).unwrap_or_else(|e| panic!("{e}"));
     let (agent, a) = set.workload_by_name("agent").unwrap();
     assert_eq!(a.spiffe_id.as_str(), "spiffe://demo.tessera.dev/agent");
-    assert_eq!(a.cgroup.as_deref(), Some("/tessera-demo/agent"));
+    assert_eq!(a.selectors.cgroup.as_deref(), Some("/tessera-demo/agent"));
     let (intruder, i) = set.workload_by_name("intruder").unwrap();
-    assert_eq!(i.cgroup.as_deref(), Some("/tessera-demo/intruder"));
+    assert_eq!(
+        i.selectors.cgroup.as_deref(),
+        Some("/tessera-demo/intruder")
+    );
     let (vault, v) = set.endpoint_by_name("vault").unwrap();
     assert_eq!(v.kind, EndpointKind::SecretStore);
     assert_eq!(v.addresses, vec![net("127.0.0.1/32"), net("::1/128")]);
@@ -340,7 +350,8 @@ fn demo_policy_is_what_the_demo_expects() {
         rule.credential,
         Some(CredentialPolicy {
             max_ttl: Duration::from_secs(300),
-            bind: Bind::Process
+            bind: Bind::Process,
+            keep_on_exec: false,
         })
     );
     assert!(set.rule_for(intruder, vault).is_none());
@@ -351,6 +362,7 @@ fn display_strings() {
     assert_eq!(Mode::Enforce.to_string(), "enforce");
     assert_eq!(Mode::Audit.to_string(), "audit");
     assert_eq!(Bind::Process.to_string(), "process");
+    assert_eq!(Bind::ProcessTree.to_string(), "process-tree");
     assert_eq!(Bind::Workload.to_string(), "workload");
     assert_eq!(Protocol::Any.to_string(), "any");
     assert_eq!(EndpointKind::SecretStore.to_string(), "secret-store");

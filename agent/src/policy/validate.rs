@@ -14,11 +14,14 @@ use super::raw::{RawDocument, RawSpec};
 use super::{Endpoint, EndpointId, Mode, PolicyError, Rule, Workload, WorkloadId};
 use crate::identity::spiffe::{SpiffeId, TrustDomain};
 
+mod ambiguity;
 mod endpoint;
 mod fields;
 mod rule;
+mod selectors;
 mod workload;
 
+use ambiguity::AmbiguityIndex;
 use fields::{API_VERSION, KIND, expect_literal};
 use fields::{check_name, parse_mode};
 
@@ -96,7 +99,10 @@ struct Validator<'a> {
     endpoint_names: HashMap<String, Origin<'a>>,
     rule_names: HashMap<String, Origin<'a>>,
     spiffe_ids: HashMap<SpiffeId, (String, Origin<'a>)>,
-    selectors: HashMap<(Option<String>, Option<u32>), (String, Origin<'a>)>,
+    /// Every valid workload's selectors, to find ambiguous ones.
+    ambiguity: AmbiguityIndex,
+    /// Where each valid workload's `match:` is (index = `WorkloadId.0`).
+    match_origins: Vec<Origin<'a>>,
     endpoint_keys: HashMap<(IpNet, &'static str, u16), (String, Origin<'a>)>,
     pairs: HashMap<(WorkloadId, EndpointId), (String, Origin<'a>)>,
 }
@@ -173,9 +179,11 @@ impl<'a> Validator<'a> {
             let before = ctx.error_count();
             let checked = workload::check(ctx, raw, trust_domain.as_ref(), mode);
             let name = raw.value.name.as_ref().map(|n| n.value.clone());
+            let match_loc = raw.value.selectors.as_ref().map(|m| m.referenced);
             match checked {
                 Some(w) if ctx.error_count() == before => {
-                    if let Some(id) = self.add_workload(ctx, w, raw.referenced) {
+                    let locs = (raw.referenced, match_loc.unwrap_or(raw.referenced));
+                    if let Some(id) = self.add_workload(ctx, w, locs) {
                         workloads.valid.insert(name.unwrap_or_default(), id);
                         continue;
                     }
@@ -219,12 +227,13 @@ impl<'a> Validator<'a> {
         }
     }
 
-    /// Registers a valid workload unless it clashes with one already in the set.
+    /// Registers a valid workload unless it clashes with one already in the set. `locs`: the
+    /// workload's and its `match:`'s.
     fn add_workload(
         &mut self,
         ctx: &mut Ctx<'a, '_>,
         w: Workload,
-        loc: Location,
+        (loc, match_loc): (Location, Location),
     ) -> Option<WorkloadId> {
         let here = ctx.origin(loc);
         if let Some(first) = self.workload_names.get(&w.name) {
@@ -246,23 +255,31 @@ impl<'a> Validator<'a> {
             );
             return None;
         }
-        let selectors = (w.cgroup.clone(), w.uid);
-        if let Some((other, first)) = self.selectors.get(&selectors) {
+        if let Some(i) = self.ambiguity.find(&w.selectors) {
+            let other = &self.out.workloads[i];
+            let first = self.match_origins[i];
+            let how = if other.selectors == w.selectors {
+                "has the same selectors"
+            } else {
+                "can match the same processes, and neither is more specific"
+            };
             ctx.error(
-                loc,
+                match_loc,
                 format!(
-                    "workload `{}` is ambiguous: workload `{other}` ({first}) has the same selectors",
-                    w.name
+                    "workload `{}` is ambiguous: workload `{}` ({first}) {how}",
+                    w.name, other.name
                 ),
-                "a process must map to one workload; change the cgroup or uid of one of them",
+                "a process must map to one workload; change a selector of one of them so they cannot match the same process, or add one (like uid or exe) to make one more specific",
             );
             return None;
         }
-        let id = WorkloadId(u32::try_from(self.out.workloads.len()).ok()?);
+        let index = self.out.workloads.len();
+        let id = WorkloadId(u32::try_from(index).ok()?);
         self.workload_names.insert(w.name.clone(), here);
         self.spiffe_ids
             .insert(w.spiffe_id.clone(), (w.name.clone(), here));
-        self.selectors.insert(selectors, (w.name.clone(), here));
+        self.ambiguity.insert(&w.selectors, index);
+        self.match_origins.push(ctx.origin(match_loc));
         self.out.workloads.push(w);
         Some(id)
     }

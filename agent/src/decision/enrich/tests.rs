@@ -224,8 +224,8 @@ fn allow_takes_the_rules_mode_and_shows_the_credential() {
 fn unknown_workload_has_no_workload_nor_rule() {
     let fx = Fixture::new();
     let mut ev = fx.event();
-    ev.workload_id = NONE_ID;
-    ev.rule_id = NONE_ID;
+    ev.workload_id = common::NONE_ID;
+    ev.rule_id = common::NONE_ID;
     ev.reason = common::REASON_UNKNOWN_WORKLOAD;
     let record = fx.enricher().enrich(&ev);
     assert_eq!(record.reason, Reason::UnknownWorkload);
@@ -263,8 +263,8 @@ fn raw_socket_refusal_has_no_destination() {
     ev.hook = common::HOOK_SOCK_CREATE;
     ev.protocol = common::PROTO_RAW;
     ev.reason = common::REASON_RAW_SOCKET_REFUSED;
-    ev.endpoint_id = NONE_ID;
-    ev.rule_id = NONE_ID;
+    ev.endpoint_id = common::NONE_ID;
+    ev.rule_id = common::NONE_ID;
     ev.port = 0;
     ev.addr = std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets();
     let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
@@ -296,8 +296,8 @@ fn egress_not_allowlisted_keeps_the_destination_without_endpoint() {
     let fx = Fixture::new();
     let mut ev = fx.event();
     ev.reason = common::REASON_EGRESS_NOT_ALLOWLISTED;
-    ev.endpoint_id = NONE_ID;
-    ev.rule_id = NONE_ID;
+    ev.endpoint_id = common::NONE_ID;
+    ev.rule_id = common::NONE_ID;
     ev.port = 9999;
     let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
     assert_eq!(value["reason"], "egress_not_allowlisted");
@@ -374,4 +374,260 @@ fn comm_stops_at_nul() {
     comm.copy_from_slice(b"sixteen-bytes-xx");
     assert_eq!(comm_string(&comm), "sixteen-bytes-xx");
     assert_eq!(comm_string(&[0u8; 16]), "");
+}
+
+mod evidence {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::identity::evidence::{ExeHash, Ids};
+    use crate::identity::k8s::PodMetadata;
+
+    const POD_UID: &str = "8b2e6c1a-3d4f-4a5b-9c8d-7e6f5a4b3c2d";
+    const CGROUP_ID: u64 = 777;
+
+    fn container_id() -> String {
+        "3f".repeat(32)
+    }
+
+    /// A containerd container of a burstable pod, systemd driver.
+    fn pod_cgroup() -> String {
+        format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
+            POD_UID.replace('-', "_"),
+            container_id()
+        )
+    }
+
+    fn evidence(pid: u32, cgroup: &str) -> Evidence {
+        let facts = crate::identity::evidence::cgroup::parse(cgroup);
+        Evidence {
+            pid,
+            comm: "api".to_owned(),
+            uid: Ids {
+                real: 1001,
+                effective: 1001,
+            },
+            gid: Ids {
+                real: 1002,
+                effective: 1002,
+            },
+            groups: vec![],
+            cgroup: cgroup.to_owned(),
+            systemd_units: facts.units,
+            exe: Some(Exe {
+                path: "/usr/bin/api".to_owned(),
+                deleted: false,
+                hash: ExeHash::Sha256 {
+                    sha256: "ab".repeat(32),
+                },
+            }),
+            container: facts.container,
+            pod: facts.pod,
+            kubernetes: Some(PodMetadata {
+                uid: POD_UID.to_owned(),
+                namespace: "payments".to_owned(),
+                name: "api-0".to_owned(),
+                service_account: "api".to_owned(),
+                labels: BTreeMap::new(),
+                containers: vec![],
+            }),
+        }
+    }
+
+    /// A source that knows one process, and counts the questions.
+    fn fake_source(known: Evidence) -> (Arc<dyn EvidenceSource>, Arc<Mutex<Vec<u32>>>) {
+        let asked: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let log = asked.clone();
+        let known = Arc::new(known);
+        let source = move |tgid: u32| {
+            log.lock().unwrap().push(tgid);
+            Some(known.clone())
+        };
+        (Arc::new(source), asked)
+    }
+
+    /// An enricher that already knows `CGROUP_ID` as `path` (learnt from a process since gone).
+    fn enricher(fx: &Fixture, path: &str) -> Enricher {
+        let enricher = fx.enricher();
+        enricher
+            .cgroup_paths
+            .lock()
+            .unwrap()
+            .insert(CGROUP_ID, path.to_owned());
+        enricher
+    }
+
+    fn event(fx: &Fixture) -> DecisionEvent {
+        let mut ev = fx.event();
+        ev.cgroup_id = CGROUP_ID;
+        ev
+    }
+
+    #[test]
+    fn attested_evidence_fills_exe_hash_unit_container_and_pod() {
+        let fx = Fixture::new();
+        let (source, asked) = fake_source(evidence(GONE_PID, &pod_cgroup()));
+        let enricher = enricher(&fx, &pod_cgroup()).with_evidence(source);
+        let value = serde_json::to_value(enricher.enrich(&event(&fx))).unwrap();
+        assert_eq!(
+            value["process"],
+            serde_json::json!({
+                "pid": GONE_PID, "tgid": GONE_PID, "uid": 1001, "gid": 1002, "comm": "curl",
+                "exe": "/usr/bin/api", "cgroup": pod_cgroup(),
+                "exe_sha256": "ab".repeat(32),
+                "systemd_unit": format!("cri-containerd-{}.scope", container_id()),
+                "container": container_id(),
+                "pod": {"uid": POD_UID, "namespace": "payments", "name": "api-0",
+                        "service_account": "api"}
+            })
+        );
+        assert_eq!(*asked.lock().unwrap(), [GONE_PID]);
+    }
+
+    #[test]
+    fn evidence_of_another_pid_or_cgroup_is_not_used() {
+        let fx = Fixture::new();
+        for stale in [
+            evidence(GONE_PID - 1, &pod_cgroup()),
+            evidence(GONE_PID, "/system.slice/other.service"),
+        ] {
+            let (source, _) = fake_source(stale);
+            let enricher = enricher(&fx, &pod_cgroup()).with_evidence(source);
+            let process = enricher.enrich(&event(&fx)).process;
+            // No hash, no pod metadata, and the exe from /proc (gone: none).
+            assert_eq!(process.exe, None);
+            assert_eq!(process.exe_sha256, None);
+            // What the cgroup path (checked against the kernel's id) says stays.
+            assert_eq!(process.container, Some(container_id()));
+            assert_eq!(
+                process.pod,
+                Some(PodRecord {
+                    uid: POD_UID.to_owned(),
+                    namespace: None,
+                    name: None,
+                    service_account: None,
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn no_cgroup_means_no_evidence() {
+        let fx = Fixture::new();
+        let (source, asked) = fake_source(evidence(GONE_PID, &pod_cgroup()));
+        // The kernel's cgroup id is unknown to the enricher: nothing to check the evidence by.
+        let enricher = fx.enricher().with_evidence(source);
+        let process = enricher.enrich(&event(&fx)).process;
+        assert_eq!(process.cgroup, None);
+        assert_eq!(process.exe_sha256, None);
+        assert_eq!(process.pod, None);
+        assert!(asked.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn without_a_source_the_cgroup_path_still_tells_unit_container_and_pod() {
+        let fx = Fixture::new();
+        let process = enricher(&fx, &pod_cgroup()).enrich(&event(&fx)).process;
+        assert_eq!(process.exe_sha256, None);
+        assert_eq!(process.container, Some(container_id()));
+        assert_eq!(process.pod.map(|p| p.uid), Some(POD_UID.to_owned()));
+
+        let unit = "/system.slice/system-payments.slice/payments@1.service";
+        let process = enricher(&fx, unit).enrich(&event(&fx)).process;
+        assert_eq!(process.systemd_unit.as_deref(), Some("payments@1.service"));
+        assert_eq!(process.container, None);
+        assert_eq!(process.pod, None);
+        let value = serde_json::to_value(&process).unwrap();
+        assert!(value.get("pod").is_none() && value.get("exe_sha256").is_none());
+    }
+
+    #[test]
+    fn metadata_of_another_pod_and_unhashed_or_deleted_exes() {
+        let fx = Fixture::new();
+        let mut known = evidence(GONE_PID, &pod_cgroup());
+        if let Some(k8s) = known.kubernetes.as_mut() {
+            k8s.uid = "another-pod".to_owned();
+        }
+        if let Some(exe) = known.exe.as_mut() {
+            exe.deleted = true;
+            exe.hash = ExeHash::TooLarge {
+                size: 1 << 40,
+                limit: 1 << 28,
+            };
+        }
+        let (source, _) = fake_source(known);
+        let process = enricher(&fx, &pod_cgroup())
+            .with_evidence(source)
+            .enrich(&event(&fx))
+            .process;
+        assert_eq!(process.exe.as_deref(), Some("/usr/bin/api (deleted)"));
+        assert_eq!(process.exe_sha256, None);
+        let pod = process.pod.unwrap();
+        assert_eq!((pod.uid.as_str(), pod.namespace), (POD_UID, None));
+    }
+
+    #[test]
+    fn a_new_policy_generation_keeps_the_source() {
+        let fx = Fixture::new();
+        let (source, asked) = fake_source(evidence(GONE_PID, &pod_cgroup()));
+        let base = enricher(&fx, &pod_cgroup()).with_evidence(source);
+        let next = base.with_policy(fx.policy.clone());
+        let process = next.enrich(&event(&fx)).process;
+        assert_eq!(process.exe_sha256, Some("ab".repeat(32)));
+        assert_eq!(asked.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_live_process_checked_against_its_real_cgroup() {
+        let Some(root) = cgroup2_root() else {
+            eprintln!("skipped: no cgroup v2 mount");
+            return;
+        };
+        let own = unified_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap())
+            .unwrap()
+            .to_owned();
+        let Ok(meta) = fs::metadata(root.join(own.trim_start_matches('/'))) else {
+            eprintln!("skipped: own cgroup not visible");
+            return;
+        };
+        let fx = Fixture::new();
+        let pid = std::process::id();
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.to_str().unwrap();
+        let mut known = evidence(pid, &own);
+        if let Some(e) = known.exe.as_mut() {
+            e.path = exe.to_owned();
+        }
+        let (source, _) = fake_source(known);
+        let enricher = Enricher::new(fx.policy.clone(), Arc::new(NoCredentials), root.clone())
+            .with_evidence(source);
+        let mut ev = fx.event();
+        ev.pid = pid;
+        ev.tgid = pid;
+        ev.cgroup_id = meta.ino();
+        let process = enricher.enrich(&ev).process;
+        assert_eq!(process.cgroup.as_deref(), Some(own.as_str()));
+        assert_eq!(process.exe.as_deref(), Some(exe));
+        assert_eq!(
+            process.exe_sha256,
+            Some("ab".repeat(32)),
+            "from the evidence"
+        );
+
+        // The kernel saw another cgroup id: the evidence is not about that.
+        ev.cgroup_id = meta.ino() + 1_000_000;
+        let process = enricher.enrich(&ev).process;
+        assert_eq!(process.exe.as_deref(), Some(exe));
+        assert_eq!(process.exe_sha256, None);
+
+        // Evidence of another executable (attested before an exec): no hash, /proc's exe.
+        let (source, _) = fake_source(evidence(pid, &own));
+        let enricher =
+            Enricher::new(fx.policy.clone(), Arc::new(NoCredentials), root).with_evidence(source);
+        ev.cgroup_id = meta.ino();
+        let process = enricher.enrich(&ev).process;
+        assert_eq!(process.exe.as_deref(), Some(exe));
+        assert_eq!(process.exe_sha256, None);
+    }
 }

@@ -82,6 +82,7 @@ fn every_reason_code_maps_to_its_string() {
             common::REASON_PACKET_SOCKET_REFUSED,
             "packet_socket_refused",
         ),
+        (common::REASON_IDENTITY_PENDING, "identity_pending"),
     ];
     for (code, text) in table {
         let reason = Reason::from_code(code);
@@ -144,4 +145,79 @@ fn bad_timestamp_is_a_parse_error() {
     value["ts"] = json!("yesterday");
     let err = serde_json::from_value::<DecisionRecord>(value).unwrap_err();
     assert!(err.to_string().contains("RFC 3339"), "{err}");
+}
+
+fn with_evidence() -> DecisionRecord {
+    let mut record = example_record();
+    record.process.exe_sha256 = Some("ab".repeat(32));
+    record.process.systemd_unit = Some("payments@1.service".to_owned());
+    record.process.container = Some("c".repeat(64));
+    record.process.pod = Some(PodRecord {
+        uid: "8b2e6c1a-3d4f-4a5b-9c8d-7e6f5a4b3c2d".to_owned(),
+        namespace: Some("payments".to_owned()),
+        name: Some("api-0".to_owned()),
+        service_account: Some("api".to_owned()),
+    });
+    record
+}
+
+#[test]
+fn evidence_fields_are_absent_when_unknown() {
+    let value = serde_json::to_value(example_record()).unwrap();
+    let process = value["process"].as_object().unwrap();
+    for key in ["exe_sha256", "systemd_unit", "container", "pod"] {
+        assert!(!process.contains_key(key), "{key} written while unknown");
+    }
+    // A pod known by its cgroup only: just its uid.
+    let mut record = example_record();
+    record.process.pod = Some(PodRecord {
+        uid: "u-1".to_owned(),
+        namespace: None,
+        name: None,
+        service_account: None,
+    });
+    let value = serde_json::to_value(&record).unwrap();
+    assert_eq!(value["process"]["pod"], json!({"uid": "u-1"}));
+}
+
+#[test]
+fn evidence_fields_are_written_when_known() {
+    let record = with_evidence();
+    let value = serde_json::to_value(&record).unwrap();
+    assert_eq!(
+        value["process"],
+        json!({"pid": 4242, "tgid": 4242, "uid": 1001, "gid": 1001, "comm": "curl",
+               "exe": "/usr/bin/curl", "cgroup": "/tessera-demo/payments",
+               "exe_sha256": "ab".repeat(32), "systemd_unit": "payments@1.service",
+               "container": "c".repeat(64),
+               "pod": {"uid": "8b2e6c1a-3d4f-4a5b-9c8d-7e6f5a4b3c2d", "namespace": "payments",
+                       "name": "api-0", "service_account": "api"}})
+    );
+    let line = record.to_json_line().unwrap();
+    assert_eq!(
+        serde_json::from_str::<DecisionRecord>(&line).unwrap(),
+        record
+    );
+}
+
+#[test]
+fn logs_with_and_without_evidence_still_parse_and_filter() {
+    use crate::decision::RecordFilter;
+    // A line of an older agent: DESIGN 4.4's example, no evidence fields.
+    let old: DecisionRecord = serde_json::from_value(example_json()).unwrap();
+    assert_eq!(old, example_record());
+    let new_line = with_evidence().to_json_line().unwrap();
+    let new: DecisionRecord = serde_json::from_str(&new_line).unwrap();
+    let filter = RecordFilter {
+        verdict: Some(Verdict::Deny),
+        workload: Some("payments-agent".to_owned()),
+        endpoint: Some("vault".to_owned()),
+        ..Default::default()
+    };
+    assert!(filter.matches(&old));
+    assert!(filter.matches(&new));
+    assert_eq!(
+        crate::decision::format_compact(&old),
+        crate::decision::format_compact(&new)
+    );
 }

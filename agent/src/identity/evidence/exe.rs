@@ -30,6 +30,8 @@ pub enum ExeHash {
     TooLarge { size: u64, limit: u64 },
     /// It could not be read (a kernel thread has no executable; or permission).
     Unavailable { reason: String },
+    /// Not asked for: no workload of the policy selects by `exeSha256`.
+    NotComputed,
 }
 
 impl ExeHash {

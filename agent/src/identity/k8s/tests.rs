@@ -158,10 +158,127 @@ async fn list_alone_fills_the_cache() {
     assert!(cache.get(API_UID).is_some());
 }
 
+/// A kubeconfig whose current context reaches `url` over plain HTTP, without credentials.
+fn kubeconfig_file(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+  - name: loopback
+    cluster: {{ server: \"{url}\" }}
+users:
+  - name: anonymous
+    user: {{}}
+contexts:
+  - name: loopback
+    context: {{ cluster: loopback, user: anonymous }}
+current-context: loopback
+"
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+#[tokio::test]
+async fn a_kubeconfig_outside_a_cluster_fills_the_cache() {
+    let (url, seen) = fake_api_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = K8sEnvironment {
+        in_cluster: false,
+        kubeconfig: Some(kubeconfig_file(dir.path(), &url).into_os_string()),
+        node_name: Some("node-a".to_owned()),
+    };
+    let cache = cache_for(&env);
+    assert_ne!(cache.state(), CacheState::Disabled);
+    within(
+        "the list through the kubeconfig's server",
+        cache.wait_until(|c| c.state() == CacheState::Synced && c.get(API_UID).is_some()),
+    )
+    .await;
+    let api = cache.get(API_UID).expect("api");
+    assert_eq!(api.namespace, "payments");
+    let requests = seen.lock().expect("log").clone();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{requests:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_kubeconfig_needs_the_node_name() {
+    let (url, seen) = fake_api_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = K8sEnvironment {
+        in_cluster: false,
+        kubeconfig: Some(kubeconfig_file(dir.path(), &url).into_os_string()),
+        node_name: None,
+    };
+    assert_eq!(cache_for(&env).state(), CacheState::Disabled);
+    assert!(seen.lock().expect("log").is_empty());
+}
+
+#[tokio::test]
+async fn an_unusable_kubeconfig_disables_the_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Some("node-a".to_owned());
+    // Missing: refused at once.
+    let missing = K8sEnvironment {
+        kubeconfig: Some(dir.path().join("absent").into_os_string()),
+        node_name: node.clone(),
+        ..Default::default()
+    };
+    assert_eq!(cache_for(&missing).state(), CacheState::Disabled);
+    // Several files: the agent uses exactly one.
+    let several = K8sEnvironment {
+        kubeconfig: Some("/a/config:/b/config".into()),
+        node_name: node.clone(),
+        ..Default::default()
+    };
+    assert_eq!(cache_for(&several).state(), CacheState::Disabled);
+    // Readable, but its context names no cluster: found out in the task.
+    let path = dir.path().join("no-cluster");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\ncontexts:\n  - name: c\n    context: { cluster: nowhere }\ncurrent-context: c\n",
+    )
+    .expect("write");
+    let broken = K8sEnvironment {
+        kubeconfig: Some(path.into_os_string()),
+        node_name: node,
+        ..Default::default()
+    };
+    let cache = cache_for(&broken);
+    within(
+        "the kubeconfig to be refused",
+        cache.wait_until(|c| c.state() == CacheState::Disabled),
+    )
+    .await;
+}
+
+#[test]
+fn neither_in_a_cluster_nor_a_kubeconfig_never_matches() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let env = K8sEnvironment {
+        node_name: Some("node-a".to_owned()),
+        ..Default::default()
+    };
+    let cache = rt.block_on(async { cache_for(&env) });
+    assert_eq!(cache.state(), CacheState::Disabled);
+    assert!(cache.is_empty());
+}
+
 #[test]
 fn outside_a_cluster_it_never_matches() {
-    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        eprintln!("skipped: running inside a Kubernetes cluster");
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some()
+    {
+        eprintln!("skipped: running inside a Kubernetes cluster, or KUBECONFIG is set");
         return;
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,23 +1,61 @@
 //! The list+watch of this node's pods that fills a [`PodCache`].
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 
-use super::{CacheState, PodCache, PodMetadata};
+use super::{CacheState, K8sError, PodCache, PodMetadata};
 
 /// Starts watching the pods of node `node` through `client`; the cache follows from now on
 /// (lists again after a lost watch, as the kube watcher does). Needs a tokio runtime.
 pub fn spawn_watch(client: kube::Client, node: &str) -> PodCache {
+    spawn_with(async move { Ok(client) }, node)
+}
+
+/// [`spawn_watch`] with a client built from `kubeconfig` (read from `path`), in the task: the
+/// cache is `Syncing` meanwhile, and `Disabled` (said once) if the kubeconfig is unusable.
+pub fn spawn_watch_kubeconfig(path: PathBuf, kubeconfig: Kubeconfig, node: &str) -> PodCache {
+    spawn_with(
+        async move {
+            let fail = |source| K8sError::Kubeconfig {
+                path: path.clone(),
+                source,
+            };
+            let config =
+                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .map_err(fail)?;
+            kube::Client::try_from(config).map_err(K8sError::Client)
+        },
+        node,
+    )
+}
+
+fn spawn_with(
+    client: impl Future<Output = Result<kube::Client, K8sError>> + Send + 'static,
+    node: &str,
+) -> PodCache {
     let cache = PodCache::with_state(CacheState::Syncing);
-    let pods: kube::Api<Pod> = kube::Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = watcher::watcher(pods, config);
     let filled = cache.clone();
     let node = node.to_owned();
     tokio::spawn(async move {
+        let client = match client.await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(node, error = %e, source = ?std::error::Error::source(&e), "kubernetes selectors will never match");
+                filled.changed(Some(CacheState::Disabled));
+                return;
+            }
+        };
+        let pods: kube::Api<Pod> = kube::Api::all(client);
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        // Failures back off exponentially (kube's default) instead of retrying at once.
+        let stream = watcher::watcher(pods, config).default_backoff();
         tracing::info!(node, "watching this node's pods for kubernetes selectors");
         let mut stream = std::pin::pin!(stream);
         let mut listing: Option<HashMap<String, PodMetadata>> = None;

@@ -78,7 +78,7 @@ fn each_selector_reports_expected_actual_and_match() {
             true,
         ),
         ("uid".into(), Some("1001".into()), true),
-        ("gid".into(), Some("1002".into()), false),
+        ("gid".into(), Some("1002 (groups 4)".into()), false),
         ("systemdUnit".into(), Some("worker@3.service".into()), true),
         ("exe".into(), Some("/usr/bin/python3".into()), true),
         ("exeSha256".into(), Some(SHA.into()), true),
@@ -335,4 +335,126 @@ fn agrees_with_the_policy_for_cgroup_and_uid() {
             .map(|id| set.workload(id).name.clone());
         assert_eq!(ours, policy, "{path} uid {uid}");
     }
+}
+
+#[test]
+fn systemd_unit_specificity_unit_then_template_then_deeper_slice() {
+    let ev = evidence("/system.slice/system-worker.slice/worker@3.service");
+    let unit = |u: &str| Selectors {
+        systemd_unit: Some(u.into()),
+        ..Selectors::default()
+    };
+    let ladder = [
+        unit("worker@3.service"),
+        unit("worker@.service"),
+        unit("system-worker.slice"),
+        unit("system.slice"),
+    ];
+    for (i, pair) in ladder.windows(2).enumerate() {
+        assert!(pair[0].matches(&ev) && pair[1].matches(&ev), "rung {i}");
+        assert!(pair[0].specificity() > pair[1].specificity(), "rung {i}");
+    }
+    // Any unit beats a cgroup alone, however deep.
+    let deep_cgroup = Selectors {
+        cgroup: Some("/system.slice/system-worker.slice/worker@3.service".into()),
+        ..Selectors::default()
+    };
+    assert!(unit("system.slice").specificity() > deep_cgroup.specificity());
+}
+
+#[test]
+fn overlap_needs_every_shared_selector_to_agree() {
+    let s = |f: fn(&mut Selectors)| {
+        let mut s = Selectors::default();
+        f(&mut s);
+        s
+    };
+    let labels = |pairs: &[(&str, &str)]| Selectors {
+        k8s: Some(K8sSelectors {
+            pod_labels: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..K8sSelectors::default()
+        }),
+        ..Selectors::default()
+    };
+    let container = |c: &str| Selectors {
+        container: Some(c.into()),
+        ..Selectors::default()
+    };
+    let name = s(|s| {
+        s.k8s = Some(K8sSelectors {
+            container_name: Some("server".into()),
+            ..K8sSelectors::default()
+        })
+    });
+    let cases = [
+        (s(|s| s.uid = Some(1)), s(|s| s.uid = Some(1)), true),
+        (s(|s| s.uid = Some(1)), s(|s| s.uid = Some(2)), false),
+        (s(|s| s.uid = Some(1)), s(|s| s.gid = Some(2)), true),
+        (s(|s| s.gid = Some(1)), s(|s| s.gid = Some(2)), true),
+        (container(CID), container(&CID[..12]), true),
+        (container(&CID[..13]), container("3f1c9e0b5a7dffff"), false),
+        (container(CID), name.clone(), true),
+        (labels(&[("app", "a")]), labels(&[("tier", "b")]), true),
+        (labels(&[("app", "a")]), labels(&[("app", "b")]), false),
+        (
+            labels(&[("app", "a"), ("tier", "b")]),
+            labels(&[("app", "a"), ("zone", "c")]),
+            true,
+        ),
+    ];
+    for (i, (a, b, want)) in cases.iter().enumerate() {
+        assert_eq!(a.may_overlap(b), *want, "case {i}");
+        assert_eq!(b.may_overlap(a), *want, "case {i}, swapped");
+    }
+}
+
+#[test]
+fn exe_dependence_and_attestation_needs() {
+    let ev = evidence("/tessera-demo/payments");
+    let s = Selectors {
+        cgroup: Some("/tessera-demo".into()),
+        exe: Some("/usr/bin/other".into()),
+        ..Selectors::default()
+    };
+    assert!(!s.matches(&ev));
+    assert!(s.matches_but_exe(&ev));
+    assert!(s.uses_exe() && s.needs_attestation());
+    let kernel_only = Selectors {
+        cgroup: Some("/tessera-demo".into()),
+        uid: Some(1001),
+        ..Selectors::default()
+    };
+    assert!(!kernel_only.uses_exe() && !kernel_only.needs_attestation());
+    assert!(!Selectors::default().matches_but_exe(&ev));
+    // The same answer as the report, for every selector.
+    let all = Selectors {
+        cgroup: Some("/".into()),
+        uid: Some(1001),
+        gid: Some(1002),
+        exe: Some("/usr/bin/python3".into()),
+        exe_sha256: Some(SHA.into()),
+        ..Selectors::default()
+    };
+    assert!(all.matches(&ev));
+    assert!(all.match_report(&ev).iter().all(|r| r.matched));
+}
+
+#[test]
+fn gid_matches_the_primary_or_a_supplementary_group() {
+    let mut ev = evidence("/app");
+    ev.groups = vec![27, 100];
+    let gid = |g| Selectors {
+        gid: Some(g),
+        ..Selectors::default()
+    };
+    assert!(gid(ev.gid.real).matches(&ev));
+    assert!(gid(100).matches(&ev));
+    assert!(!gid(5).matches(&ev));
+    assert_eq!(
+        gid(100).match_report(&ev)[0].actual.as_deref(),
+        Some("1002 (groups 27,100)")
+    );
 }

@@ -72,7 +72,7 @@ fn unknown_fields_name_the_key_and_the_allowed_ones() {
     assert_errors(
         &yaml,
         &[
-            "p.yaml:10:9: unknown field `uuid` in workload match — allowed: cgroup, uid (gid, systemdUnit, exe, exeSha256, container, k8s are not supported yet)",
+            "p.yaml:10:9: unknown field `uuid` in workload match — allowed: cgroup, uid, gid, systemdUnit, exe, exeSha256, container, k8s",
         ],
     );
     assert_errors(
@@ -89,34 +89,8 @@ fn unknown_fields_name_the_key_and_the_allowed_ones() {
     );
     assert_errors(
         &with_head("  rules:\n    - name: r\n      credential: {required: true, ttl: 5m}\n"),
-        &["p.yaml:8:36: unknown field `ttl` in rule credential — allowed: required, maxTtl, bind"],
-    );
-}
-
-#[test]
-fn unsupported_selectors_are_refused() {
-    let yaml = with_head(
-        "  workloads:
-    - name: a
-      match:
-        cgroup: /a
-        gid: 10
-        systemdUnit: a.service
-        exe: /bin/a
-        exeSha256: abc
-        container: c
-        k8s: {namespace: n}
-",
-    );
-    assert_errors(
-        &yaml,
         &[
-            "p.yaml:10:14: selector `gid` is not supported yet — select the workload by cgroup and/or uid, and remove gid",
-            "p.yaml:11:22: selector `systemdUnit` is not supported yet — select the workload by cgroup and/or uid, and remove systemdUnit",
-            "p.yaml:12:14: selector `exe` is not supported yet — select the workload by cgroup and/or uid, and remove exe",
-            "p.yaml:13:20: selector `exeSha256` is not supported yet — select the workload by cgroup and/or uid, and remove exeSha256",
-            "p.yaml:14:20: selector `container` is not supported yet — select the workload by cgroup and/or uid, and remove container",
-            "p.yaml:15:14: selector `k8s` is not supported yet — select the workload by cgroup and/or uid, and remove k8s",
+            "p.yaml:8:36: unknown field `ttl` in rule credential — allowed: required, maxTtl, bind, keepOnExec",
         ],
     );
 }
@@ -191,8 +165,8 @@ fn workload_errors() {
         &[
             "p.yaml:7:7: workload has no name — add name: my-workload",
             "p.yaml:9:13: invalid workload name `bad name` — use letters, digits, `.`, `-` and `_`, starting with a letter or digit, at most 128 characters",
-            "p.yaml:11:7: workload `nomatch` has no match — add match: with a cgroup (e.g. cgroup: /my-service) and/or a uid",
-            "p.yaml:13:14: match has no selector — add cgroup: /path/of/the/cgroup and/or uid: N",
+            "p.yaml:11:7: workload `nomatch` has no match — add match: with at least one selector, like cgroup: /my-service, uid: 1001 or systemdUnit: my.service",
+            "p.yaml:13:14: match has no selector — add at least one of cgroup, uid, gid, systemdUnit, exe, exeSha256, container, k8s",
             "p.yaml:15:20: uid -1 is out of range — use a uid from 0 to 4294967294",
             "p.yaml:17:20: uid 4294967295 is out of range — use a uid from 0 to 4294967294",
             "p.yaml:20:7: workload name `dup` is already used at p.yaml:18:7 — workload names must be unique across all policy files; rename one",
@@ -231,12 +205,55 @@ fn ambiguous_workloads() {
     - {name: a, match: {cgroup: /x, uid: 1}}
     - {name: b, match: {cgroup: /x}}
     - {name: c, match: {cgroup: /x, uid: 1}}
+    - {name: d, match: {cgroup: /y, uid: 1}}
 ",
     );
     assert_errors(
         &yaml,
         &[
-            "p.yaml:9:7: workload `c` is ambiguous: workload `a` (p.yaml:7:7) has the same selectors — a process must map to one workload; change the cgroup or uid of one of them",
+            "p.yaml:9:24: workload `c` is ambiguous: workload `a` (p.yaml:7:24) has the same selectors — a process must map to one workload; change a selector of one of them so they cannot match the same process, or add one (like uid or exe) to make one more specific",
+        ],
+    );
+}
+
+/// Equal specificity and no selector both set with values that exclude each other: one
+/// process could match both (two gids can: one primary, one supplementary). Different values,
+/// or different specificity, are fine (e1 has a
+/// uid, which ranks above e2's gid; an instance ranks above its template, a unit above a
+/// slice, a deeper slice above a shallower one).
+#[test]
+fn overlapping_selectors_of_equal_specificity_are_ambiguous() {
+    let cid = "3f1c9e0b5a7d4e2f8a6b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f";
+    let yaml = with_head(&format!(
+        "  workloads:
+    - {{name: c1, match: {{container: {cid}}}}}
+    - {{name: c2, match: {{container: 3f1c9e0b5a7d}}}}
+    - {{name: c3, match: {{container: 3f1c9e0b5a7e}}}}
+    - {{name: k1, match: {{k8s: {{containerName: server}}}}}}
+    - {{name: l1, match: {{k8s: {{podLabels: {{app: api}}}}}}}}
+    - {{name: l2, match: {{k8s: {{podLabels: {{tier: web}}}}}}}}
+    - {{name: l3, match: {{k8s: {{podLabels: {{app: web}}}}}}}}
+    - {{name: l4, match: {{k8s: {{podLabels: {{app: api, tier: db}}}}}}}}
+    - {{name: l5, match: {{k8s: {{podLabels: {{app: web, tier: web}}}}}}}}
+    - {{name: u1, match: {{systemdUnit: getty@.service}}}}
+    - {{name: u2, match: {{systemdUnit: getty@tty1.service}}}}
+    - {{name: u3, match: {{systemdUnit: system.slice}}}}
+    - {{name: u4, match: {{systemdUnit: system-getty.slice}}}}
+    - {{name: g1, match: {{uid: 5, gid: 5}}}}
+    - {{name: g2, match: {{uid: 5, gid: 6}}}}
+    - {{name: e1, match: {{exe: /bin/a, uid: 5}}}}
+    - {{name: e2, match: {{exe: /bin/a, gid: 6}}}}
+    - {{name: l6, match: {{k8s: {{podLabels: {{app: api, zone: x}}}}}}}}
+"
+    ));
+    assert_errors(
+        &yaml,
+        &[
+            "p.yaml:8:25: workload `c2` is ambiguous: workload `c1` (p.yaml:7:25) can match the same processes, and neither is more specific — a process must map to one workload; change a selector of one of them so they cannot match the same process, or add one (like uid or exe) to make one more specific",
+            "p.yaml:10:25: workload `k1` is ambiguous: workload `c1` (p.yaml:7:25) can match the same processes, and neither is more specific — a process must map to one workload; change a selector of one of them so they cannot match the same process, or add one (like uid or exe) to make one more specific",
+            "p.yaml:12:25: workload `l2` is ambiguous: workload `l1` (p.yaml:11:25) can match the same processes, and neither is more specific — a process must map to one workload; change a selector of one of them so they cannot match the same process, or add one (like uid or exe) to make one more specific",
+            "p.yaml:21:25: workload `g2` is ambiguous: workload `g1` (p.yaml:20:25) can match the same processes, and neither is more specific — a process must map to one workload; change a selector of one of them so they cannot match the same process, or add one (like uid or exe) to make one more specific",
+            "p.yaml:24:25: workload `l6` is ambiguous: workload `l4` (p.yaml:14:25) can match the same processes, and neither is more specific — a process must map to one workload; change a selector of one of them so they cannot match the same process, or add one (like uid or exe) to make one more specific",
         ],
     );
 }

@@ -2,13 +2,11 @@
 
 use serde_saphyr::Spanned;
 
+use super::selectors::check_match;
 use super::{Ctx, check_name};
 use crate::identity::spiffe::{SpiffeId, TrustDomain};
-use crate::policy::raw::{RawMatch, RawWorkload, S};
+use crate::policy::raw::{RawWorkload, S};
 use crate::policy::{Egress, Mode, Workload};
-
-/// `u32::MAX` is the kernel's "any uid" (`tessera_common::ANY_UID`), so no workload may use it.
-const MAX_UID: i64 = u32::MAX as i64 - 1;
 
 /// The workload, or `None` if something could not be checked (errors are in `ctx`).
 /// Set-wide checks (unique names, IDs and selectors) are the caller's. `mode` is the
@@ -32,17 +30,16 @@ pub(super) fn check(
         ctx.error(
             loc,
             format!("workload `{}` has no match", name.as_deref().unwrap_or("?")),
-            "add match: with a cgroup (e.g. cgroup: /my-service) and/or a uid",
+            "add match: with at least one selector, like cgroup: /my-service, uid: 1001 or systemdUnit: my.service",
         );
         return None;
     };
     let egress = check_egress(ctx, raw.egress.as_ref());
-    let (cgroup, uid) = check_match(ctx, selectors)?;
+    let selectors = check_match(ctx, selectors)?;
     Some(Workload {
         name: name?,
         spiffe_id: spiffe_id?,
-        cgroup,
-        uid,
+        selectors,
         egress: egress?,
         mode,
     })
@@ -109,123 +106,6 @@ fn check_spiffe_id(
         return None;
     }
     Some(id)
-}
-
-/// The supported selectors `(cgroup, uid)`; `None` if any selector is wrong or unsupported.
-fn check_match(
-    ctx: &mut Ctx<'_, '_>,
-    raw: &Spanned<RawMatch>,
-) -> Option<(Option<String>, Option<u32>)> {
-    let loc = raw.referenced;
-    let m = &raw.value;
-    let unsupported = [
-        ("gid", m.gid.as_ref().map(|s| s.referenced)),
-        ("systemdUnit", m.systemd_unit.as_ref().map(|s| s.referenced)),
-        ("exe", m.exe.as_ref().map(|s| s.referenced)),
-        ("exeSha256", m.exe_sha256.as_ref().map(|s| s.referenced)),
-        ("container", m.container.as_ref().map(|s| s.referenced)),
-        ("k8s", m.k8s.as_ref().map(|s| s.referenced)),
-    ];
-    let mut ok = true;
-    for (selector, at) in unsupported {
-        if let Some(at) = at {
-            ctx.error(
-                at,
-                format!("selector `{selector}` is not supported yet"),
-                format!("select the workload by cgroup and/or uid, and remove {selector}"),
-            );
-            ok = false;
-        }
-    }
-    let cgroup = match &m.cgroup {
-        Some(c) => {
-            let checked = check_cgroup(ctx, c);
-            ok &= checked.is_some();
-            checked
-        }
-        None => None,
-    };
-    let uid = match &m.uid {
-        Some(u) if (0..=MAX_UID).contains(&u.value) => u32::try_from(u.value).ok(),
-        Some(u) => {
-            ctx.error(
-                u.referenced,
-                format!("uid {} is out of range", u.value),
-                format!("use a uid from 0 to {MAX_UID}"),
-            );
-            ok = false;
-            None
-        }
-        None => None,
-    };
-    if ok && cgroup.is_none() && uid.is_none() {
-        ctx.error(
-            loc,
-            "match has no selector".into(),
-            "add cgroup: /path/of/the/cgroup and/or uid: N",
-        );
-        return None;
-    }
-    ok.then_some((cgroup, uid))
-}
-
-/// An absolute, normalised cgroup path below the cgroup v2 root (`/` is the root itself).
-fn check_cgroup(ctx: &mut Ctx<'_, '_>, raw: &S<String>) -> Option<String> {
-    let path = raw.value.as_str();
-    let at = raw.referenced;
-    if !path.starts_with('/') {
-        ctx.error(
-            at,
-            format!("cgroup `{path}` is not absolute"),
-            format!(
-                "write it from the cgroup v2 root: /{}",
-                path.trim_start_matches("./")
-            ),
-        );
-        return None;
-    }
-    if path.chars().any(char::is_control) {
-        ctx.error(
-            at,
-            format!("cgroup {path:?} has a control character"),
-            "remove it",
-        );
-        return None;
-    }
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    if segments.contains(&"..") {
-        ctx.error(
-            at,
-            format!("cgroup `{path}` has a `..` segment"),
-            "write the path without `..`",
-        );
-        return None;
-    }
-    let normalised = format!(
-        "/{}",
-        segments
-            .iter()
-            .copied()
-            .filter(|s| *s != ".")
-            .collect::<Vec<_>>()
-            .join("/")
-    );
-    if normalised != path {
-        let what = if path.contains("//") {
-            "has an empty segment (`//`)"
-        } else if path.ends_with('/') {
-            "ends with `/`"
-        } else {
-            "has a `.` segment"
-        };
-        ctx.error(
-            at,
-            format!("cgroup `{path}` {what}"),
-            format!("write it normalised: {normalised}"),
-        );
-        return None;
-    }
-    Some(normalised)
 }
 
 #[cfg(test)]

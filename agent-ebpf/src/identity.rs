@@ -1,0 +1,256 @@
+//! Who the caller is: the identity the agent attested (`PROCESS_IDENTITY`), else the workload
+//! of its cgroups and uid (`WORKLOADS`); and how identities and grants follow a process
+//! through fork, exec and exit.
+
+use aya_ebpf::{
+    bindings::BPF_RB_FORCE_WAKEUP,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+    },
+    programs::TracePointContext,
+};
+use tessera_common::{
+    ANY_CGROUP, ANY_UID, CONFIG_ATTEST_EXEC, GRANT_EMPTY, GRANT_KEEP_ON_EXEC, GRANT_SLOTS,
+    GRANT_TREE, IDENTITY_EXE_DEPENDENT, MAX_CGROUP_DEPTH, NONE_ID, PROCESS_EVENT_EXEC,
+    ProcessEvent, WORKLOAD_DECISION_FLAGS, WORKLOAD_NEEDS_ATTEST, WorkloadKey, WorkloadValue,
+};
+
+use crate::maps::{CONFIG, PROCESS_EVENTS, PROCESS_GRANTS, PROCESS_IDENTITY, WORKLOADS};
+
+/// Offsets of tracepoint fields, which differ between kernels: the agent sets them from the
+/// tracepoints' tracefs `format` files when it loads the programs (these are 6.x's values).
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: u32 = 20;
+#[unsafe(no_mangle)]
+static EXEC_OLD_PID_OFFSET: u32 = 16;
+
+/// The caller's workload (`workload_id` `NONE_ID` when none), and whether it still awaits
+/// the agent's attestation.
+pub struct Caller {
+    pub workload: WorkloadValue,
+    /// Some workload chosen by selectors only the agent checks may apply, and the caller has
+    /// no current attested identity.
+    pub pending: bool,
+}
+
+/// Finds the caller's workload. An attested identity applies while the caller is still in
+/// the cgroup and has the uid and gid it was attested with. Otherwise the deepest ancestor
+/// cgroup with a workload wins (one for this uid before one for any uid), else a workload of
+/// any cgroup; and an entry marked `WORKLOAD_NEEDS_ATTEST` on the way makes the caller pending.
+#[inline(always)]
+pub fn find_workload(uid_gid: u64) -> Caller {
+    let uid = uid_gid as u32;
+    let gid = (uid_gid >> 32) as u32;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if let Some(id) = PROCESS_IDENTITY.get_ptr(&tgid) {
+        // SAFETY: a map value pointer from a successful lookup.
+        let id = unsafe { *id };
+        if id.uid == uid && id.gid == gid && id.cgroup_id == unsafe { bpf_get_current_cgroup_id() }
+        {
+            return Caller {
+                workload: WorkloadValue {
+                    workload_id: id.workload_id,
+                    flags: id.flags & WORKLOAD_DECISION_FLAGS,
+                },
+                pending: false,
+            };
+        }
+    }
+    let mut found = WorkloadValue {
+        workload_id: NONE_ID,
+        flags: 0,
+    };
+    let mut needs_attest = 0;
+    let mut level: i32 = 0;
+    while level < MAX_CGROUP_DEPTH as i32 {
+        let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if cgroup_id == 0 {
+            break;
+        }
+        if let Some(v) = lookup(cgroup_id, uid) {
+            if v.workload_id != NONE_ID {
+                found = v;
+            }
+            needs_attest |= v.flags & WORKLOAD_NEEDS_ATTEST;
+        }
+        level += 1;
+    }
+    let attest_config = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_ATTEST_EXEC != 0);
+    if found.workload_id == NONE_ID || attest_config {
+        if let Some(v) = lookup(ANY_CGROUP, uid) {
+            if found.workload_id == NONE_ID && v.workload_id != NONE_ID {
+                found = v;
+            }
+            needs_attest |= v.flags & WORKLOAD_NEEDS_ATTEST;
+        }
+    }
+    found.flags &= WORKLOAD_DECISION_FLAGS;
+    Caller {
+        workload: found,
+        pending: needs_attest != 0,
+    }
+}
+
+/// The `WORKLOADS` entry for (`cgroup_id`, `uid`), else for (`cgroup_id`, any uid). The agent
+/// merges a level's any-uid entry into its uid entries, so one hit says all about the level.
+#[inline(always)]
+fn lookup(cgroup_id: u64, uid: u32) -> Option<WorkloadValue> {
+    let mut key = WorkloadKey {
+        cgroup_id,
+        uid,
+        _pad: 0,
+    };
+    if let Some(v) = WORKLOADS.get_ptr(&key) {
+        return Some(unsafe { *v });
+    }
+    key.uid = ANY_UID;
+    WORKLOADS.get_ptr(&key).map(|v| unsafe { *v })
+}
+
+/// sched_process_fork, in the parent's context, before the child first runs: the child
+/// inherits the parent's attested identity and its `bind: process-tree` grants. For a new
+/// thread the copies are keyed by its thread id, unused, and deleted when the thread exits.
+#[inline(always)]
+pub fn process_fork(ctx: &TracePointContext) {
+    let offset = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(offset) }) else {
+        return;
+    };
+    let child = child as u32;
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if child == 0 || child == parent {
+        return;
+    }
+    if let Some(id) = PROCESS_IDENTITY.get_ptr(&parent) {
+        // SAFETY: a map value pointer from a successful lookup; the helper copies it.
+        let _ = PROCESS_IDENTITY.insert(&child, unsafe { &*id }, 0);
+    }
+    let Some(grants) = PROCESS_GRANTS.get_ptr(&parent) else {
+        return;
+    };
+    // Field reads and writes only: a whole-struct copy would be a byte loop the verifier
+    // walks one byte at a time.
+    let mut tree = false;
+    let mut i = 0;
+    while i < GRANT_SLOTS {
+        // SAFETY: a map value pointer from a successful lookup; i < GRANT_SLOTS.
+        let (state, flags) = unsafe { ((*grants).slots[i].state, (*grants).slots[i].flags) };
+        if state != GRANT_EMPTY && flags & GRANT_TREE != 0 {
+            tree = true;
+        }
+        i += 1;
+    }
+    if !tree {
+        return;
+    }
+    // The kernel copies the parent's value; then every slot that is not the tree's is emptied.
+    if PROCESS_GRANTS
+        .insert(&child, unsafe { &*grants }, 0)
+        .is_err()
+    {
+        return;
+    }
+    let Some(copy) = PROCESS_GRANTS.get_ptr_mut(&child) else {
+        return;
+    };
+    let mut i = 0;
+    while i < GRANT_SLOTS {
+        // SAFETY: as above, for the child's value.
+        unsafe {
+            if (*copy).slots[i].flags & GRANT_TREE == 0 {
+                (*copy).slots[i].state = GRANT_EMPTY;
+            }
+        }
+        i += 1;
+    }
+}
+
+/// sched_process_exec: the new program image keeps only the grants that say so
+/// (`bind: process-tree`, `keepOnExec`), and loses an identity that depended on the
+/// executable; the agent is told, to attest the process again.
+#[inline(always)]
+pub fn process_exec(ctx: &TracePointContext) {
+    // After exec the calling thread is the thread-group leader: tgid is the process.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // An exec from another thread: that thread's id is free again, and so is its copy.
+    let offset = unsafe { core::ptr::read_volatile(&EXEC_OLD_PID_OFFSET) } as usize;
+    if let Ok(old_pid) = unsafe { ctx.read_at::<i32>(offset) } {
+        let old_pid = old_pid as u32;
+        if old_pid != tgid {
+            let _ = PROCESS_GRANTS.remove(&old_pid);
+            let _ = PROCESS_IDENTITY.remove(&old_pid);
+        }
+    }
+    if let Some(grants) = PROCESS_GRANTS.get_ptr_mut(&tgid) {
+        let mut kept = 0;
+        let mut i = 0;
+        while i < GRANT_SLOTS {
+            // SAFETY: a map value pointer from a successful lookup; i < GRANT_SLOTS.
+            let slot = unsafe { &mut (*grants).slots[i] };
+            if slot.flags & (GRANT_TREE | GRANT_KEEP_ON_EXEC) == 0 {
+                slot.state = GRANT_EMPTY;
+            } else if slot.state != GRANT_EMPTY {
+                kept += 1;
+            }
+            i += 1;
+        }
+        if kept == 0 {
+            let _ = PROCESS_GRANTS.remove(&tgid);
+        }
+    }
+    if let Some(id) = PROCESS_IDENTITY.get_ptr(&tgid) {
+        if unsafe { (*id).flags } & IDENTITY_EXE_DEPENDENT != 0 {
+            let _ = PROCESS_IDENTITY.remove(&tgid);
+        }
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    if config.flags & CONFIG_ATTEST_EXEC == 0 || !below(config.attached_cgroup_id) {
+        return;
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // A full ring buffer loses the event: the process then stays pending until its first
+    // decision (identity_pending) asks the agent to attest it.
+    let _ = PROCESS_EVENTS.output::<ProcessEvent>(
+        &ProcessEvent {
+            cgroup_id,
+            tgid,
+            kind: PROCESS_EVENT_EXEC,
+        },
+        BPF_RB_FORCE_WAKEUP as u64,
+    );
+}
+
+/// sched_process_exit: the thread-group leader's exit ends the process's grants and identity
+/// (so that a reused pid never inherits them); another thread's exit removes the copies its
+/// creation made.
+#[inline(always)]
+pub fn process_exit() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = pid_tgid as u32;
+    let _ = PROCESS_GRANTS.remove(&pid);
+    let _ = PROCESS_IDENTITY.remove(&pid);
+}
+
+/// Whether the caller is in cgroup `attached` or below it (0: nowhere).
+#[inline(always)]
+pub fn below(attached: u64) -> bool {
+    if attached == 0 {
+        return false;
+    }
+    let mut level: i32 = 0;
+    while level < MAX_CGROUP_DEPTH as i32 {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if id == attached {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
