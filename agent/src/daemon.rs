@@ -374,7 +374,8 @@ fn write_decision(
 
 /// Reports events the kernel could not queue; returns the total reported so far.
 fn check_drops(enforcer: &Mutex<Enforcer>, counters: &Counters, reported: u64) -> u64 {
-    let Ok(dropped) = enforcer.lock().map(|e| e.dropped_events()) else {
+    // A reload holds the lock while it swaps: check again next time rather than wait.
+    let Ok(dropped) = enforcer.try_lock().map(|e| e.dropped_events()) else {
         return reported;
     };
     match dropped {

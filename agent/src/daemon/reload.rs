@@ -32,7 +32,7 @@ use crate::{
 
 mod generations;
 
-use super::kernel_ids::{self, IdsError};
+use super::kernel_ids::{self, IdsError, KernelIds};
 
 use generations::saved_policies;
 pub use generations::{Generations, save_policy};
@@ -233,17 +233,18 @@ fn try_reload(shared: &Shared, views: &Mutex<Generations>, resync: bool) -> Outc
         return Outcome::Refused("the kernel handle is poisoned".to_owned());
     };
     // Grants name workloads and endpoints by kernel id, stable by name: they keep their
-    // meaning across reorderings and additions. When a workload or endpoint is gone, the
-    // grants go (callers ask again): the kernel cannot yet drop only that one's.
+    // meaning across reorderings and additions. The grants of a workload or endpoint that is
+    // gone go (its callers would have to ask again anyway); all others stay.
     if !ids_compatible(&old, &policy) {
-        let live = shared.grants.active_count(kernel::boot_time_ns());
-        if let Err(e) = shared.grants.clear() {
-            return Outcome::Refused(format!("cannot clear the grants: {e}"));
+        let ids = KernelIds::of(&policy);
+        let keep = |w: u32, e: u32| ids.workload_id(w).is_some() && ids.endpoint_id(e).is_some();
+        match shared.grants.retain(keep) {
+            Ok(removed) => warn!(
+                grants = removed,
+                "the new policy removes workloads or endpoints: their grants are gone"
+            ),
+            Err(e) => return Outcome::Refused(format!("cannot remove the grants: {e}")),
         }
-        warn!(
-            grants = live,
-            "the new policy removes workloads or endpoints: credentials must be requested again"
-        );
     }
     // The generation the swap will create, explained before its programs decide anything.
     let next = next_generation(enforcer.pinned_generation().unwrap_or(policy_generation()));

@@ -157,6 +157,45 @@ impl GrantMaps {
         processes + workloads
     }
 
+    /// Keeps the grants whose (workload, endpoint) kernel ids `keep` accepts and removes the
+    /// others (a reload removed their workload or endpoint). Returns how many were removed.
+    pub fn retain(&self, keep: impl Fn(u32, u32) -> bool) -> Result<usize, KernelError> {
+        let mut removed = 0;
+        let mut map = lock(&self.inner.process)?;
+        let err = map_error(map_names::PROCESS_GRANTS);
+        let entries: Vec<(u32, ProcessGrants)> = map.iter().filter_map(Result::ok).collect();
+        for (tgid, mut grants) in entries {
+            let mut changed = false;
+            for slot in grants.slots.iter_mut() {
+                if slot.state != GRANT_EMPTY && !keep(slot.workload_id, slot.endpoint_id) {
+                    *slot = GrantSlot::default();
+                    changed = true;
+                    removed += 1;
+                }
+            }
+            if !changed {
+                continue;
+            }
+            if grants.slots.iter().all(|s| s.state == GRANT_EMPTY) {
+                ignore_missing(map.remove(&tgid)).map_err(&err)?;
+            } else {
+                map.insert(tgid, grants, 0).map_err(&err)?;
+            }
+        }
+        drop(map);
+        let mut map = lock(&self.inner.workload)?;
+        let keys: Vec<WorkloadGrantKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(k.workload_id, k.endpoint_id))
+            .collect();
+        for key in keys {
+            ignore_missing(map.remove(&key)).map_err(map_error(map_names::WORKLOAD_GRANTS))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// Removes every grant.
     pub fn clear(&self) -> Result<(), KernelError> {
         let mut map = lock(&self.inner.process)?;
