@@ -33,16 +33,27 @@ pub struct Caller {
     pub pending: bool,
 }
 
-/// Finds the caller's workload. An attested identity applies while the caller is still in
-/// the cgroup and has the uid and gid it was attested with. Otherwise the deepest ancestor
+/// Finds the caller's workload. An attested identity applies (when some workload needs the
+/// agent's attestation) while the caller is still in the cgroup and has the uid and gid it was
+/// attested with. Otherwise the deepest ancestor
 /// cgroup with a workload wins (one for this uid before one for any uid), else a workload of
 /// any cgroup; and an entry marked `WORKLOAD_NEEDS_ATTEST` on the way makes the caller pending.
 #[inline(always)]
 pub fn find_workload(uid_gid: u64) -> Caller {
     let uid = uid_gid as u32;
     let gid = (uid_gid >> 32) as u32;
+    // Without a workload the kernel cannot tell apart by itself, an attested identity says what
+    // `WORKLOADS` says: skip its lookup.
+    let attest_config = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_ATTEST_EXEC != 0);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(id) = PROCESS_IDENTITY.get_ptr(&tgid) {
+    let identity = if attest_config {
+        PROCESS_IDENTITY.get_ptr(&tgid)
+    } else {
+        None
+    };
+    if let Some(id) = identity {
         // SAFETY: a map value pointer from a successful lookup.
         let id = unsafe { *id };
         if id.uid == uid && id.gid == gid && id.cgroup_id == unsafe { bpf_get_current_cgroup_id() }
@@ -75,9 +86,6 @@ pub fn find_workload(uid_gid: u64) -> Caller {
         }
         level += 1;
     }
-    let attest_config = CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & CONFIG_ATTEST_EXEC != 0);
     if found.workload_id == NONE_ID || attest_config {
         if let Some(v) = lookup(ANY_CGROUP, uid) {
             if found.workload_id == NONE_ID && v.workload_id != NONE_ID {

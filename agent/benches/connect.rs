@@ -278,7 +278,7 @@ fn print_table(results: &[Value]) {
     for r in results {
         println!(
             "{:>9} | {:>10} | {:>11.0} | {:>11.0} | {:>10.3} | {:>11.0} | {:>13.3} | {:>10.0} | {:>11.0}",
-            r["endpoint_entries"],
+            r["endpoint_entries"].as_u64().unwrap_or(0),
             format!(
                 "{}{}",
                 r["workloads"],
@@ -316,9 +316,16 @@ fn bench_policy(shape: Shape, cgroup_rel: &str, tcp_port: u16, udp_port: u16) ->
     let entries = shape.endpoints;
     use std::fmt::Write as _;
     let mut y = String::with_capacity(entries * 80);
+    // Attested: `bench` also selects by gid, which only the agent checks, so the kernel decides
+    // with the identity the benchmark writes for this process (as the agent would).
+    let gid = if shape.attested {
+        format!(", gid: {}", nix::unistd::getgid().as_raw())
+    } else {
+        String::new()
+    };
     writeln!(
         y,
-        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: bench }}\nspec:\n  trustDomain: bench.tessera.dev\n  workloads:\n    - {{ name: bench, match: {{ cgroup: {cgroup_rel} }} }}\n  endpoints:\n    - {{ name: vault, addresses: [\"127.0.0.1/32\"], ports: [{tcp_port}] }}\n    - {{ name: dns, addresses: [\"127.0.0.1/32\"], ports: [{udp_port}], protocol: udp }}"
+        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: bench }}\nspec:\n  trustDomain: bench.tessera.dev\n  workloads:\n    - {{ name: bench, match: {{ cgroup: {cgroup_rel}{gid} }} }}\n  endpoints:\n    - {{ name: vault, addresses: [\"127.0.0.1/32\"], ports: [{tcp_port}] }}\n    - {{ name: dns, addresses: [\"127.0.0.1/32\"], ports: [{udp_port}], protocol: udp }}"
     )?;
     let workloads_end = y.find("  endpoints:").context("policy text")?;
     let mut others = String::new();
