@@ -287,7 +287,7 @@ fn kernel_decisions_on_a_test_cgroup() {
     // The client runs one level below the workload's cgroup: the kernel walks the ancestors.
     let leaf = TestCgroup::create(&cgroup.path, "leaf");
     // A sibling, where a workload's cgroup is missing.
-    let _other = TestCgroup::create(&cgroup.path, "other");
+    let other = TestCgroup::create(&cgroup.path, "other");
     assert_eq!(
         cgroup_id(&leaf.path).unwrap(),
         cgroup_id(&root.join(&name).join("leaf")).unwrap()
@@ -525,6 +525,7 @@ fn kernel_decisions_on_a_test_cgroup() {
     enforcer.detach().unwrap();
     drop(enforcer);
     drop(leaf);
+    drop(other);
     drop(cgroup);
 }
 
