@@ -217,12 +217,14 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let (attest, attest_task) = attestation::spawn(
+    // Exec events from now on are queued in the ring buffer; then what already runs.
+    let (attest, attest_task) =
+        attestation::spawn(attestor.clone(), process_events, stop_rx.clone());
+    attestation::scan(
         attestor.clone(),
-        process_events,
         relative_cgroup(&attach_point, &cgroup_root),
-        stop_rx.clone(),
-    );
+    )
+    .await;
     // Endpoint hosts: one task per name, resolving and protecting until stop.
     let mut hosts = resolve::spawn(config.dns_server, &resolved, stop_rx.clone()).await?;
     let api_task = tokio::spawn(credential::serve_workload_api(

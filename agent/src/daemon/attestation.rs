@@ -34,21 +34,23 @@ impl AttestHandle {
     }
 }
 
-/// Starts the task: attests the processes in `cgroup` (relative to the cgroup v2 root), then
-/// follows `events` until `stop`.
+/// Attests the processes already in `cgroup` (relative to the cgroup v2 root) or below it:
+/// before the agent says it is ready, so that they are recognised from their first connect.
+pub async fn scan(attestor: Arc<Attestor>, cgroup: String) {
+    let scan = tokio::task::spawn_blocking(move || attestor.scan(&cgroup));
+    if let Ok(count) = scan.await {
+        info!(count, "running processes attested");
+    }
+}
+
+/// Starts the task: follows `events` (and the pending callers) until `stop`.
 pub fn spawn(
     attestor: Arc<Attestor>,
     mut events: RingReader<ProcessEvent>,
-    cgroup: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> (AttestHandle, JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel(PENDING_QUEUE);
     let task = tokio::spawn(async move {
-        let scanner = attestor.clone();
-        let scan = tokio::task::spawn_blocking(move || scanner.scan(&cgroup));
-        if let Ok(count) = scan.await {
-            info!(count, "running processes attested");
-        }
         let mut gc = tokio::time::interval(GC_INTERVAL);
         loop {
             tokio::select! {
