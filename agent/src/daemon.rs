@@ -25,12 +25,8 @@ use crate::{
 };
 
 mod adapters;
-// Kernel ids by name (kernel/ids.rs). Declared here until kernel.rs declares it (`mod ids;`
-// and `pub use ids::KernelIds;` there; then use `crate::kernel::KernelIds` and drop this).
 mod attestation;
 pub mod cgroupns;
-#[path = "kernel/ids.rs"]
-pub mod kernel_ids;
 mod reload;
 mod status;
 
@@ -73,7 +69,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
-    KernelIds(#[from] kernel_ids::IdsError),
+    KernelIds(#[from] kernel::IdsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }

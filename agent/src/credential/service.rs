@@ -14,10 +14,10 @@ use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keys::SigningKeys;
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
-use crate::daemon::kernel_ids::KernelIds;
 use crate::identity::attestor::{Attested, Attestor};
 use crate::identity::evidence::EvidenceReader;
 use crate::identity::k8s::PodCache;
+use crate::kernel::KernelIds;
 use crate::policy::{Bind, EndpointId, PolicySet, WorkloadId};
 
 /// Issues credentials to attested callers and keeps the kernel grants in step.

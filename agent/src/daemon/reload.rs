@@ -32,7 +32,7 @@ use crate::{
 
 mod generations;
 
-use super::kernel_ids::{self, IdsError, KernelIds};
+use crate::kernel::{IdsError, KernelIds, ids as kernel_ids};
 
 use generations::saved_policies;
 pub use generations::{Generations, save_policy};

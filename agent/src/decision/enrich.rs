@@ -21,8 +21,8 @@ use super::record::{
     CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PodRecord, PolicyRecord,
     ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
-use crate::daemon::kernel_ids::KernelIds;
 use crate::identity::evidence::{Evidence, Exe, cgroup};
+use crate::kernel::KernelIds;
 use crate::policy::{Mode, PolicySet};
 
 /// What the decision log may say about an issued credential. Never the token.

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use super::attest::pidfd_alive;
 use super::evidence::{Evidence, EvidenceError, EvidenceReader, open_pidfd};
 use super::k8s::PodCache;
-use crate::daemon::kernel_ids::KernelIds;
+use crate::kernel::KernelIds;
 use crate::kernel::{self, Identities};
 use crate::policy::{PolicySet, WorkloadId};
 

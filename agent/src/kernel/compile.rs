@@ -13,7 +13,7 @@ use tessera_common::{
 };
 
 use super::{KernelError, scope};
-use crate::daemon::kernel_ids::KernelIds;
+use crate::kernel::KernelIds;
 use crate::policy::{Egress, EndpointId, Mode, PolicySet, Protocol, RuleId, Workload, WorkloadId};
 
 /// The policy maps' contents. CIDR keys are `(prefix length, data)`.

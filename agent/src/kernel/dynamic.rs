@@ -344,7 +344,7 @@ impl DynamicEntries {
 /// The endpoint id the policy maps hold for `endpoint` (at position `id` of the policy): the
 /// kernel id of its name (`KernelIds`), as `compile` numbers endpoints.
 pub fn kernel_endpoint_id(endpoint: &Endpoint, id: EndpointId) -> u32 {
-    crate::daemon::kernel_ids::endpoint_by_name(&endpoint.name, id)
+    super::ids::endpoint_by_name(&endpoint.name, id)
 }
 
 fn other(endpoint_id: u32, is_static: bool) -> Holder {
