@@ -463,3 +463,38 @@ fn an_exec_drops_an_exe_based_identity_and_attests_the_new_image() {
     eprintln!("exec into py-a: {pending} identity_pending deny(s) first");
     assert_eq!(verdict(&r, &d), v("ok", "allowlisted", "by-exe"), "{d}");
 }
+
+#[test]
+fn revoking_a_predecessors_process_tree_credential_cuts_off_its_children() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("tree-restart");
+    let (app, app_rel) = cg.child("app");
+    let servers = Servers::start();
+    let (port, api_port) = (servers.tcp_port, extra_tcp_server());
+    let workloads = format!("    - name: app\n      match: {{ cgroup: {app_rel} }}");
+    let rules = "    - name: tree\n      workloads: [app]\n      endpoints: [vault]\n      credential: { required: true, maxTtl: 10m, bind: process-tree }";
+    let mut agent = Agent::start(
+        &identity_policy(&workloads, rules, port, api_port),
+        &cg.path,
+        &[],
+    );
+    let mut w = Workload::spawn(&app, &agent.api);
+    let jti = w.must_token("vault", Some(300));
+    let child = w.fork();
+    assert_eq!(w.child_connect4(child, port), "ok");
+
+    // A new agent reads the bind mode back from the registry its predecessor saved.
+    agent.kill();
+    agent.restart();
+    let admin = agent.admin.to_str().expect("utf-8").to_owned();
+    let (code, out, err) = agent.cli(&["revoke", "--jti", &jti, "--admin-socket", &admin]);
+    assert_eq!(code, 0, "revoke: {out}{err}");
+    assert_eq!(w.connect4(port), "EPERM", "the holder after the revocation");
+    assert_eq!(
+        w.child_connect4(child, port),
+        "EPERM",
+        "the holder's child after the revocation"
+    );
+}

@@ -322,3 +322,31 @@ fn tells_systemd_ready_watchdog_and_stopping() {
         .arg(&cg.path)
         .output();
 }
+
+#[test]
+fn the_state_directory_is_private_from_the_first_write_and_after_a_restart() {
+    if !privileged() {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
+    let cg = TestCgroup::new("ops-statedir");
+    let servers = Servers::start();
+    let mut agent = Agent::start(
+        &standard_policy(&cg.rel, servers.tcp_port, servers.tcp_port + 1, "enforce"),
+        &cg.path,
+        &[],
+    );
+    let state = agent.dir.path().join("state");
+    // The kernel-id table and the policy copies are written before the signing key: the
+    // directory must be 0700 from its creation, and so must the copies' directory.
+    assert_eq!(mode(&state), 0o700, "{}", state.display());
+    assert_eq!(mode(&state.join("generations")), 0o700);
+
+    // Widened by hand (or by an old release): the next start tightens it and says so.
+    agent.kill();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    agent.restart();
+    assert_eq!(mode(&state), 0o700);
+    agent.wait_log("the state directory was readable by others");
+}

@@ -28,6 +28,7 @@ mod adapters;
 mod attestation;
 pub mod cgroupns;
 mod reload;
+mod state_dir;
 mod status;
 
 use adapters::{CredentialRefs, KernelGrants};
@@ -72,12 +73,16 @@ pub enum DaemonError {
     KernelIds(#[from] kernel::IdsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    StateDir(#[from] state_dir::StateDirError),
 }
 
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Before the first read: an edit made while starting is a change to reload.
     let watch = reload::PolicyWatch::new(config.policies.clone());
     let policy = Arc::new(PolicySet::load(&config.policies)?);
+    // Before anything is written there (kernel ids, policy copies, the key, the registry).
+    state_dir::prepare_and_report(&config.state_dir)?;
     info!(
         revision = %policy.revision,
         workloads = policy.workloads.len(),

@@ -106,8 +106,19 @@ impl Persisted {
             issued_at: UNIX_EPOCH + Duration::from_secs(self.issued_at),
             expires_at: UNIX_EPOCH + Duration::from_secs(self.expires_at),
             bind: match self.bind.as_str() {
+                "process" => Bind::Process,
+                "process-tree" => Bind::ProcessTree,
                 "workload" => Bind::Workload,
-                _ => Bind::Process,
+                // Written by a newer agent: revoke it everywhere a process holds it (a
+                // process-tree revocation covers every process slot of the credential).
+                other => {
+                    tracing::warn!(
+                        credential_id = self.credential_id,
+                        bind = other,
+                        "unknown bind mode in the credential registry; revoking it will search every process"
+                    );
+                    Bind::ProcessTree
+                }
             },
             revoked: self.revoked,
         })
@@ -350,6 +361,36 @@ mod tests {
         );
         assert!(again.by_credential_id(8).is_some_and(|c| c.revoked));
         assert_eq!(again.active_count(SystemTime::now()), 1);
+    }
+
+    #[test]
+    fn a_reopened_registry_keeps_every_bind_mode() {
+        // Revocation after a restart follows the bind mode: a process-tree credential read
+        // back as `process` would leave its children's copies alive.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Registry::open(dir.path());
+        for (i, bind) in [Bind::Process, Bind::ProcessTree, Bind::Workload]
+            .into_iter()
+            .enumerate()
+        {
+            let id = 20 + i as u64;
+            r.insert(CredentialInfo {
+                bind,
+                ..info(bind.as_str(), id, 30, 300)
+            });
+        }
+        let again = Registry::open(dir.path());
+        for (i, bind) in [Bind::Process, Bind::ProcessTree, Bind::Workload]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                again.by_credential_id(20 + i as u64).map(|c| c.bind),
+                Some(bind),
+                "{} after a restart",
+                bind.as_str()
+            );
+        }
     }
 
     #[test]

@@ -117,7 +117,12 @@ impl IdTable {
         let path = state_dir.join(TABLE_FILE);
         let tmp = state_dir.join(format!(".{TABLE_FILE}.tmp"));
         let write = |p: &Path| -> std::io::Result<()> {
-            std::fs::create_dir_all(state_dir)?;
+            // 0700, as the daemon makes it (a first write may come before the daemon's check).
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(state_dir)?;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)

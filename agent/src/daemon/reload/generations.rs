@@ -112,8 +112,12 @@ pub fn save_policy(state_dir: &Path, generation: u32, policy: &PolicySet) {
     let dir = generations_dir(state_dir).join(format!("g{generation:010}"));
     let result = (|| -> std::io::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(state_dir)?;
-        std::fs::create_dir_all(&dir)?;
+        // Inside the 0700 state directory; the copies are no one else's business either.
+        std::os::unix::fs::DirBuilderExt::mode(
+            std::fs::DirBuilder::new().recursive(true),
+            super::super::state_dir::STATE_DIR_MODE,
+        )
+        .create(&dir)?;
         for (i, source) in policy.sources.iter().enumerate() {
             std::fs::copy(source, dir.join(format!("{i:04}.yaml")))?;
         }
