@@ -462,3 +462,39 @@ fn enforcement_outlives_the_agent_by_default() {
     }
     assert_eq!(result, "ok", "uninstall ends enforcement");
 }
+
+#[test]
+fn unspecified_destinations_are_decided_as_the_loopback_they_reach() {
+    if !privileged() {
+        return;
+    }
+    // Linux delivers a connect to 0.0.0.0 / :: / ::ffff:0.0.0.0 to this host's loopback, where
+    // the protected server (bound to 127.0.0.1 and ::1 only) listens.
+    let s = setup("unspecified", "enforce", &[]);
+    let mut holder = Workload::spawn(&s.app, &s.agent.api);
+    let mut bare = Workload::spawn(&s.app, &s.agent.api);
+    let targets = [(4u8, "0.0.0.0"), (6, "::"), (6, "::ffff:0.0.0.0")];
+    for (family, host) in targets {
+        assert_eq!(
+            bare.net("connect", family, host, s.port),
+            "EPERM",
+            "{host} without a credential"
+        );
+        let d = s.agent.wait_decision(host, |d| {
+            d["process"]["tgid"] == bare.pid
+                && d["reason"] == "no_credential"
+                && d["destination"]["endpoint"] == "vault"
+                && d["destination"]["port"] == s.port
+                && d["destination"]["ip"] == if host == "::" { "::1" } else { "127.0.0.1" }
+        });
+        assert_eq!(d["verdict"], "deny", "{d}");
+    }
+    holder.must_token("vault", Some(60));
+    for (family, host) in targets {
+        assert_eq!(
+            holder.net("connect", family, host, s.port),
+            "ok",
+            "{host} with a credential"
+        );
+    }
+}

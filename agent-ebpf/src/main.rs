@@ -137,7 +137,12 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(protocol) = protocol(sa) else {
         return ALLOW;
     };
-    let ip4 = read_ctx(unsafe { &raw const (*sa).user_ip4 }).to_ne_bytes();
+    let mut ip4 = read_ctx(unsafe { &raw const (*sa).user_ip4 }).to_ne_bytes();
+    // Linux delivers a connect/sendto to the unspecified 0.0.0.0 to this host's loopback:
+    // it is decided as 127.0.0.1 (issue 11).
+    if u32::from_ne_bytes(ip4) == 0 {
+        ip4 = [127, 0, 0, 1];
+    }
     let mut addr = [0u8; 16];
     addr[10] = 0xff;
     addr[11] = 0xff;
@@ -175,6 +180,15 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     if compatible {
         addr[10] = 0xff;
         addr[11] = 0xff;
+    }
+    // The unspecified addresses reach this host's loopback: `::` (= `::0.0.0.0`) is decided
+    // as `::1`, `::ffff:0.0.0.0` as 127.0.0.1 (issue 11).
+    let low_zero = addr[12] | addr[13] | addr[14] | addr[15] == 0;
+    if zero_prefix && addr[10] == 0 && addr[11] == 0 && low_zero {
+        addr[15] = 1;
+    } else if mapped && low_zero {
+        addr[12] = 127;
+        addr[15] = 1;
     }
     let dest = Destination {
         addr,
