@@ -142,6 +142,12 @@ fn delete_and_revoke_take_effect_on_the_next_connect() {
     let mut w = Workload::spawn(&s.app, &s.agent.api);
     let jti = w.must_token("vault", Some(60));
     assert_eq!(w.connect4(s.port), "ok");
+    // Another process of the same workload that knows the jti cannot end it (bind: process).
+    let mut peer = Workload::spawn(&s.app, &s.agent.api);
+    let (status, body) = peer.raw("DELETE", &format!("/v1/credentials/{jti}"), None);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "not_the_holder", "{body}");
+    assert_eq!(w.connect4(s.port), "ok", "the holder keeps its credential");
     let (status, body) = w.raw("DELETE", &format!("/v1/credentials/{jti}"), None);
     assert_eq!(status, 200, "{body}");
     assert_eq!(w.connect4(s.port), "EPERM");

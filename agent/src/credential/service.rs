@@ -373,6 +373,18 @@ impl CredentialService {
                     && c.spiffe_id == policy.workload(wid).spiffe_id
             })
             .ok_or_else(not_found)?;
+        // A process-bound credential is its holder's: another process of the same workload
+        // that learnt the jti must not end it (a bind: workload credential is everyone's).
+        if matches!(c.bind, Bind::Process | Bind::ProcessTree) && c.pid != caller.evidence.pid {
+            return Err(Refusal::forbidden(
+                "not_the_holder",
+                format!(
+                    "credential {jti:?} is bound to process {} ({}); only that process, or `tessera revoke`, can end it",
+                    c.pid,
+                    c.bind.as_str()
+                ),
+            ));
+        }
         if !c.revoked {
             self.revoke_grant(&c).map_err(|e| {
                 warn!(error = %e, jti, "cannot revoke a grant");
