@@ -350,3 +350,110 @@ fn the_state_directory_is_private_from_the_first_write_and_after_a_restart() {
     assert_eq!(mode(&state), 0o700);
     agent.wait_log("the state directory was readable by others");
 }
+
+/// Issue 15 #10: with the agent stopped (SIGSTOP) the ring buffer fills and the kernel drops
+/// events; no refused attempt may go missing from the decision log for that. Every deny whose
+/// event was dropped is counted in the kernel under who was refused what, and written as a record
+/// with a `lost` count once the agent runs again: the records add up to the attempts.
+#[test]
+fn denies_the_ring_buffer_could_not_take_are_counted_in_the_log() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("ops-lost");
+    let (app, _) = cg.child("app");
+    let servers = Servers::start();
+    let agent = Agent::start(
+        &standard_policy(&cg.rel, servers.tcp_port, servers.tcp_port + 1, "enforce"),
+        &cg.path,
+        &["--metrics-addr", "127.0.0.1:0"],
+    );
+    let mut w = Workload::spawn(&app, &agent.api);
+    // Attested first, so that every later deny is the same (no_credential).
+    let (result, record, _) =
+        agent.settled(w.pid, || w.net("sendto", 4, "127.0.0.1", servers.udp_port));
+    assert_eq!(result, "EPERM");
+    assert_eq!(record["reason"], "no_credential", "{record}");
+    let before = agent.decisions_of(w.pid).len() as u64;
+
+    // The ring holds about 35,000 events (4 MiB): three times that, with nobody reading.
+    let attempts: u64 = 120_000;
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &agent.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let out = w.send(serde_json::json!({
+        "op": "flood", "family": 4, "host": "127.0.0.1", "port": servers.udp_port,
+        "count": attempts,
+    }));
+    signal("-CONT");
+    assert_eq!(
+        out["results"],
+        serde_json::json!({"EPERM": attempts}),
+        "{out}"
+    );
+
+    // Each record of the process stands for one deny, or for `lost.count` of them.
+    let counted = |records: &[Value]| -> (u64, u64) {
+        let mut total = 0;
+        let mut lost = 0;
+        for r in records {
+            assert_eq!(r["verdict"], "deny", "{r}");
+            match r.get("lost") {
+                Some(l) => {
+                    let n = l["count"].as_u64().unwrap();
+                    assert!(n > 0, "{r}");
+                    assert_eq!(r["reason"], "no_credential", "{r}");
+                    assert_eq!(r["destination"]["endpoint"], "dns", "{r}");
+                    assert_eq!(r["destination"]["port"], servers.udp_port, "{r}");
+                    assert_eq!(r["hook"], "sendmsg4", "{r}");
+                    assert!(l["first_ts"].as_str().unwrap() <= l["last_ts"].as_str().unwrap());
+                    total += n;
+                    lost += n;
+                }
+                None => total += 1,
+            }
+        }
+        (total, lost)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (total, lost) = loop {
+        let (total, lost) = counted(&agent.decisions_of(w.pid));
+        if total >= before + attempts || std::time::Instant::now() > deadline {
+            break (total, lost);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(total, before + attempts, "{lost} of them as lost records");
+    // The ring did overflow: the lost path was taken, and said so.
+    assert!(
+        lost > 0,
+        "no event was dropped: the test did not fill the ring"
+    );
+
+    let (status, text) = agent.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&text, "tessera_lost_denies_total"),
+        Some(lost as f64),
+        "{text}"
+    );
+    let admin = agent.admin.to_str().unwrap().to_string();
+    let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["counters"]["lost_denies"], lost, "{status}");
+    assert!(
+        status["counters"]["dropped_events"].as_u64().unwrap() >= lost,
+        "{status}"
+    );
+    let log = std::fs::read_to_string(&agent.agent_log).unwrap();
+    assert!(
+        log.contains("denies were written as counted `lost` records"),
+        "{log}"
+    );
+    w.exit();
+}

@@ -19,6 +19,7 @@ pub mod map_names {
     pub const SOCKET_TAGS: &str = "SOCKET_TAGS";
     pub const PROCESS_IDENTITY: &str = "PROCESS_IDENTITY";
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+    pub const DENY_LOSSES: &str = "DENY_LOSSES";
 }
 
 /// Program names (the Rust function names in `tessera-ebpf`).
@@ -53,6 +54,11 @@ pub mod capacity {
     /// Backlog after which the kernel wakes the agent; below it, events are submitted without a
     /// wakeup (the agent polls every 50 ms), which keeps a wakeup off the connect path.
     pub const EVENTS_WAKEUP_BYTES: u64 = 1 << 16;
+    /// Backlog past which allows are no longer queued (counted as drops), so the rest of the
+    /// ring is kept for denies: the last eighth.
+    pub const EVENTS_ALLOW_LIMIT_BYTES: u64 = EVENTS_BYTES as u64 - (EVENTS_BYTES as u64 >> 3);
+    /// Distinct denies whose events could not be queued, counted until the agent reads them.
+    pub const DENY_LOSSES: u32 = 16_384;
 }
 
 /// Ancestor levels the kernel walks to find the workload of a cgroup (the deepest match wins).
@@ -362,6 +368,44 @@ pub struct DecisionEvent {
     pub _pad: u32,
 }
 
+/// A deny whose `DecisionEvent` the full ring buffer could not take: the fields of the event
+/// that say who was refused what (`DENY_LOSSES` key). Every such deny is counted under it, so
+/// the decision log still accounts for each refused attempt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LostDenyKey {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub endpoint_id: u32,
+    pub workload_id: u32,
+    pub rule_id: u32,
+    pub policy_generation: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub hook: u8,
+    pub protocol: u8,
+    pub reason: u8,
+    pub enforced: u8,
+    pub family: u8,
+    pub _pad: u8,
+    pub addr: [u8; 16],
+    pub _pad2: u32,
+}
+
+/// How many denies of one `LostDenyKey` were lost, and when (`DENY_LOSSES` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostDenies {
+    pub count: u64,
+    /// Kernel boot clock.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The credential of the last one (0: none).
+    pub credential_id: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -382,6 +426,8 @@ mod pod {
     unsafe impl aya::Pod for ProcessIdentity {}
     unsafe impl aya::Pod for ProcessEvent {}
     unsafe impl aya::Pod for DecisionEvent {}
+    unsafe impl aya::Pod for LostDenyKey {}
+    unsafe impl aya::Pod for LostDenies {}
 }
 
 #[cfg(test)]
@@ -411,5 +457,7 @@ mod tests {
             size_of::<DecisionEvent>(),
             4 * 8 + 9 * 4 + 2 + 6 + 16 + 16 + 4
         );
+        assert_eq!(size_of::<LostDenyKey>(), 8 + 7 * 4 + 2 + 6 + 16 + 4);
+        assert_eq!(size_of::<LostDenies>(), 4 * 8);
     }
 }

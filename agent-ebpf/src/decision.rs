@@ -13,19 +13,19 @@ use aya_ebpf::{
 };
 use tessera_common::{
     ANY_PORT, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST, DecisionEvent, EndpointCidrKey,
-    EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS, GrantSlot, MODE_AUDIT,
-    MODE_ENFORCE, MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, NONE_ID, REASON_ALLOWLISTED,
-    REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED, REASON_CREDENTIAL_VALID,
-    REASON_EGRESS_NOT_ALLOWLISTED, REASON_IDENTITY_PENDING, REASON_NO_CREDENTIAL,
-    REASON_UNKNOWN_WORKLOAD, REASON_WORKLOAD_NOT_ALLOWED, RULE_CREDENTIAL_REQUIRED, RuleKey,
-    VERDICT_ALLOW, VERDICT_DENY, WORKLOAD_EGRESS_ALLOWLIST, WORKLOAD_MODE_AUDIT, WorkloadGrantKey,
-    WorkloadValue, capacity,
+    EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS, GrantSlot, LostDenies,
+    LostDenyKey, MODE_AUDIT, MODE_ENFORCE, MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, NONE_ID,
+    REASON_ALLOWLISTED, REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED,
+    REASON_CREDENTIAL_VALID, REASON_EGRESS_NOT_ALLOWLISTED, REASON_IDENTITY_PENDING,
+    REASON_NO_CREDENTIAL, REASON_UNKNOWN_WORKLOAD, REASON_WORKLOAD_NOT_ALLOWED,
+    RULE_CREDENTIAL_REQUIRED, RuleKey, VERDICT_ALLOW, VERDICT_DENY, WORKLOAD_EGRESS_ALLOWLIST,
+    WORKLOAD_MODE_AUDIT, WorkloadGrantKey, WorkloadValue, capacity,
 };
 
 use crate::identity::{Caller, find_workload};
 use crate::maps::{
-    CONFIG, ENDPOINTS_CIDR, ENDPOINTS_EXACT, EVENT_DROPS, EVENTS, PROCESS_GRANTS, RULES,
-    SOCKET_TAGS, WORKLOAD_GRANTS,
+    CONFIG, DENY_LOSSES, ENDPOINTS_CIDR, ENDPOINTS_EXACT, EVENT_DROPS, EVENTS, PROCESS_GRANTS,
+    RULES, SOCKET_TAGS, WORKLOAD_GRANTS,
 };
 
 /// Return values of a cgroup sock_addr program.
@@ -283,6 +283,11 @@ fn creator_of(socket_cookie: u64) -> u32 {
 
 /// Sends one decision event; a full ring buffer counts a drop. `socket_cookie` is 0 when
 /// there is no socket yet.
+///
+/// Denies come first: past `EVENTS_ALLOW_LIMIT_BYTES` of backlog an allow is dropped (and
+/// counted) so the last eighth of the ring is left to denies, and a deny the ring cannot take
+/// is counted in `DENY_LOSSES` under who was refused what, which the agent writes to the log.
+/// So no refused attempt is missing from the decision log without a record that counts it.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "few call sites; inlined")]
 pub fn emit(
@@ -297,10 +302,36 @@ pub fn emit(
     enforced: bool,
 ) {
     let policy_generation = CONFIG.get(0).map_or(0, |c| c.policy_generation);
+    let deny = v.verdict != VERDICT_ALLOW;
+    if !deny && EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= capacity::EVENTS_ALLOW_LIMIT_BYTES {
+        count_drop();
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
-        if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
-            // Per-CPU value: no other writer.
-            unsafe { *drops += 1 };
+        count_drop();
+        if deny {
+            count_lost_deny(
+                &LostDenyKey {
+                    cgroup_id: unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() },
+                    tgid: (pid_tgid >> 32) as u32,
+                    uid: uid_gid as u32,
+                    gid: (uid_gid >> 32) as u32,
+                    endpoint_id,
+                    workload_id: v.workload_id,
+                    rule_id: v.rule_id,
+                    policy_generation,
+                    port: dest.port,
+                    hook,
+                    protocol: dest.protocol,
+                    reason: v.reason,
+                    enforced: enforced as u8,
+                    family: dest.family,
+                    _pad: 0,
+                    addr: dest.addr,
+                    _pad2: 0,
+                },
+                v.credential_id,
+            );
         }
         return;
     };
@@ -335,4 +366,46 @@ pub fn emit(
     } else {
         BPF_RB_NO_WAKEUP as u64
     });
+}
+
+#[inline(always)]
+fn count_drop() {
+    if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
+        // Per-CPU value: no other writer.
+        unsafe { *drops += 1 };
+    }
+}
+
+/// Counts one deny the ring buffer could not take under its key.
+#[inline(always)]
+fn count_lost_deny(key: &LostDenyKey, credential_id: u64) {
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // Two tries: another CPU may insert the key between our lookup and our insert (it then
+    // holds a zero count for this CPU, which the second lookup finds).
+    for _ in 0..2 {
+        if let Some(lost) = DENY_LOSSES.get_ptr_mut(key) {
+            // This CPU's value: no other writer.
+            unsafe {
+                (*lost).count += 1;
+                if (*lost).first_ns == 0 {
+                    (*lost).first_ns = now;
+                }
+                (*lost).last_ns = now;
+                (*lost).credential_id = credential_id;
+            }
+            return;
+        }
+        let first = LostDenies {
+            count: 1,
+            first_ns: now,
+            last_ns: now,
+            credential_id,
+        };
+        if DENY_LOSSES
+            .insert(key, &first, aya_ebpf::bindings::BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return;
+        }
+    }
 }

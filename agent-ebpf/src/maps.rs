@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use tessera_common::{
-    Config, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, ProcessGrants, ProcessIdentity,
-    RuleKey, RuleValue, SocketTag, WorkloadGrantKey, WorkloadKey, WorkloadValue, capacity,
-    map_names,
+    Config, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, LostDenies, LostDenyKey,
+    ProcessGrants, ProcessIdentity, RuleKey, RuleValue, SocketTag, WorkloadGrantKey, WorkloadKey,
+    WorkloadValue, capacity, map_names,
 };
 
 #[map]
@@ -45,6 +45,14 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 #[map]
 pub static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Denies whose event the full ring buffer could not take, counted per who/what; the agent
+/// writes them to the decision log as `lost` records. Per CPU, so counting needs no atomics (the
+/// agent sums the CPUs); LRU, so an agent that never reads them cannot stop the counting of new
+/// ones (each loss is also in `EVENT_DROPS`).
+#[map]
+pub static DENY_LOSSES: LruPerCpuHashMap<LostDenyKey, LostDenies> =
+    LruPerCpuHashMap::with_max_entries(capacity::DENY_LOSSES, 0);
+
 /// Keyed by socket cookie. LRU, because a socket whose release we miss must not pin an entry.
 #[map]
 pub static SOCKET_TAGS: LruHashMap<u64, SocketTag> =
@@ -74,4 +82,5 @@ const _: () = {
     assert!(same(map_names::SOCKET_TAGS, "SOCKET_TAGS"));
     assert!(same(map_names::PROCESS_IDENTITY, "PROCESS_IDENTITY"));
     assert!(same(map_names::PROCESS_EVENTS, "PROCESS_EVENTS"));
+    assert!(same(map_names::DENY_LOSSES, "DENY_LOSSES"));
 };

@@ -10,12 +10,12 @@ use std::{
 };
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     cli::run::ModeArg,
     credential::{self, CredentialError, CredentialService},
-    decision::{DecisionRecord, DecisionSink, Enricher, SinkError, SinkOptions},
+    decision::{DecisionRecord, DecisionSink, Enricher, Lost, SinkError, SinkOptions},
     identity::attestor::Attestor,
     identity::evidence::{DEFAULT_MAX_HASH_BYTES, EvidenceReader},
     kernel::{self, Enforcer, KernelError},
@@ -27,11 +27,13 @@ use crate::{
 mod adapters;
 mod attestation;
 pub mod cgroupns;
+mod losses;
 mod reload;
 mod state_dir;
 mod status;
 
 use adapters::{CredentialRefs, KernelGrants};
+use losses::{Loss, LossReporter};
 pub use reload::{policy_generation, reload_failures, reloads};
 pub use status::Counters;
 
@@ -254,7 +256,6 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let mut drop_check = tokio::time::interval(Duration::from_secs(5));
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut policy_poll = tokio::time::interval(Duration::from_secs(1));
     let mut sink = sink;
@@ -263,6 +264,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         &config.state_dir,
         enforcer.lock().ok().and_then(|e| e.dropped_events().ok()),
     );
+    let mut losses = LossReporter::default();
     loop {
         tokio::select! {
             event = events.next() => match event {
@@ -274,14 +276,6 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
                 None => { warn!("the kernel event stream ended"); break; }
             },
-            _ = drop_check.tick() => {
-                let before = reported_drops;
-                reported_drops = check_drops(&enforcer, &counters, reported_drops);
-                metrics.set_ringbuf_dropped_total(reported_drops);
-                if reported_drops != before {
-                    reload::save_reported_drops(&config.state_dir, reported_drops);
-                }
-            }
             // Reloads run on a blocking thread: events keep being read meanwhile.
             _ = sighup.recv() => reloader.request("SIGHUP"),
             _ = policy_poll.tick() => {
@@ -307,6 +301,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
                 // From the event loop itself: a stuck loop stops the pings and systemd restarts us.
                 metrics::systemd::watchdog_ping();
+                // The losses first, then the drop counter: the kernel counts a drop before
+                // the lost deny, so the drops shown are never fewer than the losses written.
+                let lost = take_losses(&enforcer, &mut losses);
+                reported_drops =
+                    note_drops(&enforcer, &counters, &metrics, &config.state_dir, reported_drops);
+                write_losses(lost, &reloader, &mut sink, &counters, &metrics);
                 if let Err(e) = sink.flush_due() {
                     warn!(error = %e, "cannot write aggregated decision records");
                 }
@@ -337,8 +337,18 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if let Err(e) = sink.flush_all() {
         warn!(error = %e, "cannot write aggregated decision records");
     }
-    let reported_drops = check_drops(&enforcer, &counters, reported_drops);
-    reload::save_reported_drops(&config.state_dir, reported_drops);
+    let lost = take_losses(&enforcer, &mut losses);
+    note_drops(
+        &enforcer,
+        &counters,
+        &metrics,
+        &config.state_dir,
+        reported_drops,
+    );
+    write_losses(lost, &reloader, &mut sink, &counters, &metrics);
+    if let Ok(mut enforcer) = enforcer.lock() {
+        enforcer.forget_lost_denies(&losses.reported());
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), attest_task).await;
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -373,6 +383,69 @@ fn write_decision(
         counters.sink_errors.fetch_add(1, Ordering::Relaxed);
         warn!(error = %e, decision_id = %record.decision_id, "cannot write a decision record");
     }
+}
+
+/// The denies the kernel counted in `DENY_LOSSES` since the last look: their events did not fit
+/// in the ring buffer.
+fn take_losses(enforcer: &Mutex<Enforcer>, reporter: &mut LossReporter) -> Vec<Loss> {
+    // A reload holds the lock while it swaps: look again next time rather than wait.
+    match enforcer.try_lock() {
+        Ok(e) => reporter.take(e.lost_denies()),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Writes lost denies as `lost` records, and says so loudly.
+fn write_losses(
+    lost: Vec<Loss>,
+    enricher: &reload::Reloader,
+    sink: &mut DecisionSink,
+    counters: &Counters,
+    metrics: &Metrics,
+) {
+    if lost.is_empty() {
+        return;
+    }
+    let total: u64 = lost.iter().map(|l| l.count).sum();
+    error!(
+        denies = total,
+        records = lost.len(),
+        "the decision event ring buffer was full: denies were written as counted `lost` records"
+    );
+    for loss in lost {
+        let record: DecisionRecord = enricher.enrich(&loss.event());
+        let span = Duration::from_nanos(loss.last_ns.saturating_sub(loss.since_ns));
+        let first = record.ts.checked_sub(span).unwrap_or(record.ts);
+        let field = Lost {
+            count: loss.count,
+            first_ts: humantime::format_rfc3339_micros(first).to_string(),
+            last_ts: humantime::format_rfc3339_micros(record.ts).to_string(),
+        };
+        counters.record_lost(loss.count);
+        let written = sink.write_lost(&record, &field);
+        metrics.lost_denies(&record, loss.count, written.is_ok());
+        if let Err(e) = written {
+            counters.sink_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, decision_id = %record.decision_id, "cannot write a decision record");
+        }
+    }
+}
+
+/// Reads the kernel's drop counter into the status, the metrics and the state directory (so a
+/// restarted agent does not report the same drops again); returns the total reported so far.
+fn note_drops(
+    enforcer: &Mutex<Enforcer>,
+    counters: &Counters,
+    metrics: &Metrics,
+    state_dir: &Path,
+    reported: u64,
+) -> u64 {
+    let total = check_drops(enforcer, counters, reported);
+    metrics.set_ringbuf_dropped_total(total);
+    if total != reported {
+        reload::save_reported_drops(state_dir, total);
+    }
+    total
 }
 
 /// Reports events the kernel could not queue; returns the total reported so far.

@@ -6,16 +6,16 @@ use std::sync::{Arc, Mutex};
 
 use aya::{
     Ebpf, EbpfError,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
         cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
     },
 };
 use tessera_common::{
-    Config, EndpointCidrKey, EndpointKey, EndpointValue, MODE_OVERRIDE_AUDIT,
-    MODE_OVERRIDE_ENFORCE, MODE_OVERRIDE_NONE, RuleKey, RuleValue, WorkloadKey, WorkloadValue,
-    map_names, program_names,
+    Config, EndpointCidrKey, EndpointKey, EndpointValue, LostDenies, LostDenyKey,
+    MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, MODE_OVERRIDE_NONE, RuleKey, RuleValue,
+    WorkloadKey, WorkloadValue, map_names, program_names,
 };
 use tracing::{debug, info};
 
@@ -148,6 +148,7 @@ pub struct Enforcer {
     ebpf: Ebpf,
     policy: Arc<Mutex<PolicyMaps>>,
     drops: PerCpuArray<MapData, u64>,
+    deny_losses: PerCpuHashMap<MapData, LostDenyKey, LostDenies>,
     grants: GrantMaps,
     identities: Identities,
     events: Option<RingBuf<MapData>>,
@@ -198,6 +199,7 @@ impl Enforcer {
             take_map(&mut ebpf, map_names::WORKLOAD_GRANTS)?,
         );
         let drops = take_map(&mut ebpf, map_names::EVENT_DROPS)?;
+        let deny_losses = take_map(&mut ebpf, map_names::DENY_LOSSES)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
         let process_events = Some(take_map(&mut ebpf, map_names::PROCESS_EVENTS)?);
         let identities = Identities::new(take_map(&mut ebpf, map_names::PROCESS_IDENTITY)?);
@@ -206,6 +208,7 @@ impl Enforcer {
             ebpf,
             policy: Arc::new(Mutex::new(policy)),
             drops,
+            deny_losses,
             grants,
             identities,
             events,
@@ -372,6 +375,31 @@ impl Enforcer {
         Ok(values.iter().sum())
     }
 
+    /// Denies the ring buffer could not take, counted per key since the key was first counted
+    /// (`DENY_LOSSES`, summed over CPUs; a count only grows while its entry lives).
+    pub fn lost_denies(&self) -> Vec<(LostDenyKey, LostDenies)> {
+        // An entry evicted or deleted mid-walk is skipped: the next walk sees what is left.
+        self.deny_losses
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, sum_cpus(per_cpu.iter())))
+            .collect()
+    }
+
+    /// Deletes the entries whose count is still the one given (all of them reported), so that
+    /// the next agent does not report them again; an entry counted since is kept.
+    pub fn forget_lost_denies(&mut self, reported: &[(LostDenyKey, u64)]) {
+        for (key, count) in reported {
+            let current = self
+                .deny_losses
+                .get(key, 0)
+                .map(|v| sum_cpus(v.iter()).count);
+            if current.is_ok_and(|c| c == *count) {
+                let _ = self.deny_losses.remove(key);
+            }
+        }
+    }
+
     /// Run counts and times of every program (zero unless BPF stats are enabled, see
     /// [`enable_bpf_stats`]).
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>, KernelError> {
@@ -385,6 +413,27 @@ impl Drop for Enforcer {
             tracing::warn!(error = %error, "detaching the eBPF programs failed");
         }
     }
+}
+
+/// One CPU-summed count: the earliest first, the latest last and its credential.
+fn sum_cpus<'a>(values: impl Iterator<Item = &'a LostDenies>) -> LostDenies {
+    let mut total = LostDenies {
+        count: 0,
+        first_ns: 0,
+        last_ns: 0,
+        credential_id: 0,
+    };
+    for v in values.filter(|v| v.count > 0) {
+        total.count += v.count;
+        if total.first_ns == 0 || v.first_ns < total.first_ns {
+            total.first_ns = v.first_ns;
+        }
+        if v.last_ns >= total.last_ns {
+            total.last_ns = v.last_ns;
+            total.credential_id = v.credential_id;
+        }
+    }
+    total
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>

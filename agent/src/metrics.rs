@@ -50,6 +50,7 @@ pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     ringbuf_dropped: Counter,
+    lost_denies: Counter,
     decision_log_errors: Counter,
     active_grants: Gauge,
     credentials_issued: Counter,
@@ -84,6 +85,7 @@ impl Metrics {
         let m = Metrics {
             decisions: Family::default(),
             ringbuf_dropped: Counter::default(),
+            lost_denies: Counter::default(),
             decision_log_errors: Counter::default(),
             active_grants: Gauge::default(),
             credentials_issued: Counter::default(),
@@ -107,6 +109,12 @@ impl Metrics {
             "ringbuf_dropped_events",
             "Decision events the kernel could not queue (the ring buffer was full)",
             m.ringbuf_dropped.clone(),
+        );
+        registry.register(
+            "lost_denies",
+            "Denies whose event the kernel could not queue, written to the decision log as \
+             counted `lost` records",
+            m.lost_denies.clone(),
         );
         registry.register(
             "decision_log_errors",
@@ -153,13 +161,23 @@ impl Metrics {
 
     /// A decision record that was written (or that failed to be: `written` false).
     pub fn decision(&self, record: &DecisionRecord, written: bool) {
+        self.decisions_counted(record, 1, written);
+    }
+
+    /// A record that stands for `count` denies whose events were lost (see `Lost`).
+    pub fn lost_denies(&self, record: &DecisionRecord, count: u64, written: bool) {
+        self.lost_denies.inc_by(count);
+        self.decisions_counted(record, count, written);
+    }
+
+    fn decisions_counted(&self, record: &DecisionRecord, count: u64, written: bool) {
         self.decisions
             .get_or_create(&DecisionLabels {
                 verdict: record.verdict.as_str(),
                 reason: record.reason.as_str(),
                 enforced: if record.enforced { "true" } else { "false" },
             })
-            .inc();
+            .inc_by(count);
         if !written {
             self.decision_log_errors.inc();
         }

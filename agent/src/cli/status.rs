@@ -53,7 +53,11 @@ pub async fn run(args: &StatusArgs) -> ExitCode {
         get("/counters/allow"),
         get("/counters/deny")
     );
-    println!("dropped events:   {}", get("/counters/dropped_events"));
+    println!(
+        "dropped events:   {} ({} denies among them, written as counted `lost` records)",
+        get("/counters/dropped_events"),
+        get("/counters/lost_denies")
+    );
     println!("active grants:    {}", get("/grants/active"));
     if let Some(metrics) = status.pointer("/metrics") {
         println!(

@@ -23,6 +23,8 @@ pub struct Counters {
     pub allow: AtomicU64,
     pub deny: AtomicU64,
     pub dropped_events: AtomicU64,
+    /// Denies written as `lost` records (their events were dropped by the kernel).
+    pub lost_denies: AtomicU64,
     pub sink_errors: AtomicU64,
 }
 
@@ -34,6 +36,13 @@ impl Counters {
         } else {
             self.deny.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// `count` denies written as one `lost` record.
+    pub fn record_lost(&self, count: u64) {
+        self.decisions.fetch_add(count, Ordering::Relaxed);
+        self.deny.fetch_add(count, Ordering::Relaxed);
+        self.lost_denies.fetch_add(count, Ordering::Relaxed);
     }
 }
 
@@ -75,6 +84,7 @@ pub fn provider(
                 "allow": load(&counters.allow),
                 "deny": load(&counters.deny),
                 "dropped_events": load(&counters.dropped_events),
+                "lost_denies": load(&counters.lost_denies),
                 "decision_log_errors": load(&counters.sink_errors),
             },
             "grants": { "active": grants.active_count(kernel::boot_time_ns()) },

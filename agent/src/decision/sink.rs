@@ -55,6 +55,18 @@ pub enum SinkError {
 }
 
 /// How a decision log is kept.
+/// The `lost` field of a record that stands for denies the kernel could not queue as events
+/// (the ring buffer was full): how many, and the span of time they fell in. The record itself is
+/// the last of them (its `ts`, process, destination, rule and credential); `decision_id` is new.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Lost {
+    pub count: u64,
+    /// RFC 3339 UTC: no lost deny of this record is older.
+    pub first_ts: String,
+    /// RFC 3339 UTC: the last of them (the record's `ts`).
+    pub last_ts: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SinkOptions {
     /// Rotate a file before it would grow past this many bytes; 0: never by size.
@@ -153,23 +165,32 @@ impl DecisionSink {
         let due = agg.take_due(now);
         let mut first_error = None;
         for (record, summary) in due {
-            if let Err(e) = self.emit(&record, Some(&summary)) {
+            let extra = serde_json::to_value(&summary).map_err(SinkError::Serialise)?;
+            if let Err(e) = self.emit(&record, Some(("aggregate", extra))) {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Writes one record that stands for `lost.count` denies whose events the kernel could not
+    /// queue (never aggregated): the record of the last of them, with a `lost` field.
+    pub fn write_lost(&mut self, record: &DecisionRecord, lost: &Lost) -> Result<(), SinkError> {
+        let extra = serde_json::to_value(lost).map_err(SinkError::Serialise)?;
+        self.emit(record, Some(("lost", extra)))
+    }
+
+    /// `extra`: a field added to the record (a compatible extension of `tessera.decision/v1`).
     fn emit(
         &mut self,
         record: &DecisionRecord,
-        aggregate: Option<&aggregate::Summary>,
+        extra: Option<(&'static str, serde_json::Value)>,
     ) -> Result<(), SinkError> {
-        let mut line = match aggregate {
+        let mut line = match extra {
             None => serde_json::to_vec(record),
-            Some(summary) => serde_json::to_value(record).and_then(|mut v| {
+            Some((name, value)) => serde_json::to_value(record).and_then(|mut v| {
                 if let Some(obj) = v.as_object_mut() {
-                    obj.insert("aggregate".into(), serde_json::to_value(summary)?);
+                    obj.insert(name.into(), value);
                 }
                 serde_json::to_vec(&v)
             }),
