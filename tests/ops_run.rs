@@ -457,3 +457,60 @@ fn denies_the_ring_buffer_could_not_take_are_counted_in_the_log() {
     );
     w.exit();
 }
+
+/// SIGTERM while a process of the attached cgroup keeps connecting: the agent stops accepting,
+/// writes the decisions made before the stop, and exits within its stop deadline (systemd waits
+/// 90 s by default, Kubernetes 30 s; the agent promises 5 s), instead of draining forever.
+#[test]
+fn a_stop_under_load_ends_within_the_deadline_and_writes_what_came_before() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("ops-stop-load");
+    let (app, _) = cg.child("app");
+    let servers = Servers::start();
+    let mut agent = Agent::start(
+        &standard_policy(&cg.rel, servers.tcp_port, servers.tcp_port + 1, "enforce"),
+        &cg.path,
+        &[],
+    );
+    // A process with no credential connecting to `vault` without pause: every connect is a
+    // deny event, about a thousand a second, for as long as it runs.
+    let script = format!(
+        "import socket\nwhile True:\n    s = socket.socket()\n    try:\n        \
+         s.connect(('127.0.0.1', {}))\n    except OSError:\n        pass\n    s.close()\n",
+        servers.tcp_port
+    );
+    let mut loader = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec python3 -c "$1""#)
+        .arg(&app)
+        .arg(&script)
+        .spawn()
+        .unwrap();
+    let loader_pid = loader.id();
+    let first = agent.wait_decision("the loader's first deny", |d| {
+        d["process"]["pid"] == loader_pid && d["verdict"] == "deny"
+    });
+    assert_eq!(first["reason"], "no_credential", "{first}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let started = std::time::Instant::now();
+    let clean = agent.stop();
+    let took = started.elapsed();
+    let _ = loader.kill();
+    let _ = loader.wait();
+    assert!(clean, "the agent did not exit cleanly within 15 s");
+    // The deadline is 5 s; the margin is for a loaded CI machine, not for draining forever.
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
+    let log = agent.agent_log();
+    let drained = log
+        .lines()
+        .find(|l| l.contains("decision events written at stop"))
+        .unwrap_or_else(|| panic!("no drain line in the agent log:\n{log}"));
+    assert!(log.contains("stopped"), "{log}");
+    eprintln!("stopped in {took:?}: {drained}");
+    // Every decision the log holds for the loader came before the stop, and there were many.
+    let denies = agent.decisions_of(loader_pid).len();
+    assert!(denies > 100, "{denies} denies logged: {drained}");
+}

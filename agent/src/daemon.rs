@@ -328,11 +328,39 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     } else {
         info!("the pinned programs keep enforcing; `tessera uninstall` removes them");
     }
-    // Decisions made before the detach are still in the ring buffer: write them all.
-    while let Ok(Some(event)) =
-        tokio::time::timeout(Duration::from_millis(200), events.next()).await
-    {
-        write_decision(&reloader, &mut sink, &counters, &metrics, &event);
+    // Decisions made before the stop are still in the ring buffer: write them, until the ring
+    // is idle, an event made after the stop comes, or the deadline. The pinned programs keep
+    // deciding: what they decide from now on stays in the pinned ring for the next agent.
+    let deadline = tokio::time::Instant::now() + STOP_DRAIN;
+    let stop_ns = kernel::boot_time_ns();
+    let mut written = 0u64;
+    let mut deadline_reached = false;
+    loop {
+        let idle = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
+        match tokio::time::timeout_at(idle, events.next()).await {
+            Ok(Some(event)) => {
+                write_decision(&reloader, &mut sink, &counters, &metrics, &event);
+                written += 1;
+                if event.timestamp_ns > stop_ns {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                deadline_reached = tokio::time::Instant::now() >= deadline;
+                break;
+            }
+        }
+    }
+    if deadline_reached {
+        warn!(
+            written,
+            "decision events written at stop: the {}s deadline ended the drain (the rest stay \
+             in the pinned ring buffer for the next agent)",
+            STOP_DRAIN.as_secs()
+        );
+    } else {
+        info!(written, "decision events written at stop");
     }
     if let Err(e) = sink.flush_all() {
         warn!(error = %e, "cannot write aggregated decision records");
@@ -349,15 +377,16 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if let Ok(mut enforcer) = enforcer.lock() {
         enforcer.forget_lost_denies(&losses.reported());
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), attest_task).await;
+    // The servers and tasks were told to stop with the loop; they share what is left of one
+    // deadline, and whatever has not ended by then is cancelled.
+    let deadline = deadline + STOP_TASKS;
+    let _ = join_by(deadline, attest_task, "attestation").await;
     if let Some(task) = metrics_task {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let _ = join_by(deadline, task, "metrics server").await;
     }
-    for task in [api_task, admin_task] {
-        match tokio::time::timeout(Duration::from_secs(5), task).await {
-            Ok(Ok(Err(e))) => warn!(error = %e, "API server"),
-            Ok(Err(e)) => warn!(error = %e, "API server task"),
-            _ => {}
+    for (task, name) in [(api_task, "Workload API"), (admin_task, "admin API")] {
+        if let Some(Err(e)) = join_by(deadline, task, name).await {
+            warn!(error = %e, server = name, "API server");
         }
     }
     for socket in [&config.api_socket, &config.admin_socket] {
@@ -365,6 +394,31 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     info!(fail_open = config.fail_open, "stopped");
     Ok(())
+}
+
+/// How long a stop may spend writing the decisions queued before it.
+const STOP_DRAIN: Duration = Duration::from_secs(3);
+/// How much longer the servers and tasks may take to end after the drain (5 s in all).
+const STOP_TASKS: Duration = Duration::from_secs(2);
+
+/// Waits for `task` until `deadline`, then cancels it; its output if it ended.
+async fn join_by<T>(
+    deadline: tokio::time::Instant,
+    mut task: tokio::task::JoinHandle<T>,
+    name: &str,
+) -> Option<T> {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(Ok(out)) => Some(out),
+        Ok(Err(e)) => {
+            warn!(error = %e, task = name, "task failed");
+            None
+        }
+        Err(_) => {
+            warn!(task = name, "still running at the stop deadline: cancelled");
+            task.abort();
+            None
+        }
+    }
 }
 
 fn write_decision(
