@@ -395,9 +395,28 @@ fn kernel_decisions_on_a_test_cgroup() {
     assert_eq!(ev.rule_id, 0);
 
     // 4. A grant for the client's process: allowed, over IPv4, IPv6 and IPv4-mapped IPv6.
+    // Written for another task with the client's pid (another instance marker), it does not
+    // apply; written for the client's own marker, it does.
     let now = boot_time_ns();
+    let owner = enforcer.identities().instance(pid).unwrap();
+    assert_ne!(owner, 0);
+    assert_eq!(
+        enforcer.identities().instance(pid).unwrap(),
+        owner,
+        "stable"
+    );
     grants
-        .put_process_grant(pid, grant(42, 0, now + 60_000_000_000))
+        .put_process_grant(pid, owner + 1, grant(42, 0, now + 60_000_000_000))
+        .unwrap();
+    assert_eq!(
+        client.try_connect("tcp4", "127.0.0.1", vault_port),
+        Err(EPERM),
+        "a grant written for another instance of the pid applied"
+    );
+    let ev = events.next();
+    assert_event(&ev, &client, REASON_NO_CREDENTIAL, VERDICT_DENY, true);
+    grants
+        .put_process_grant(pid, owner, grant(42, 0, now + 60_000_000_000))
         .unwrap();
     assert_eq!(grants.active_count(boot_time_ns()), 1);
     assert_eq!(client.try_connect("tcp4", "127.0.0.1", vault_port), Ok(()));
@@ -432,7 +451,7 @@ fn kernel_decisions_on_a_test_cgroup() {
         true,
     );
     grants
-        .put_process_grant(pid, grant(43, 0, boot_time_ns() - 1))
+        .put_process_grant(pid, owner, grant(43, 0, boot_time_ns() - 1))
         .unwrap();
     assert_eq!(
         client.try_connect("tcp4", "127.0.0.1", vault_port),
@@ -502,7 +521,7 @@ fn kernel_decisions_on_a_test_cgroup() {
 
     // 9. The process exits: its grants go with it, in the kernel.
     grants
-        .put_process_grant(pid, grant(45, 0, boot_time_ns() + 60_000_000_000))
+        .put_process_grant(pid, owner, grant(45, 0, boot_time_ns() + 60_000_000_000))
         .unwrap();
     client.exit();
     let slots = grants.process_grants(pid).unwrap();
@@ -510,6 +529,9 @@ fn kernel_decisions_on_a_test_cgroup() {
         slots.slots.iter().all(|s| s.credential_id == 0),
         "grants of exited process {pid} remain: {slots:?}"
     );
+    // Its instance marker went too: whoever gets the pid next gets another one.
+    let next = enforcer.identities().instance(pid).unwrap();
+    assert!(next > owner, "pid {pid}: marker {next} after {owner}");
 
     // 10. A sync to an empty policy removes everything; nothing is protected any more.
     let report = sync(&enforcer, &policy(vec![], vec![], vec![]), &root);

@@ -21,6 +21,12 @@ line with one JSON line on stdout. Commands:
   {"op": "exec", "exe": PATH?, "argv0": A?}  execv PATH (default: this interpreter) running
                                   this script again with the same CGROUP_DIR and API_SOCKET;
                                   the new image (same pid) prints {"ready": pid} again
+  {"op": "exit_race", "audience": A, "port": P, "rounds": N, "max_delay_us": D}
+                                  N times: a child asks for a credential and exits after a delay
+                                  (0..D µs, spread over the rounds) without reading the answer;
+                                  then a successor is forked onto the child's pid (ns_last_pid,
+                                  needs root) and connects to P:
+                                  {"rounds", "reused", "results": {result: count}} of successors
   {"op": "exit"}
 A process already in CGROUP_DIR (started there, or exec'd again) does not move itself.
 Network answers: {"result": "ok"} or {"result": "EPERM"} / {"result": "<errno name>"}.
@@ -31,6 +37,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -101,6 +108,55 @@ def flood(cmd):
                 key = errname(err)
             results[key] = results.get(key, 0) + 1
     return {"results": results}
+
+
+def exit_race(cmd, api_socket):
+    request = json.dumps({"audience": cmd["audience"]}).encode()
+    head = (
+        "POST /v1/credentials HTTP/1.1\r\nHost: localhost\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(request)}\r\n\r\n"
+    ).encode()
+    rounds, max_delay = cmd["rounds"], cmd["max_delay_us"]
+    reused, results = 0, {}
+    codes = {0: "ok", 1: "EPERM", 2: "other"}
+    for i in range(rounds):
+        child = os.fork()
+        if child == 0:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(api_socket)
+                s.sendall(head + request)
+                delay = max_delay * (i % 50) / 50 / 1e6
+                if delay:
+                    time.sleep(delay)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        # The next fork gets the child's pid, unless another process of the host forks first.
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(child - 1))
+        successor = os.fork()
+        if successor == 0:
+            if os.getpid() != child:
+                os._exit(3)
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.settimeout(2)
+                    s.connect(("127.0.0.1", cmd["port"]))
+                os._exit(0)
+            except PermissionError:
+                os._exit(1)
+            except OSError:
+                os._exit(2)
+        _, status = os.waitpid(successor, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 3:
+            continue
+        reused += 1
+        key = codes.get(code, "other")
+        results[key] = results.get(key, 0) + 1
+    return {"rounds": rounds, "reused": reused, "results": results}
 
 
 def make_socket(cmd):
@@ -195,6 +251,8 @@ def dispatch(cmd, api_socket, cgroup):
         return make_socket(cmd)
     if op == "flood":
         return flood(cmd)
+    if op == "exit_race":
+        return exit_race(cmd, api_socket)
     if op == "setuid":
         return set_ids(cmd)
     if op == "whoami":

@@ -20,6 +20,7 @@ pub mod map_names {
     pub const PROCESS_IDENTITY: &str = "PROCESS_IDENTITY";
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
     pub const DENY_LOSSES: &str = "DENY_LOSSES";
+    pub const PROCESS_INSTANCE: &str = "PROCESS_INSTANCE";
 }
 
 /// Program names (the Rust function names in `tessera-ebpf`).
@@ -47,6 +48,8 @@ pub mod capacity {
     pub const SOCKET_TAGS: u32 = 131_072;
     /// Attested processes (and, briefly, threads: see `ProcessIdentity`).
     pub const PROCESS_IDENTITY: u32 = 131_072;
+    /// Instance markers: attested processes, their children, and threads (as identities).
+    pub const PROCESS_INSTANCE: u32 = 131_072;
     /// Ring buffer of `ProcessEvent`s (exec of a process the agent must attest).
     pub const PROCESS_EVENTS_BYTES: u32 = 1 << 18;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
@@ -258,6 +261,10 @@ pub struct GrantSlot {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ProcessGrants {
+    /// The `PROCESS_INSTANCE` marker of the process the slots were written for: they apply only
+    /// while the caller's marker is this one (never 0), so a process that is given the pid of
+    /// an exited holder cannot use a grant written for the holder, however late it was written.
+    pub owner: u64,
     pub slots: [GrantSlot; GRANT_SLOTS],
 }
 
@@ -447,7 +454,7 @@ mod tests {
         assert_eq!(size_of::<RuleKey>(), 8);
         assert_eq!(size_of::<RuleValue>(), 16);
         assert_eq!(size_of::<GrantSlot>(), 8 + 8 + 4 * 4);
-        assert_eq!(size_of::<ProcessGrants>(), 32 * GRANT_SLOTS);
+        assert_eq!(size_of::<ProcessGrants>(), 8 + 32 * GRANT_SLOTS);
         assert_eq!(size_of::<WorkloadGrantKey>(), 8);
         assert_eq!(size_of::<Config>(), 4 * 4 + 8);
         assert_eq!(size_of::<SocketTag>(), 8 + 4 * 4);

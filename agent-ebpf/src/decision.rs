@@ -25,7 +25,7 @@ use tessera_common::{
 use crate::identity::{Caller, find_workload};
 use crate::maps::{
     CONFIG, DENY_LOSSES, ENDPOINTS_CIDR, ENDPOINTS_EXACT, EVENT_DROPS, EVENTS, PROCESS_GRANTS,
-    RULES, SOCKET_TAGS, WORKLOAD_GRANTS,
+    PROCESS_INSTANCE, RULES, SOCKET_TAGS, WORKLOAD_GRANTS,
 };
 
 /// Return values of a cgroup sock_addr program.
@@ -212,7 +212,9 @@ fn verdict(tgid: u32, caller: Caller, endpoint: &EndpointValue) -> Verdict {
         reason: REASON_NO_CREDENTIAL,
         credential_id: 0,
     };
-    if let Some(grants) = PROCESS_GRANTS.get_ptr(&tgid) {
+    if let Some(grants) = PROCESS_GRANTS.get_ptr(&tgid)
+        && is_owner(tgid, unsafe { (*grants).owner })
+    {
         let mut i = 0;
         while i < GRANT_SLOTS {
             // SAFETY: a map value pointer from a successful lookup; i < GRANT_SLOTS.
@@ -238,6 +240,17 @@ fn verdict(tgid: u32, caller: Caller, endpoint: &EndpointValue) -> Verdict {
         v.verdict = VERDICT_ALLOW;
     }
     v
+}
+
+/// Whether process `tgid` is the task its grants were written for (`owner`, its
+/// `PROCESS_INSTANCE` marker): a process given the pid of an exited holder has another marker.
+#[inline(always)]
+fn is_owner(tgid: u32, owner: u64) -> bool {
+    // SAFETY: a map value pointer from a successful lookup, read at once.
+    owner != 0
+        && PROCESS_INSTANCE
+            .get_ptr(&tgid)
+            .is_some_and(|m| unsafe { *m } == owner)
 }
 
 /// The most telling grant seen so far for one (workload, endpoint).

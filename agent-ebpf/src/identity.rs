@@ -6,16 +6,20 @@ use aya_ebpf::{
     bindings::BPF_RB_FORCE_WAKEUP,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_ktime_get_boot_ns,
     },
     programs::TracePointContext,
 };
 use tessera_common::{
     ANY_CGROUP, ANY_UID, CONFIG_ATTEST_EXEC, GRANT_EMPTY, GRANT_KEEP_ON_EXEC, GRANT_SLOTS,
     GRANT_TREE, IDENTITY_EXE_DEPENDENT, MAX_CGROUP_DEPTH, NONE_ID, PROCESS_EVENT_EXEC,
-    ProcessEvent, WORKLOAD_DECISION_FLAGS, WORKLOAD_NEEDS_ATTEST, WorkloadKey, WorkloadValue,
+    ProcessEvent, ProcessGrants, WORKLOAD_DECISION_FLAGS, WORKLOAD_NEEDS_ATTEST, WorkloadKey,
+    WorkloadValue,
 };
 
-use crate::maps::{CONFIG, PROCESS_EVENTS, PROCESS_GRANTS, PROCESS_IDENTITY, WORKLOADS};
+use crate::maps::{
+    CONFIG, PROCESS_EVENTS, PROCESS_GRANTS, PROCESS_IDENTITY, PROCESS_INSTANCE, WORKLOADS,
+};
 
 /// Offsets of tracepoint fields, which differ between kernels: the agent sets them from the
 /// tracepoints' tracefs `format` files when it loads the programs (these are 6.x's values).
@@ -117,9 +121,12 @@ fn lookup(cgroup_id: u64, uid: u32) -> Option<WorkloadValue> {
     WORKLOADS.get_ptr(&key).map(|v| unsafe { *v })
 }
 
-/// sched_process_fork, in the parent's context, before the child first runs: the child
-/// inherits the parent's attested identity and its `bind: process-tree` grants. For a new
-/// thread the copies are keyed by its thread id, unused, and deleted when the thread exits.
+/// sched_process_fork, in the parent's context, before the child first runs: the child gets a
+/// new instance marker, and inherits the parent's attested identity and its
+/// `bind: process-tree` grants (which become the child's own: its marker is their owner). What
+/// an earlier holder of the child's pid left (an identity or grants the agent wrote as that
+/// holder exited) is dropped, so a reused pid starts clean. For a new thread the copies are
+/// keyed by its thread id, unused, and deleted when the thread exits.
 #[inline(always)]
 pub fn process_fork(ctx: &TracePointContext) {
     let offset = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
@@ -131,26 +138,35 @@ pub fn process_fork(ctx: &TracePointContext) {
     if child == 0 || child == parent {
         return;
     }
-    if let Some(id) = PROCESS_IDENTITY.get_ptr(&parent) {
-        // SAFETY: a map value pointer from a successful lookup; the helper copies it.
-        let _ = PROCESS_IDENTITY.insert(&child, unsafe { &*id }, 0);
-    }
-    let Some(grants) = PROCESS_GRANTS.get_ptr(&parent) else {
+    let identity = PROCESS_IDENTITY.get_ptr(&parent);
+    let grants = PROCESS_GRANTS.get_ptr(&parent);
+    // Only a child of an attested or granted parent can hold grants without the agent: the
+    // rest get their marker from the agent when it attests them. (Each pointer is tested in
+    // its own branch: the verifier refuses arithmetic on a possibly-null pointer.)
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let marker = match identity {
+        Some(id) => {
+            // SAFETY: a map value pointer from a successful lookup; the helper copies it.
+            let _ = PROCESS_IDENTITY.insert(&child, unsafe { &*id }, 0);
+            new_marker(child, now)
+        }
+        None => {
+            let _ = PROCESS_IDENTITY.remove(&child);
+            match grants {
+                Some(_) => new_marker(child, now),
+                None => {
+                    let _ = PROCESS_INSTANCE.remove(&child);
+                    0
+                }
+            }
+        }
+    };
+    let Some(grants) = grants else {
+        let _ = PROCESS_GRANTS.remove(&child);
         return;
     };
-    // Field reads and writes only: a whole-struct copy would be a byte loop the verifier
-    // walks one byte at a time.
-    let mut tree = false;
-    let mut i = 0;
-    while i < GRANT_SLOTS {
-        // SAFETY: a map value pointer from a successful lookup; i < GRANT_SLOTS.
-        let (state, flags) = unsafe { ((*grants).slots[i].state, (*grants).slots[i].flags) };
-        if state != GRANT_EMPTY && flags & GRANT_TREE != 0 {
-            tree = true;
-        }
-        i += 1;
-    }
-    if !tree {
+    if marker == 0 || !has_tree_slot(grants) {
+        let _ = PROCESS_GRANTS.remove(&child);
         return;
     }
     // The kernel copies the parent's value; then every slot that is not the tree's is emptied.
@@ -163,6 +179,8 @@ pub fn process_fork(ctx: &TracePointContext) {
     let Some(copy) = PROCESS_GRANTS.get_ptr_mut(&child) else {
         return;
     };
+    // SAFETY: a map value pointer from a successful lookup.
+    unsafe { (*copy).owner = marker };
     let mut i = 0;
     while i < GRANT_SLOTS {
         // SAFETY: as above, for the child's value.
@@ -173,6 +191,35 @@ pub fn process_fork(ctx: &TracePointContext) {
         }
         i += 1;
     }
+}
+
+/// Sets `child`'s instance marker to `now`; 0 when the map is full (the child then has none, and
+/// no grant applies to it).
+#[inline(always)]
+fn new_marker(child: u32, now: u64) -> u64 {
+    if PROCESS_INSTANCE.insert(&child, &now, 0).is_ok() {
+        now
+    } else {
+        let _ = PROCESS_INSTANCE.remove(&child);
+        0
+    }
+}
+
+/// Whether `grants` holds a `bind: process-tree` slot. Field reads only: a whole-struct copy
+/// would be a byte loop the verifier walks one byte at a time.
+#[inline(always)]
+fn has_tree_slot(grants: *const ProcessGrants) -> bool {
+    let mut tree = false;
+    let mut i = 0;
+    while i < GRANT_SLOTS {
+        // SAFETY: a map value pointer from a successful lookup; i < GRANT_SLOTS.
+        let (state, flags) = unsafe { ((*grants).slots[i].state, (*grants).slots[i].flags) };
+        if state != GRANT_EMPTY && flags & GRANT_TREE != 0 {
+            tree = true;
+        }
+        i += 1;
+    }
+    tree
 }
 
 /// sched_process_exec: the new program image keeps only the grants that say so
@@ -189,6 +236,7 @@ pub fn process_exec(ctx: &TracePointContext) {
         if old_pid != tgid {
             let _ = PROCESS_GRANTS.remove(&old_pid);
             let _ = PROCESS_IDENTITY.remove(&old_pid);
+            let _ = PROCESS_INSTANCE.remove(&old_pid);
         }
     }
     if let Some(grants) = PROCESS_GRANTS.get_ptr_mut(&tgid) {
@@ -241,6 +289,7 @@ pub fn process_exit() {
     let pid = pid_tgid as u32;
     let _ = PROCESS_GRANTS.remove(&pid);
     let _ = PROCESS_IDENTITY.remove(&pid);
+    let _ = PROCESS_INSTANCE.remove(&pid);
 }
 
 /// Whether the caller is in cgroup `attached` or below it (0: nowhere).

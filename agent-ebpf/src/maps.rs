@@ -63,6 +63,14 @@ pub static SOCKET_TAGS: LruHashMap<u64, SocketTag> =
 pub static PROCESS_IDENTITY: HashMap<u32, ProcessIdentity> =
     HashMap::with_max_entries(capacity::PROCESS_IDENTITY, 0);
 
+/// Keyed by pid (tgid, or a thread's id): a marker of one task, never reused for another. The
+/// fork hook sets a new task's (boot clock at fork) or deletes what an earlier holder of the pid
+/// left; the exit hook deletes it; the agent inserts one (never replaces) for a process it
+/// attests that has none. `ProcessGrants::owner` holds the marker the grants were written for.
+#[map]
+pub static PROCESS_INSTANCE: HashMap<u32, u64> =
+    HashMap::with_max_entries(capacity::PROCESS_INSTANCE, 0);
+
 /// `ProcessEvent`s: execs the agent must attest.
 #[map]
 pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::PROCESS_EVENTS_BYTES, 0);
@@ -81,6 +89,7 @@ const _: () = {
     assert!(same(map_names::EVENT_DROPS, "EVENT_DROPS"));
     assert!(same(map_names::SOCKET_TAGS, "SOCKET_TAGS"));
     assert!(same(map_names::PROCESS_IDENTITY, "PROCESS_IDENTITY"));
+    assert!(same(map_names::PROCESS_INSTANCE, "PROCESS_INSTANCE"));
     assert!(same(map_names::PROCESS_EVENTS, "PROCESS_EVENTS"));
     assert!(same(map_names::DENY_LOSSES, "DENY_LOSSES"));
 };

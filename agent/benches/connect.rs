@@ -112,10 +112,13 @@ fn measure(
         .match_workload(&cg.rel, nix::unistd::getuid().as_raw())
         .context("workload")?;
     let grants = enforcer.grants();
+    // The grants name this process's instance marker, as the agent's do.
+    let owner = enforcer.identities().instance(std::process::id())?;
     for name in ["vault", "dns"] {
         let (endpoint, _) = policy.endpoint_by_name(name).context("endpoint")?;
         grants.put_process_grant(
             std::process::id(),
+            owner,
             GrantSlot {
                 expires_at_ns: kernel::boot_time_ns() + 3_600_000_000_000,
                 credential_id: 1,

@@ -29,8 +29,14 @@ use tessera_common::{GrantSlot, WorkloadGrantKey};
 /// Where credentials become kernel grants. Implemented over `kernel::GrantMaps`; unit tests use
 /// a recording double.
 pub trait GrantStore: Send + Sync {
-    /// Puts `slot` into the process's grants (replacing a slot for the same endpoint).
-    fn put_process_grant(&self, tgid: u32, slot: GrantSlot) -> Result<(), GrantStoreError>;
+    /// Puts `slot` into the grants of process `tgid`, the task with instance marker `owner`
+    /// (replacing a slot for the same endpoint).
+    fn put_process_grant(
+        &self,
+        tgid: u32,
+        owner: u64,
+        slot: GrantSlot,
+    ) -> Result<(), GrantStoreError>;
     /// Marks the slot holding `credential_id` revoked; false when there is none.
     fn revoke_process_grant(&self, tgid: u32, credential_id: u64) -> Result<bool, GrantStoreError>;
     /// Deletes the slot holding `credential_id`; false when there is none.

@@ -202,7 +202,10 @@ impl Enforcer {
         let deny_losses = take_map(&mut ebpf, map_names::DENY_LOSSES)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
         let process_events = Some(take_map(&mut ebpf, map_names::PROCESS_EVENTS)?);
-        let identities = Identities::new(take_map(&mut ebpf, map_names::PROCESS_IDENTITY)?);
+        let identities = Identities::new(
+            take_map(&mut ebpf, map_names::PROCESS_IDENTITY)?,
+            take_map(&mut ebpf, map_names::PROCESS_INSTANCE)?,
+        );
         info!("eBPF programs loaded");
         Ok(Enforcer {
             ebpf,

@@ -19,7 +19,7 @@ use tracing::warn;
 use super::CredentialError;
 use super::http::{self, HttpResponse};
 use super::service::{CredentialService, Refusal};
-use crate::identity::attest::pidfd_alive;
+use crate::identity::attest::still_running;
 use crate::identity::attestor::Attested;
 use crate::identity::spiffe::SpiffeId;
 
@@ -152,7 +152,9 @@ async fn route(
             let result = async {
                 let body: TokenRequest = http::read_json(req, REQUEST_SHAPE).await?;
                 let (pidfd, evidence) = attest(&svc, &caller)?;
-                svc.issue(&evidence, &body, &|| pidfd_alive(pidfd))
+                svc.issue(&evidence, &body, &|| {
+                    still_running(pidfd, evidence.evidence.pid)
+                })
             }
             .await;
             match result {

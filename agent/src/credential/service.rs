@@ -300,7 +300,9 @@ impl CredentialService {
             revoked: false,
         };
         let written = match cred_policy.bind {
-            Bind::Process | Bind::ProcessTree => self.grants.put_process_grant(ev.pid, slot),
+            Bind::Process | Bind::ProcessTree => {
+                self.grants.put_process_grant(ev.pid, caller.instance, slot)
+            }
             Bind::Workload => self.grants.put_workload_grant(workload_key(&info), slot),
         };
         if let Err(e) = written {

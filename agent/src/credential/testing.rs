@@ -69,7 +69,12 @@ impl GrantStore for RecordingGrants {
         Ok(found)
     }
 
-    fn put_process_grant(&self, tgid: u32, slot: GrantSlot) -> Result<(), GrantStoreError> {
+    fn put_process_grant(
+        &self,
+        tgid: u32,
+        _owner: u64,
+        slot: GrantSlot,
+    ) -> Result<(), GrantStoreError> {
         self.record(GrantCall::PutProcess(tgid, slot));
         self.process.lock().expect("lock").push((tgid, slot));
         Ok(())

@@ -13,8 +13,13 @@ use crate::{
 pub struct KernelGrants(pub GrantMaps);
 
 impl GrantStore for KernelGrants {
-    fn put_process_grant(&self, tgid: u32, slot: GrantSlot) -> Result<(), GrantStoreError> {
-        Ok(self.0.put_process_grant(tgid, slot)?)
+    fn put_process_grant(
+        &self,
+        tgid: u32,
+        owner: u64,
+        slot: GrantSlot,
+    ) -> Result<(), GrantStoreError> {
+        Ok(self.0.put_process_grant(tgid, owner, slot)?)
     }
     fn revoke_process_grant(&self, tgid: u32, credential_id: u64) -> Result<bool, GrantStoreError> {
         Ok(self.0.revoke_process_grant(tgid, credential_id)?)

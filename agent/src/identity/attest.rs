@@ -80,6 +80,34 @@ pub fn pidfd_alive(pidfd: &OwnedFd) -> bool {
     }
 }
 
+/// True while the process behind `pidfd` (process `pid` in the agent's pid namespace) runs and
+/// has not begun to exit: the check after writing a grant or an identity for it.
+///
+/// A pidfd turns readable only at the end of an exit, after the kernel's exit hook has removed
+/// the process's grants and identity, so a write between the two would outlive the process and
+/// pass to whoever gets its pid next. An exit sets `PF_EXITING` on the task before that hook
+/// runs. Read after the write: either the flag is not set yet, and the hook runs after the write
+/// and removes it; or it is, and the writer takes its write back. The flag is read first: a live
+/// pidfd afterwards proves that `/proc/<pid>` was this process.
+pub fn still_running(pidfd: &OwnedFd, pid: u32) -> bool {
+    !exiting(pid) && pidfd_alive(pidfd)
+}
+
+/// `PF_EXITING` in the task flags (field 9 of `/proc/<pid>/stat`); an unreadable or unparsable
+/// entry counts as exiting.
+fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u32 = 0x4;
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // `pid (comm) state ppid pgrp session tty_nr tpgid flags …`; comm may hold spaces and `)`.
+    let flags = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_ascii_whitespace().nth(6))
+        .and_then(|f| f.parse::<u32>().ok());
+    flags.is_none_or(|f| f & PF_EXITING != 0)
+}
+
 fn read_proc(pid: u32) -> Result<ProcessEvidence, AttestError> {
     let status_path = PathBuf::from(format!("/proc/{pid}/status"));
     let status = read(&status_path)?;
@@ -177,6 +205,7 @@ mod tests {
         let pidfd = own_pidfd();
         assert!(pidfd_alive(&pidfd));
         let ev = attest_pidfd(&pidfd).expect("attest self");
+        assert!(still_running(&pidfd, ev.pid));
         assert_eq!(ev.pid, getpid().as_raw() as u32);
         assert_eq!(ev.uid, getuid().as_raw());
         assert_eq!(ev.gid, getgid().as_raw());
@@ -210,9 +239,11 @@ mod tests {
         let ev = attest_pidfd(&pidfd).expect("attest child");
         assert_eq!(ev.pid, child.id());
         assert_eq!(ev.comm, "curl");
+        assert!(still_running(&pidfd, ev.pid));
         child.kill().expect("kill");
         child.wait().expect("wait");
         assert!(!pidfd_alive(&pidfd));
+        assert!(!still_running(&pidfd, ev.pid));
         let err = attest_pidfd(&pidfd).expect_err("exited");
         assert!(err.is_exited(), "{err}");
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tessera_common::{IDENTITY_EXE_DEPENDENT, NONE_ID, ProcessIdentity};
 use tracing::{debug, info, warn};
 
-use super::attest::pidfd_alive;
+use super::attest::still_running;
 use super::evidence::{Evidence, EvidenceError, EvidenceReader, open_pidfd};
 use super::k8s::PodCache;
 use crate::kernel::KernelIds;
@@ -29,6 +29,9 @@ pub struct Attested {
     /// The policy that matched (use its ids with it).
     pub policy: Arc<PolicySet>,
     pub workload: Option<WorkloadId>,
+    /// The process's `PROCESS_INSTANCE` marker, read before the evidence was confirmed alive
+    /// (so it is this process's); 0 without a kernel side.
+    pub instance: u64,
 }
 
 /// Where identities go in the kernel.
@@ -104,6 +107,20 @@ impl Attestor {
             .workloads
             .iter()
             .any(|w| w.selectors.exe_sha256.is_some());
+        // The marker first: the evidence read confirms, after it, that the pid was the caller's.
+        let instance = match &self.kernel {
+            Some(kernel) => {
+                let pid = super::attest::pid_of(pidfd)?;
+                kernel
+                    .identities
+                    .instance(pid)
+                    .map_err(|e| EvidenceError::Instance {
+                        pid,
+                        message: e.to_string(),
+                    })?
+            }
+            None => 0,
+        };
         let mut evidence = self.reader.read_with(pidfd, hash_exe)?;
         if let Some(pod) = &evidence.pod {
             evidence.kubernetes = self.pods.get(&pod.uid);
@@ -113,6 +130,7 @@ impl Attestor {
             evidence: Arc::new(evidence),
             policy,
             workload,
+            instance,
         };
         self.write(&attested, pidfd);
         Ok(attested)
@@ -248,7 +266,8 @@ impl Attestor {
             warn!(pid = ev.pid, error = %e, "cannot write a process identity");
             return;
         }
-        if !pidfd_alive(pidfd) {
+        // Written for a process that is exiting: the exit hook may have run already.
+        if !still_running(pidfd, ev.pid) {
             let _ = kernel.identities.remove(ev.pid);
             self.forget(ev.pid);
         }

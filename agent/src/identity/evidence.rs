@@ -117,6 +117,8 @@ pub enum EvidenceError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read or make the kernel's instance marker of process {pid}: {message}")]
+    Instance { pid: u32, message: String },
 }
 
 impl EvidenceError {
@@ -125,7 +127,7 @@ impl EvidenceError {
         match self {
             EvidenceError::Attest(e) => e.is_exited(),
             EvidenceError::NoSuchProcess { .. } => true,
-            EvidenceError::PidfdOpen { .. } => false,
+            EvidenceError::PidfdOpen { .. } | EvidenceError::Instance { .. } => false,
         }
     }
 }

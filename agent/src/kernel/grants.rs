@@ -36,11 +36,24 @@ impl GrantMaps {
         }
     }
 
-    /// Stores `slot` for process `tgid`: it replaces the slot for the same endpoint, else takes
-    /// an empty, revoked or expired one. Fails when all slots hold live credentials.
-    pub fn put_process_grant(&self, tgid: u32, slot: GrantSlot) -> Result<(), KernelError> {
+    /// Stores `slot` for process `tgid`, the task whose instance marker is `owner`: it replaces
+    /// the slot for the same endpoint, else takes an empty, revoked or expired one. Fails when
+    /// all slots hold live credentials. Slots written for another marker (an earlier holder of
+    /// the pid) are dropped: they never applied to this process.
+    pub fn put_process_grant(
+        &self,
+        tgid: u32,
+        owner: u64,
+        slot: GrantSlot,
+    ) -> Result<(), KernelError> {
         let mut map = lock(&self.inner.process)?;
         let mut grants = get_or_default(&map, &tgid, map_names::PROCESS_GRANTS)?;
+        if grants.owner != owner {
+            grants = ProcessGrants {
+                owner,
+                ..ProcessGrants::default()
+            };
+        }
         let now = boot_time_ns();
         let index = grants
             .slots

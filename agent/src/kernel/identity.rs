@@ -10,18 +10,48 @@ use tessera_common::{ProcessEvent, ProcessIdentity, map_names};
 use super::{KernelError, ignore_missing, map_error};
 
 type IdentityMap = HashMap<MapData, u32, ProcessIdentity>;
+type InstanceMap = HashMap<MapData, u32, u64>;
 
-/// A handle on `PROCESS_IDENTITY`; clones share it.
+/// A handle on `PROCESS_IDENTITY` and `PROCESS_INSTANCE`; clones share them.
 #[derive(Clone)]
 pub struct Identities {
     map: Arc<Mutex<IdentityMap>>,
+    instances: Arc<Mutex<InstanceMap>>,
 }
 
 impl Identities {
-    pub(super) fn new(map: IdentityMap) -> Self {
+    pub(super) fn new(map: IdentityMap, instances: InstanceMap) -> Self {
         Identities {
             map: Arc::new(Mutex::new(map)),
+            instances: Arc::new(Mutex::new(instances)),
         }
+    }
+
+    /// The instance marker of the task that holds pid `tgid` now (`PROCESS_INSTANCE`), made when
+    /// it has none. Never replaces one: the kernel's fork hook owns the markers of the tasks it
+    /// saw start. The marker names the caller only if the caller is seen alive afterwards.
+    pub fn instance(&self, tgid: u32) -> Result<u64, KernelError> {
+        // bpf(2)'s BPF_NOEXIST: insert only if absent.
+        const NOEXIST: u64 = 1;
+        let mut map = self.instances.lock().map_err(|_| KernelError::Poisoned)?;
+        let err = map_error(map_names::PROCESS_INSTANCE);
+        for _ in 0..2 {
+            match map.get(&tgid, 0) {
+                Ok(marker) => return Ok(marker),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(err(e)),
+            }
+            // The boot clock: later than the marker of any earlier holder of the pid.
+            let marker = super::boot_time_ns().max(1);
+            match map.insert(tgid, marker, NOEXIST) {
+                Ok(()) => return Ok(marker),
+                // A fork made one meanwhile: read it.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        map.get(&tgid, 0).map_err(err)
     }
 
     /// Writes the identity of process `tgid` (replacing any).

@@ -4,7 +4,7 @@
 //! ```text
 //! /sys/fs/bpf/tessera/<cgroup, escaped>/
 //!     maps/{PROCESS_GRANTS,WORKLOAD_GRANTS,EVENTS,EVENT_DROPS,SOCKET_TAGS,
-//!           PROCESS_IDENTITY,PROCESS_EVENTS,DENY_LOSSES}                    shared by every set
+//!           PROCESS_IDENTITY,PROCESS_EVENTS,DENY_LOSSES,PROCESS_INSTANCE}   shared by every set
 //!     g<generation>-<revision, escaped>/                                    one program set
 //!         {ENDPOINTS_EXACT,ENDPOINTS_CIDR,WORKLOADS,RULES,CONFIG}            its policy maps
 //!         link-<program>                                                     its links (one per program)
@@ -41,7 +41,7 @@ use crate::kernel::GrantMaps;
 
 /// Maps every program set shares: grants and socket tags must not reset on a reload, and the
 /// events of the old set must reach the same reader.
-const SHARED_MAPS: [&str; 8] = [
+const SHARED_MAPS: [&str; 9] = [
     map_names::PROCESS_GRANTS,
     map_names::WORKLOAD_GRANTS,
     map_names::EVENTS,
@@ -50,6 +50,7 @@ const SHARED_MAPS: [&str; 8] = [
     map_names::PROCESS_IDENTITY,
     map_names::PROCESS_EVENTS,
     map_names::DENY_LOSSES,
+    map_names::PROCESS_INSTANCE,
 ];
 
 /// Maps each program set has its own of (a new per-policy map belongs here).
@@ -159,7 +160,10 @@ impl Enforcer {
             deny_losses: take_map(&mut ebpf, map_names::DENY_LOSSES)?,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
             process_events: Some(take_map(&mut ebpf, map_names::PROCESS_EVENTS)?),
-            identities: super::Identities::new(take_map(&mut ebpf, map_names::PROCESS_IDENTITY)?),
+            identities: super::Identities::new(
+                take_map(&mut ebpf, map_names::PROCESS_IDENTITY)?,
+                take_map(&mut ebpf, map_names::PROCESS_INSTANCE)?,
+            ),
             ebpf,
             policy,
             attachments: Vec::new(),
