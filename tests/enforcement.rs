@@ -374,6 +374,102 @@ fn bad_requests_are_refused_and_write_no_grant() {
     assert_eq!(status, 200);
 }
 
+/// Sends `request` on a new connection to `socket` (ignoring a write the agent cut short) and
+/// returns the status, the headers (lowercased) and the body of the answer.
+fn raw_http(socket: &std::path::Path, request: &[u8]) -> (u16, String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let request = request.to_vec();
+    let sender = thread::spawn(move || {
+        let _ = writer.write_all(&request);
+    });
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+/// Malformed HTTP gets the same JSON error as every other refusal (issue 15 #5), and the
+/// connection is closed; the API keeps serving.
+#[test]
+fn malformed_http_gets_a_json_error() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("badhttp", "enforce", &[]);
+    let api = &s.agent.api;
+    let post = |extra: &str, body: &str| {
+        format!("POST /v1/credentials HTTP/1.1\r\nHost: x\r\n{extra}\r\n{body}").into_bytes()
+    };
+    let many_headers = format!(
+        "GET /v1/jwks HTTP/1.1\r\n{}\r\n",
+        "X-Filler: 1\r\n".repeat(5000)
+    );
+    let long_line = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100_000));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "non-numeric Content-Length",
+            post("Content-Length: ten\r\n", "{}"),
+            400,
+        ),
+        (
+            "Content-Length twice, disagreeing",
+            post("Content-Length: 2\r\nContent-Length: 3\r\n", "{}"),
+            400,
+        ),
+        ("a 100 KB request line", long_line.into_bytes(), 414),
+        ("5,000 header fields", many_headers.into_bytes(), 431),
+        (
+            "a NUL in a header",
+            b"GET /v1/jwks HTTP/1.1\r\nHost: x\0y\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "garbage bytes",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\r\n\r\n".to_vec(),
+            400,
+        ),
+    ];
+    for (what, request, want) in cases {
+        let (status, head, body) = raw_http(api, &request);
+        assert_eq!(status, want, "{what}: {head}\n{body}");
+        assert!(
+            head.contains("content-type: application/json"),
+            "{what}: {head}"
+        );
+        let answer: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{what}: the body is not JSON ({e}): {body:?}"));
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: no error text: {answer}"
+        );
+    }
+    // Still serving, one request a connection.
+    let (status, head, body) = raw_http(
+        api,
+        b"GET /v1/jwks HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/jwks HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{head}\n{body}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(
+        body.matches("HTTP/1.1").count(),
+        0,
+        "a second answer: {body}"
+    );
+    let jwks: Value = serde_json::from_str(&body).unwrap();
+    assert!(jwks["keys"].is_array(), "{jwks}");
+}
+
 #[test]
 fn a_recycled_pid_never_inherits_a_grant() {
     if !privileged() {

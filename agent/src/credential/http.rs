@@ -2,9 +2,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
@@ -14,6 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
@@ -50,13 +53,35 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Serves HTTP/1.1 on one connection with `handle`, on its own task.
-pub(crate) fn spawn_connection<H, F>(stream: UnixStream, api: &'static str, handle: H)
+/// Serves one HTTP/1.1 request on one connection with `handle`, on its own task. The request
+/// head is read and checked first ([`read_head`]): a malformed one gets a JSON error and the
+/// connection is closed. One request a connection, so that every head is checked that way.
+pub(crate) fn spawn_connection<H, F>(mut stream: UnixStream, api: &'static str, handle: H)
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
     tokio::spawn(async move {
+        let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(Some(refused))) => {
+                debug!(api, status = %refused.status, error = %refused.error, "malformed request refused");
+                let _ = refused.write_to(&mut stream).await;
+                return;
+            }
+            Ok(Err(None)) => return,
+            Err(_) => {
+                let refused = BadHead::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request head did not arrive within {} s",
+                        READ_TIMEOUT.as_secs()
+                    ),
+                );
+                let _ = refused.write_to(&mut stream).await;
+                return;
+            }
+        };
         let service = service_fn(move |req| {
             let fut = handle(req);
             async move { Ok::<_, Infallible>(fut.await) }
@@ -64,11 +89,178 @@ where
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(Prefixed::new(head.freeze(), stream)), service);
         if let Err(e) = conn.await {
             debug!(api, error = %e, "connection ended with an error");
         }
     });
+}
+
+/// Longest request head (request line and header fields) accepted.
+pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most header fields accepted in one request.
+pub(crate) const MAX_HEADERS: usize = 64;
+
+/// Reads from `stream` until a whole request head is in, and checks it with the parser hyper
+/// uses, plus the `Content-Length` rules of RFC 9110 §8.6. Returns what was read (the head and
+/// any body bytes after it); `Err(Some(_))` is a malformed head, `Err(None)` a connection closed
+/// before a head.
+pub(crate) async fn read_head(stream: &mut UnixStream) -> Result<BytesMut, Option<BadHead>> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+        match check_head(&buf) {
+            Ok(true) => return Ok(buf),
+            Ok(false) if buf.len() < MAX_HEAD_BYTES => {}
+            Ok(false) => return Err(Some(head_too_large(&buf))),
+            Err(refused) => return Err(Some(refused)),
+        }
+    }
+}
+
+/// A request head refused before hyper saw it: the status and the JSON error text.
+#[derive(Debug)]
+pub(crate) struct BadHead {
+    status: StatusCode,
+    error: String,
+}
+
+impl BadHead {
+    fn new(status: StatusCode, error: String) -> Self {
+        BadHead { status, error }
+    }
+
+    /// Writes the answer as HTTP/1.1 and closes the connection.
+    async fn write_to(&self, stream: &mut UnixStream) -> std::io::Result<()> {
+        let body = serde_json::to_vec(&serde_json::json!({ "error": self.error }))
+            .unwrap_or_else(|_| b"{}".to_vec());
+        let head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    }
+}
+
+/// Whether `buf` holds a complete and well-formed request head (false: not complete yet).
+pub(crate) fn check_head(buf: &[u8]) -> Result<bool, BadHead> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => Ok(false),
+        Ok(httparse::Status::Complete(_)) => {
+            content_length(req.headers).map_err(|e| BadHead::new(StatusCode::BAD_REQUEST, e))?;
+            Ok(true)
+        }
+        Err(httparse::Error::TooManyHeaders) => Err(BadHead::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request has more than {MAX_HEADERS} header fields"),
+        )),
+        Err(e) => Err(BadHead::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "malformed HTTP/1.1 request: {e} (within the first {} bytes)",
+                buf.len()
+            ),
+        )),
+    }
+}
+
+/// The body length the head declares, if any: every `Content-Length` must be a decimal number,
+/// and several must agree.
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, String> {
+    let mut found: Option<u64> = None;
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+    {
+        let text = std::str::from_utf8(h.value)
+            .unwrap_or("")
+            .trim_matches([' ', '\t']);
+        let value = (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| text.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| {
+                format!(
+                    "Content-Length {:?} is not a decimal number of bytes",
+                    String::from_utf8_lossy(h.value)
+                )
+            })?;
+        if found.is_some_and(|f| f != value) {
+            return Err("the request has Content-Length headers that disagree".to_owned());
+        }
+        found = Some(value);
+    }
+    Ok(found)
+}
+
+fn head_too_large(buf: &[u8]) -> BadHead {
+    if buf.contains(&b'\n') {
+        BadHead::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request head is over {MAX_HEAD_BYTES} bytes"),
+        )
+    } else {
+        BadHead::new(
+            StatusCode::URI_TOO_LONG,
+            format!("the request line is over {MAX_HEAD_BYTES} bytes"),
+        )
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed {
+    prefix: Bytes,
+    inner: UnixStream,
+}
+
+impl Prefixed {
+    fn new(prefix: Bytes, inner: UnixStream) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Reads a JSON body of at most `MAX_BODY_BYTES`.
@@ -140,4 +332,54 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> HttpResponse {
     resp.headers_mut()
         .insert(ALLOW, HeaderValue::from_static(allow));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(head: &[u8]) -> Result<bool, StatusCode> {
+        check_head(head).map_err(|e| e.status)
+    }
+
+    #[test]
+    fn a_head_is_complete_only_with_its_blank_line() {
+        assert_eq!(status(b"GET /v1/jwks HTTP/1.1\r\nHost: x\r\n"), Ok(false));
+        assert_eq!(status(b"GET /v1/jwks HTTP/1.1\r\nHost: x\r\n\r\n"), Ok(true));
+        assert_eq!(
+            status(b"POST / HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n{}"),
+            Ok(true),
+            "equal duplicates are one length"
+        );
+    }
+
+    #[test]
+    fn malformed_heads_get_their_status() {
+        for (head, want) in [
+            (&b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"[..], 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nA: \0\r\n\r\n", 400),
+            (b"\x16\x03\x01\r\n\r\n", 400),
+        ] {
+            assert_eq!(
+                status(head),
+                Err(StatusCode::from_u16(want).unwrap()),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(MAX_HEADERS + 1));
+        assert_eq!(
+            status(many.as_bytes()),
+            Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        assert_eq!(head_too_large(b"GET /aaaa").status, StatusCode::URI_TOO_LONG);
+        assert_eq!(
+            head_too_large(b"GET / HTTP/1.1\r\nA: b").status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+    }
 }
