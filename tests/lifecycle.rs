@@ -410,3 +410,99 @@ fn reload_under_load_never_gives_a_wrong_verdict() {
     wait_records(&s.agent, h.pid, holder_results.len());
     wait_records(&s.agent, b.pid, bare_results.len());
 }
+
+/// Pins a new, empty BPF hash map at `path` with the given key and value sizes, as another
+/// build of the agent would have pinned its own layout.
+fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32) {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    // The leading fields of `union bpf_attr` for each command; the kernel zero-fills the rest.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let create = MapCreate {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries: 16,
+        map_flags: 0,
+    };
+    // SAFETY: bpf(2) reads `size_of::<MapCreate>()` bytes of a live, initialised struct.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const create,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let pin = ObjPin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above; `name` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &raw const pin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is the map's descriptor, owned here; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// An agent of this build started over pins that another build laid out otherwise (here: a
+/// `PROCESS_GRANTS` with the 256-byte values before `ProcessGrants::owner`) refuses to start with
+/// what to do, instead of a verifier log; the pinned programs keep enforcing meanwhile.
+#[test]
+fn pins_of_another_layout_are_refused_with_what_to_do_and_keep_enforcing() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("layout", &[]);
+    let mut agent = s.agent;
+    let mut w = Workload::spawn(&s.app, &agent.api);
+    assert_eq!(w.connect4(s.port), "EPERM");
+    agent.kill();
+    let maps = tessera_agent::kernel::pin_dir(&support::cgroup2_root(), &s.cg.path).join("maps");
+    let grants = maps.join("PROCESS_GRANTS");
+    assert!(grants.exists(), "{}", grants.display());
+    std::fs::remove_file(&grants).unwrap();
+    pin_hash_map(&grants, 4, 256);
+
+    let status = agent.restart_refused();
+    assert!(!status.success(), "{status}");
+    let log = agent.agent_log();
+    assert!(
+        log.contains("were made by another version of Tessera (PROCESS_GRANTS has 4-byte keys and 256-byte values"),
+        "{log}"
+    );
+    assert!(log.contains("tessera uninstall --cgroup"), "{log}");
+    assert!(!log.contains("Verifier output"), "{log}");
+    // Nothing was detached: the programs pinned before still refuse the connect.
+    assert_eq!(w.connect4(s.port), "EPERM");
+    w.exit();
+}

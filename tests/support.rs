@@ -225,6 +225,37 @@ impl Agent {
         self.wait_ready();
     }
 
+    /// Starts `tessera run` again (after it stopped or was killed) and expects it to refuse to
+    /// start: its exit status, or a panic when it gets ready instead.
+    pub fn restart_refused(&mut self) -> std::process::ExitStatus {
+        let _ = std::fs::remove_file(&self.api);
+        let _ = std::fs::remove_file(&self.admin);
+        self.child = spawn_agent(
+            self.dir.path(),
+            &self.policy,
+            &self.attach,
+            &self.extra,
+            &self.env,
+            &self.agent_log,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                !(self.api.exists() && self.admin.exists()),
+                "the agent started:\n{}",
+                self.agent_log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "tessera run neither refused nor started in 30 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL, then wait: the agent gets no chance to clean up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

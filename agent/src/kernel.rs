@@ -73,6 +73,20 @@ pub enum KernelError {
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0}: rebuild the agent")]
     MissingMap(&'static str),
+    #[error(
+        "the maps pinned in {} were made by another version of Tessera ({map} has {}-byte keys \
+         and {}-byte values; this version uses {} and {}). Those pinned programs still enforce. \
+         To change versions run `tessera uninstall --cgroup <the attach point>` (which ends \
+         enforcement there until this agent is ready) and start this agent again; processes then \
+         ask for their credentials again",
+        dir.display(), found.0, found.1, want.0, want.1
+    )]
+    IncompatiblePins {
+        dir: PathBuf,
+        map: &'static str,
+        found: (u32, u32),
+        want: (u32, u32),
+    },
     #[error("map {map} failed")]
     Map {
         map: &'static str,

@@ -345,7 +345,10 @@ mod tests {
     #[test]
     fn a_head_is_complete_only_with_its_blank_line() {
         assert_eq!(status(b"GET /v1/jwks HTTP/1.1\r\nHost: x\r\n"), Ok(false));
-        assert_eq!(status(b"GET /v1/jwks HTTP/1.1\r\nHost: x\r\n\r\n"), Ok(true));
+        assert_eq!(
+            status(b"GET /v1/jwks HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(true)
+        );
         assert_eq!(
             status(b"POST / HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n{}"),
             Ok(true),
@@ -359,8 +362,14 @@ mod tests {
             (&b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"[..], 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
             (b"GET / HTTP/1.1\r\nA: \0\r\n\r\n", 400),
             (b"\x16\x03\x01\r\n\r\n", 400),
         ] {
@@ -371,12 +380,18 @@ mod tests {
                 String::from_utf8_lossy(head)
             );
         }
-        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(MAX_HEADERS + 1));
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "A: b\r\n".repeat(MAX_HEADERS + 1)
+        );
         assert_eq!(
             status(many.as_bytes()),
             Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
         );
-        assert_eq!(head_too_large(b"GET /aaaa").status, StatusCode::URI_TOO_LONG);
+        assert_eq!(
+            head_too_large(b"GET /aaaa").status,
+            StatusCode::URI_TOO_LONG
+        );
         assert_eq!(
             head_too_large(b"GET / HTTP/1.1\r\nA: b").status,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE

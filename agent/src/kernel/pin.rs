@@ -322,6 +322,72 @@ where
     have == *want
 }
 
+/// The key and value sizes this build's programs give map `name` (0 and 0 for a ring buffer).
+fn layout(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    use tessera_common::*;
+    let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Some(match name {
+        map_names::PROCESS_GRANTS => (4, size(size_of::<ProcessGrants>())),
+        map_names::WORKLOAD_GRANTS => (
+            size(size_of::<WorkloadGrantKey>()),
+            size(size_of::<GrantSlot>()),
+        ),
+        map_names::EVENTS | map_names::PROCESS_EVENTS => (0, 0),
+        map_names::EVENT_DROPS => (4, 8),
+        map_names::SOCKET_TAGS => (8, size(size_of::<SocketTag>())),
+        map_names::PROCESS_IDENTITY => (4, size(size_of::<ProcessIdentity>())),
+        map_names::DENY_LOSSES => (
+            size(size_of::<LostDenyKey>()),
+            size(size_of::<LostDenies>()),
+        ),
+        map_names::PROCESS_INSTANCE => (4, 8),
+        map_names::ENDPOINTS_EXACT => (
+            size(size_of::<EndpointKey>()),
+            size(size_of::<EndpointValue>()),
+        ),
+        // An LPM trie's key is the prefix length (u32) and the data.
+        map_names::ENDPOINTS_CIDR => (
+            size(4 + size_of::<EndpointCidrKey>()),
+            size(size_of::<EndpointValue>()),
+        ),
+        map_names::WORKLOADS => (
+            size(size_of::<WorkloadKey>()),
+            size(size_of::<WorkloadValue>()),
+        ),
+        map_names::RULES => (size(size_of::<RuleKey>()), size(size_of::<RuleValue>())),
+        map_names::CONFIG => (4, size(size_of::<Config>())),
+        _ => return None,
+    })
+}
+
+/// Refuses, with what to do, maps pinned in `dir` by a build whose programs lay them out
+/// otherwise: the kernel would refuse this build's programs over them with a verifier log.
+/// Enforcement is untouched: the programs pinned with those maps keep running.
+fn check_layouts(dir: &Path, names: &[&'static str]) -> Result<(), KernelError> {
+    for &name in names {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(want) = layout(name) else {
+            continue;
+        };
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|source| KernelError::Map { map: name, source })?;
+        let found = (info.key_size(), info.value_size());
+        if found != want {
+            return Err(KernelError::IncompatiblePins {
+                dir: dir.to_path_buf(),
+                map: name,
+                found,
+                want,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Loads the object with the shared maps and `set_path`'s policy maps found (or created and
 /// pinned) by pin path, and loads every program; attaches nothing. Without `set_path` the
 /// policy maps are new and unpinned.
@@ -332,6 +398,10 @@ fn load_set(dir: &Path, set_path: Option<&Path>) -> Result<Ebpf, KernelError> {
             path: d.to_path_buf(),
             source,
         })?;
+    }
+    check_layouts(&shared, &SHARED_MAPS)?;
+    if let Some(set_path) = set_path {
+        check_layouts(set_path, &SET_MAPS)?;
     }
     let offsets = super::tracefs::offsets();
     let mut loader = super::tracefs::loader(&offsets);
