@@ -82,6 +82,10 @@ struct Setup {
 }
 
 fn setup(name: &str, mode: &str, extra: &[&str]) -> Setup {
+    setup_env(name, mode, extra, &[])
+}
+
+fn setup_env(name: &str, mode: &str, extra: &[&str], env: &[(&str, Option<&str>)]) -> Setup {
     let cg = TestCgroup::new(name);
     let outside = TestCgroup::new(&format!("{name}-outside"));
     let (app, _) = cg.child("app");
@@ -89,7 +93,7 @@ fn setup(name: &str, mode: &str, extra: &[&str]) -> Setup {
     let (locked, _) = cg.child("locked");
     let servers = Servers::start();
     let policy = policy(&cg.rel, &outside.rel, servers.tcp_port, mode);
-    let agent = Agent::start(&policy, &cg.path, extra);
+    let agent = Agent::start_env(&policy, &cg.path, extra, env);
     Setup {
         agent,
         _cg: cg,
@@ -258,8 +262,34 @@ fn packet_sockets_kill_restricted_workloads() {
     if !privileged() {
         return;
     }
-    let s = setup("packet", "enforce", &[]);
+    packet_sockets_kill(&setup("packet", "enforce", &[]));
+}
 
+/// The same where tracing programs cannot read ancestor cgroup ids (kernels before 5.14): the
+/// agent then has the socket-syscall tracepoint test the workload cgroups with
+/// `bpf_current_task_under_cgroup` (forced here with `TESSERA_TRACING_ANCESTORS=0`).
+#[test]
+fn packet_sockets_kill_restricted_workloads_without_the_tracing_ancestor_helper() {
+    if !privileged() {
+        return;
+    }
+    let s = setup_env(
+        "packet-noanc",
+        "enforce",
+        &[],
+        &[("TESSERA_TRACING_ANCESTORS", Some("0"))],
+    );
+    assert!(
+        s.agent
+            .agent_log()
+            .contains("tracing programs find workloads through WORKLOAD_CGROUPS"),
+        "{}",
+        s.agent.agent_log()
+    );
+    packet_sockets_kill(&s);
+}
+
+fn packet_sockets_kill(s: &Setup) {
     // Restricted: killed by SIGKILL on its way back from socket(), before it could print.
     let (out, signal, pid) = probe_socket(&s.app, AF_PACKET, SOCK_RAW);
     assert_eq!((out.as_str(), signal), ("", Some(9)), "pid {pid}");
@@ -282,13 +312,23 @@ fn packet_sockets_kill_restricted_workloads() {
     s.agent
         .wait_decision("sock_packet", by(pid, "packet_socket_refused"));
 
+    // A cgroup below a restricted workload's is that workload's.
+    let nested = s.app.join("nested");
+    std::fs::create_dir_all(&nested).unwrap();
+    let (out, signal, pid) = probe_socket(&nested, AF_PACKET, SOCK_RAW);
+    assert_eq!((out.as_str(), signal), ("", Some(9)), "pid {pid}");
+    let d = s
+        .agent
+        .wait_decision("nested", by(pid, "packet_socket_refused"));
+    assert_eq!(d["workload"]["name"], "app");
+
     // Unrestricted, and restricted outside the attached cgroup: the socket is made.
     let (out, signal, free_pid) = probe_socket(&s.free, AF_PACKET, SOCK_RAW);
     assert_eq!((out.as_str(), signal), ("alive", None));
     let (out, signal, outside_pid) = probe_socket(&s.outside.path, AF_PACKET, SOCK_RAW);
     assert_eq!((out.as_str(), signal), ("alive", None));
     let mut marker = Workload::spawn(&s.app, &s.agent.api);
-    flush_marker(&s, &mut marker);
+    flush_marker(s, &mut marker);
     assert!(records_of(&s.agent, free_pid).is_empty());
     assert!(records_of(&s.agent, outside_pid).is_empty());
 }

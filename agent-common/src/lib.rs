@@ -21,6 +21,9 @@ pub mod map_names {
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
     pub const DENY_LOSSES: &str = "DENY_LOSSES";
     pub const PROCESS_INSTANCE: &str = "PROCESS_INSTANCE";
+    pub const ATTACHED_CGROUP: &str = "ATTACHED_CGROUP";
+    pub const WORKLOAD_CGROUPS: &str = "WORKLOAD_CGROUPS";
+    pub const WORKLOAD_CGROUP_IDS: &str = "WORKLOAD_CGROUP_IDS";
 }
 
 /// Program names (the Rust function names in `tessera-ebpf`).
@@ -50,6 +53,9 @@ pub mod capacity {
     pub const PROCESS_IDENTITY: u32 = 131_072;
     /// Instance markers: attested processes, their children, and threads (as identities).
     pub const PROCESS_INSTANCE: u32 = 131_072;
+    /// Workload cgroups a tracing program can test the caller against on kernels whose tracing
+    /// programs lack `bpf_get_current_ancestor_cgroup_id` (before 5.14), deepest first.
+    pub const WORKLOAD_CGROUPS: u32 = 64;
     /// Ring buffer of `ProcessEvent`s (exec of a process the agent must attest).
     pub const PROCESS_EVENTS_BYTES: u32 = 1 << 18;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).

@@ -14,11 +14,12 @@ use tessera_common::{
     ANY_CGROUP, ANY_UID, CONFIG_ATTEST_EXEC, GRANT_EMPTY, GRANT_KEEP_ON_EXEC, GRANT_SLOTS,
     GRANT_TREE, IDENTITY_EXE_DEPENDENT, MAX_CGROUP_DEPTH, NONE_ID, PROCESS_EVENT_EXEC,
     ProcessEvent, ProcessGrants, WORKLOAD_DECISION_FLAGS, WORKLOAD_NEEDS_ATTEST, WorkloadKey,
-    WorkloadValue,
+    WorkloadValue, capacity,
 };
 
 use crate::maps::{
-    CONFIG, PROCESS_EVENTS, PROCESS_GRANTS, PROCESS_IDENTITY, PROCESS_INSTANCE, WORKLOADS,
+    ATTACHED_CGROUP, CONFIG, PROCESS_EVENTS, PROCESS_GRANTS, PROCESS_IDENTITY, PROCESS_INSTANCE,
+    WORKLOAD_CGROUP_IDS, WORKLOAD_CGROUPS, WORKLOADS,
 };
 
 /// Offsets of tracepoint fields, which differ between kernels: the agent sets them from the
@@ -27,6 +28,10 @@ use crate::maps::{
 static FORK_CHILD_PID_OFFSET: u32 = 20;
 #[unsafe(no_mangle)]
 static EXEC_OLD_PID_OFFSET: u32 = 16;
+/// 1 where tracing programs may call `bpf_get_current_ancestor_cgroup_id` (5.14 and later);
+/// the agent sets 0 elsewhere, and the verifier then never sees the call (a constant branch).
+#[unsafe(no_mangle)]
+static TRACING_ANCESTORS: u32 = 1;
 
 /// The caller's workload (`workload_id` `NONE_ID` when none), and whether it still awaits
 /// the agent's attestation.
@@ -42,8 +47,26 @@ pub struct Caller {
 /// attested with. Otherwise the deepest ancestor
 /// cgroup with a workload wins (one for this uid before one for any uid), else a workload of
 /// any cgroup; and an entry marked `WORKLOAD_NEEDS_ATTEST` on the way makes the caller pending.
+/// [`find_workload`] from a tracing program (a tracepoint): where the kernel does not give
+/// tracing programs `bpf_get_current_ancestor_cgroup_id` (before 5.14: the agent then sets
+/// `TRACING_ANCESTORS` to 0), the cgroups are tested with `bpf_current_task_under_cgroup`.
+#[inline(always)]
+pub fn find_workload_tracing(uid_gid: u64) -> Caller {
+    // SAFETY: a global the agent sets at load; read once.
+    if unsafe { core::ptr::read_volatile(&TRACING_ANCESTORS) } != 0 {
+        find_workload_with::<false>(uid_gid)
+    } else {
+        find_workload_with::<true>(uid_gid)
+    }
+}
+
 #[inline(always)]
 pub fn find_workload(uid_gid: u64) -> Caller {
+    find_workload_with::<false>(uid_gid)
+}
+
+#[inline(always)]
+fn find_workload_with<const UNDER_CGROUP: bool>(uid_gid: u64) -> Caller {
     let uid = uid_gid as u32;
     let gid = (uid_gid >> 32) as u32;
     // Without a workload the kernel cannot tell apart by itself, an attested identity says what
@@ -76,19 +99,42 @@ pub fn find_workload(uid_gid: u64) -> Caller {
         flags: 0,
     };
     let mut needs_attest = 0;
-    let mut level: i32 = 0;
-    while level < MAX_CGROUP_DEPTH as i32 {
-        let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if cgroup_id == 0 {
-            break;
-        }
-        if let Some(v) = lookup(cgroup_id, uid) {
-            if v.workload_id != NONE_ID {
-                found = v;
+    if UNDER_CGROUP {
+        // The workload cgroups the caller is under, deepest first: the first workload found is
+        // the one the ancestor walk below would find last.
+        let mut i = 0;
+        while i < capacity::WORKLOAD_CGROUPS {
+            let Some(&cgroup_id) = WORKLOAD_CGROUP_IDS.get(i) else {
+                break;
+            };
+            if cgroup_id == 0 {
+                break;
             }
-            needs_attest |= v.flags & WORKLOAD_NEEDS_ATTEST;
+            if WORKLOAD_CGROUPS.current_task_under_cgroup(i) == Ok(true)
+                && let Some(v) = lookup(cgroup_id, uid)
+            {
+                if v.workload_id != NONE_ID && found.workload_id == NONE_ID {
+                    found = v;
+                }
+                needs_attest |= v.flags & WORKLOAD_NEEDS_ATTEST;
+            }
+            i += 1;
         }
-        level += 1;
+    } else {
+        let mut level: i32 = 0;
+        while level < MAX_CGROUP_DEPTH as i32 {
+            let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+            if cgroup_id == 0 {
+                break;
+            }
+            if let Some(v) = lookup(cgroup_id, uid) {
+                if v.workload_id != NONE_ID {
+                    found = v;
+                }
+                needs_attest |= v.flags & WORKLOAD_NEEDS_ATTEST;
+            }
+            level += 1;
+        }
     }
     if found.workload_id == NONE_ID || attest_config {
         if let Some(v) = lookup(ANY_CGROUP, uid) {
@@ -292,22 +338,11 @@ pub fn process_exit() {
     let _ = PROCESS_INSTANCE.remove(&pid);
 }
 
-/// Whether the caller is in cgroup `attached` or below it (0: nowhere).
+/// Whether the caller is in the attach point's cgroup or below it (`attached`, its id: 0 is
+/// nowhere), from a tracing program. `bpf_current_task_under_cgroup` on the one-slot
+/// `ATTACHED_CGROUP` answers it on every kernel (tracing programs get the ancestor helper only
+/// from 5.14).
 #[inline(always)]
 pub fn below(attached: u64) -> bool {
-    if attached == 0 {
-        return false;
-    }
-    let mut level: i32 = 0;
-    while level < MAX_CGROUP_DEPTH as i32 {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 {
-            return false;
-        }
-        if id == attached {
-            return true;
-        }
-        level += 1;
-    }
-    false
+    attached != 0 && ATTACHED_CGROUP.current_task_under_cgroup(0) == Ok(true)
 }

@@ -3,7 +3,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{
+        Array, CgroupArray, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
+    },
 };
 use tessera_common::{
     Config, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, LostDenies, LostDenyKey,
@@ -71,6 +73,21 @@ pub static PROCESS_IDENTITY: HashMap<u32, ProcessIdentity> =
 pub static PROCESS_INSTANCE: HashMap<u32, u64> =
     HashMap::with_max_entries(capacity::PROCESS_INSTANCE, 0);
 
+/// Index 0: the attach point's cgroup, for `bpf_current_task_under_cgroup` (tracing programs
+/// ask it whether the caller is below the attach point: it exists for them on every kernel).
+#[map]
+pub static ATTACHED_CGROUP: CgroupArray = CgroupArray::with_max_entries(1, 0);
+
+/// The cgroups of the policy's workloads (and of the ancestors marked for attestation),
+/// deepest first, with their ids in `WORKLOAD_CGROUP_IDS` at the same index (0 ends the list):
+/// how a tracing program finds the caller's workload where it cannot read ancestor ids.
+#[map]
+pub static WORKLOAD_CGROUPS: CgroupArray =
+    CgroupArray::with_max_entries(capacity::WORKLOAD_CGROUPS, 0);
+
+#[map]
+pub static WORKLOAD_CGROUP_IDS: Array<u64> = Array::with_max_entries(capacity::WORKLOAD_CGROUPS, 0);
+
 /// `ProcessEvent`s: execs the agent must attest.
 #[map]
 pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::PROCESS_EVENTS_BYTES, 0);
@@ -90,6 +107,9 @@ const _: () = {
     assert!(same(map_names::SOCKET_TAGS, "SOCKET_TAGS"));
     assert!(same(map_names::PROCESS_IDENTITY, "PROCESS_IDENTITY"));
     assert!(same(map_names::PROCESS_INSTANCE, "PROCESS_INSTANCE"));
+    assert!(same(map_names::ATTACHED_CGROUP, "ATTACHED_CGROUP"));
+    assert!(same(map_names::WORKLOAD_CGROUPS, "WORKLOAD_CGROUPS"));
+    assert!(same(map_names::WORKLOAD_CGROUP_IDS, "WORKLOAD_CGROUP_IDS"));
     assert!(same(map_names::PROCESS_EVENTS, "PROCESS_EVENTS"));
     assert!(same(map_names::DENY_LOSSES, "DENY_LOSSES"));
 };

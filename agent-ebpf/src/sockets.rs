@@ -18,7 +18,7 @@ use tessera_common::{
 
 use crate::{
     decision::{Destination, Verdict, emit, is_audit, workload_mode},
-    identity::{below, find_workload},
+    identity::{below, find_workload, find_workload_tracing},
     maps::CONFIG,
 };
 
@@ -40,14 +40,18 @@ const ARG_TYPE: usize = 24;
 
 /// The restricted workload of the caller, if it is one.
 #[inline(always)]
-fn restricted_workload() -> Option<(WorkloadValue, u64)> {
+fn restricted_workload<const TRACING: bool>() -> Option<(WorkloadValue, u64)> {
     match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_RESTRICTED != 0 => {}
         _ => return None,
     }
     let uid_gid = bpf_get_current_uid_gid();
     // A caller still awaiting attestation is judged by its cgroup and uid.
-    let workload = find_workload(uid_gid).workload;
+    let workload = if TRACING {
+        find_workload_tracing(uid_gid).workload
+    } else {
+        find_workload(uid_gid).workload
+    };
     if workload.flags & WORKLOAD_RESTRICTED == 0 {
         return None;
     }
@@ -91,7 +95,7 @@ pub fn refuse_raw(ctx: &SockContext) -> bool {
     if sock_type != SOCK_RAW || (family != AF_INET && family != AF_INET6) {
         return false;
     }
-    let Some((workload, uid_gid)) = restricted_workload() else {
+    let Some((workload, uid_gid)) = restricted_workload::<false>() else {
         return false;
     };
     let v = refusal(&workload, REASON_RAW_SOCKET_REFUSED);
@@ -131,7 +135,7 @@ pub fn socket_syscall(ctx: &TracePointContext) {
     if !packet || !below(attached) {
         return;
     }
-    let Some((workload, uid_gid)) = restricted_workload() else {
+    let Some((workload, uid_gid)) = restricted_workload::<true>() else {
         return;
     };
     let v = refusal(&workload, REASON_PACKET_SOCKET_REFUSED);

@@ -4,9 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use std::os::fd::AsRawFd as _;
+
 use aya::{
     Ebpf, EbpfError,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, CgroupArray, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        RingBuf,
+    },
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
         cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
@@ -147,6 +152,11 @@ struct PolicyMaps {
     workloads: HashMap<MapData, WorkloadKey, WorkloadValue>,
     rules: HashMap<MapData, RuleKey, RuleValue>,
     config: Array<MapData, Config>,
+    /// The attach point, for tracing programs (`ATTACHED_CGROUP`).
+    attached: CgroupArray<MapData>,
+    /// The workload cgroups, deepest first, and their ids (`WORKLOAD_CGROUPS`, `_IDS`).
+    cgroups: CgroupArray<MapData>,
+    cgroup_ids: Array<MapData, u64>,
     /// Resolved host addresses in `exact`, kept across policy syncs.
     dynamic: dynamic::DynamicEntries,
 }
@@ -178,7 +188,7 @@ impl Enforcer {
     /// mounting bpffs and tracefs first when they are absent. Attaches nothing to cgroups.
     pub fn load() -> Result<Enforcer, KernelError> {
         system::ensure_mounted()?;
-        let offsets = tracefs::offsets();
+        let offsets = tracefs::globals();
         let mut ebpf = tracefs::loader(&offsets)
             .load(PROGRAMS)
             .map_err(KernelError::Object)?;
@@ -202,6 +212,9 @@ impl Enforcer {
             workloads: take_map(&mut ebpf, map_names::WORKLOADS)?,
             rules: take_map(&mut ebpf, map_names::RULES)?,
             config: take_map(&mut ebpf, map_names::CONFIG)?,
+            attached: take_map(&mut ebpf, map_names::ATTACHED_CGROUP)?,
+            cgroups: take_map(&mut ebpf, map_names::WORKLOAD_CGROUPS)?,
+            cgroup_ids: take_map(&mut ebpf, map_names::WORKLOAD_CGROUP_IDS)?,
             dynamic: dynamic::DynamicEntries::default(),
         };
         policy
@@ -264,6 +277,12 @@ impl Enforcer {
             self.attachments.push(Attachment::SockAddr(name, link));
         }
         self.set_attached_cgroup(attached_id)?;
+        {
+            let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
+            maps.attached
+                .set(0, dir.as_raw_fd(), 0)
+                .map_err(map_error(map_names::ATTACHED_CGROUP))?;
+        }
         info!(cgroup = %cgroup.display(), "eBPF programs attached");
         self.cgroup = Some(cgroup.to_path_buf());
         Ok(())
@@ -296,6 +315,10 @@ impl Enforcer {
         }
         if let Some(cgroup) = self.cgroup.take() {
             self.set_attached_cgroup(0)?;
+            let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
+            ignore_missing(maps.attached.unset(0))
+                .map_err(map_error(map_names::ATTACHED_CGROUP))?;
+            drop(maps);
             info!(cgroup = %cgroup.display(), "eBPF programs detached");
         }
         Ok(())
@@ -312,10 +335,11 @@ impl Enforcer {
         policy: &PolicySet,
         cgroup_root: &Path,
     ) -> Result<SyncReport, KernelError> {
-        let compiled = compile(policy, |path| {
+        let mut compiled = compile(policy, |path| {
             let relative = path.trim_start_matches('/');
             cgroup_id(&cgroup_root.join(relative))
         });
+        compiled.open_cgroups(cgroup_root);
         self.sync_compiled(&compiled)
     }
 

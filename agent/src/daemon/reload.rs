@@ -288,9 +288,11 @@ pub fn compile_policy(
 ) -> Result<kernel::CompiledPolicy, IdsError> {
     kernel_ids::load_table(state_dir)?;
     kernel_ids::assign_and_save(policy)?;
-    Ok(kernel::compile(policy, |path| {
+    let mut compiled = kernel::compile(policy, |path| {
         kernel::cgroup_id(&cgroup_root.join(path.trim_start_matches('/')))
-    }))
+    });
+    compiled.open_cgroups(cgroup_root);
+    Ok(compiled)
 }
 
 /// The generation `Enforcer::swap_policy` gives the set after `current` (0 is never used).

@@ -1,15 +1,19 @@
 //! Turns a validated `PolicySet` into the entries of the kernel's policy maps.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use tessera_common::{
     ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST,
     CONFIG_RESTRICTED, EndpointCidrKey, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE,
     PROTO_TCP, PROTO_UDP, RULE_CREDENTIAL_REQUIRED, RuleKey, RuleValue, WORKLOAD_EGRESS_ALLOWLIST,
-    WORKLOAD_MODE_AUDIT, WORKLOAD_RESTRICTED, WorkloadKey, WorkloadValue,
+    WORKLOAD_MODE_AUDIT, WORKLOAD_RESTRICTED, WorkloadKey, WorkloadValue, capacity,
 };
 
 use super::{KernelError, scope};
@@ -26,6 +30,47 @@ pub struct CompiledPolicy {
     /// `Config::flags` (`CONFIG_*`).
     pub config_flags: u32,
     pub warnings: Vec<SyncWarning>,
+    /// The cgroups `workloads` is keyed by (policy paths, relative to the cgroup v2 root).
+    pub cgroup_paths: BTreeMap<u64, String>,
+    /// Those cgroups opened, deepest first, for `WORKLOAD_CGROUPS` ([`Self::open_cgroups`]).
+    pub cgroup_dirs: CgroupDirs,
+}
+
+/// Open cgroup directories, deepest first: `(id, descriptor)`. Equal when the ids are.
+#[derive(Clone, Debug, Default)]
+pub struct CgroupDirs(pub Vec<(u64, Arc<OwnedFd>)>);
+
+impl PartialEq for CgroupDirs {
+    fn eq(&self, other: &Self) -> bool {
+        self.0
+            .iter()
+            .map(|(id, _)| id)
+            .eq(other.0.iter().map(|(id, _)| id))
+    }
+}
+
+impl CompiledPolicy {
+    /// Opens the cgroups of `cgroup_paths` under `cgroup_root`, deepest first, at most
+    /// `capacity::WORKLOAD_CGROUPS` (a cgroup that is gone, or that another took the place of,
+    /// is left out: the next sync sees it again).
+    pub fn open_cgroups(&mut self, cgroup_root: &Path) {
+        let mut dirs: Vec<(usize, u64, Arc<OwnedFd>)> = Vec::new();
+        for (&id, path) in &self.cgroup_paths {
+            let relative = path.trim_start_matches('/');
+            let full = cgroup_root.join(relative);
+            let Ok(dir) = std::fs::File::open(&full) else {
+                continue;
+            };
+            if dir.metadata().map(|m| m.ino()).ok() != Some(id) {
+                continue;
+            }
+            let depth = relative.split('/').filter(|p| !p.is_empty()).count();
+            dirs.push((depth, id, Arc::new(OwnedFd::from(dir))));
+        }
+        dirs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        dirs.truncate(capacity::WORKLOAD_CGROUPS as usize);
+        self.cgroup_dirs = CgroupDirs(dirs.into_iter().map(|(_, id, fd)| (id, fd)).collect());
+    }
 }
 
 /// Something in the policy that the kernel will not enforce as written.
@@ -79,6 +124,13 @@ pub fn compile(
 ) -> CompiledPolicy {
     let ids = KernelIds::of(policy);
     let mut out = CompiledPolicy::default();
+    // Every cgroup resolved, for the tracing programs' `WORKLOAD_CGROUPS`.
+    let resolved = std::cell::RefCell::new(BTreeMap::new());
+    let resolve_cgroup = |path: &str| {
+        let id = resolve_cgroup(path)?;
+        resolved.borrow_mut().insert(id, path.to_owned());
+        Ok(id)
+    };
     for (pos, endpoint) in (0u32..).zip(&policy.endpoints) {
         let value = EndpointValue {
             endpoint_id: ids.endpoint(EndpointId(pos)),
@@ -169,6 +221,12 @@ pub fn compile(
             }
         }
     }
+    let keyed: HashSet<u64> = out.workloads.keys().map(|k| k.cgroup_id).collect();
+    out.cgroup_paths = resolved
+        .into_inner()
+        .into_iter()
+        .filter(|(id, _)| keyed.contains(id))
+        .collect();
     out
 }
 

@@ -6,7 +6,8 @@
 //!     maps/{PROCESS_GRANTS,WORKLOAD_GRANTS,EVENTS,EVENT_DROPS,SOCKET_TAGS,
 //!           PROCESS_IDENTITY,PROCESS_EVENTS,DENY_LOSSES,PROCESS_INSTANCE}   shared by every set
 //!     g<generation>-<revision, escaped>/                                    one program set
-//!         {ENDPOINTS_EXACT,ENDPOINTS_CIDR,WORKLOADS,RULES,CONFIG}            its policy maps
+//!         {ENDPOINTS_EXACT,ENDPOINTS_CIDR,WORKLOADS,RULES,CONFIG,           its policy maps
+//!          ATTACHED_CGROUP,WORKLOAD_CGROUPS,WORKLOAD_CGROUP_IDS}
 //!         link-<program>                                                     its links (one per program)
 //! ```
 //!
@@ -20,7 +21,7 @@
 //! removes (the old set was never detached, so enforcement did not lapse).
 
 use std::borrow::Cow;
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -54,12 +55,15 @@ const SHARED_MAPS: [&str; 9] = [
 ];
 
 /// Maps each program set has its own of (a new per-policy map belongs here).
-const SET_MAPS: [&str; 5] = [
+const SET_MAPS: [&str; 8] = [
     map_names::ENDPOINTS_EXACT,
     map_names::ENDPOINTS_CIDR,
     map_names::WORKLOADS,
     map_names::RULES,
     map_names::CONFIG,
+    map_names::ATTACHED_CGROUP,
+    map_names::WORKLOAD_CGROUPS,
+    map_names::WORKLOAD_CGROUP_IDS,
 ];
 
 /// Tracepoints every set attaches: (program, category, name).
@@ -357,6 +361,9 @@ fn layout(name: &str) -> Option<(u32, u32)> {
         ),
         map_names::RULES => (size(size_of::<RuleKey>()), size(size_of::<RuleValue>())),
         map_names::CONFIG => (4, size(size_of::<Config>())),
+        // A cgroup array's values are the cgroups' descriptors (u32) as written.
+        map_names::ATTACHED_CGROUP | map_names::WORKLOAD_CGROUPS => (4, 4),
+        map_names::WORKLOAD_CGROUP_IDS => (4, 8),
         _ => return None,
     })
 }
@@ -403,7 +410,7 @@ fn load_set(dir: &Path, set_path: Option<&Path>) -> Result<Ebpf, KernelError> {
     if let Some(set_path) = set_path {
         check_layouts(set_path, &SET_MAPS)?;
     }
-    let offsets = super::tracefs::offsets();
+    let offsets = super::tracefs::globals();
     let mut loader = super::tracefs::loader(&offsets);
     for name in SHARED_MAPS {
         loader.map_pin_path(name, Cow::Owned(shared.join(name)));
@@ -436,6 +443,9 @@ fn policy_maps(ebpf: &mut Ebpf) -> Result<PolicyMaps, KernelError> {
         workloads: take_map(ebpf, map_names::WORKLOADS)?,
         rules: take_map(ebpf, map_names::RULES)?,
         config: take_map(ebpf, map_names::CONFIG)?,
+        attached: take_map(ebpf, map_names::ATTACHED_CGROUP)?,
+        cgroups: take_map(ebpf, map_names::WORKLOAD_CGROUPS)?,
+        cgroup_ids: take_map(ebpf, map_names::WORKLOAD_CGROUP_IDS)?,
         dynamic: Default::default(),
     })
 }
@@ -466,6 +476,9 @@ fn install_set(
         path: state.cgroup.clone(),
         source,
     })?;
+    maps.attached
+        .set(0, cgroup.as_raw_fd(), 0)
+        .map_err(map_error(map_names::ATTACHED_CGROUP))?;
     let mut links: Vec<(&'static str, FdLink)> = Vec::with_capacity(LINK_COUNT);
     for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSock = program(&mut ebpf, name)?;

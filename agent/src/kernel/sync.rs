@@ -2,6 +2,7 @@
 
 use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
+use std::os::fd::AsRawFd as _;
 
 use aya::{
     Pod,
@@ -71,6 +72,24 @@ pub(super) fn write(
         ignore_missing(maps.cidr.remove(key)).map_err(&cidr_err)?;
     }
     removed += stale.len();
+
+    // The workload cgroups for tracing programs, deepest first; 0 ends the list.
+    let ids_err = map_error(map_names::WORKLOAD_CGROUP_IDS);
+    let dirs_err = map_error(map_names::WORKLOAD_CGROUPS);
+    for index in 0..capacity::WORKLOAD_CGROUPS {
+        match compiled.cgroup_dirs.0.get(index as usize) {
+            Some((id, dir)) => {
+                maps.cgroups
+                    .set(index, dir.as_raw_fd(), 0)
+                    .map_err(&dirs_err)?;
+                maps.cgroup_ids.set(index, *id, 0).map_err(&ids_err)?;
+            }
+            None => {
+                maps.cgroup_ids.set(index, 0, 0).map_err(&ids_err)?;
+                ignore_missing(maps.cgroups.unset(index)).map_err(&dirs_err)?;
+            }
+        }
+    }
 
     let config_err = map_error(map_names::CONFIG);
     let mut config = maps.config.get(&0, 0).map_err(&config_err)?;

@@ -155,3 +155,29 @@ mod tests {
         assert!(a > 0 && b >= a);
     }
 }
+
+/// The running kernel's (major, minor), from `/proc/sys/kernel/osrelease` (`6.1.0-37-amd64`).
+pub fn kernel_release() -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    parse_release(&text)
+}
+
+fn parse_release(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().split(['.', '-', '+']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod release_tests {
+    use super::parse_release;
+
+    #[test]
+    fn releases_parse_to_major_minor() {
+        assert_eq!(parse_release("6.1.0-37-amd64\n"), Some((6, 1)));
+        assert_eq!(parse_release("5.10.0-35-amd64"), Some((5, 10)));
+        assert_eq!(parse_release("6.18.0"), Some((6, 18)));
+        assert_eq!(parse_release("junk"), None);
+    }
+}

@@ -46,6 +46,34 @@ pub(super) fn offsets() -> Vec<(&'static str, u32)> {
         .collect()
 }
 
+/// Whether this kernel's tracing programs may call `bpf_get_current_ancestor_cgroup_id`
+/// (Linux 5.14 and later); `TESSERA_TRACING_ANCESTORS=0` forces the other way (tests).
+pub fn tracing_ancestors() -> bool {
+    if std::env::var("TESSERA_TRACING_ANCESTORS").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    super::system::kernel_release().is_none_or(|release| release >= (5, 14))
+}
+
+/// The loader's globals: the field offsets, and `TRACING_ANCESTORS`.
+pub(super) fn globals() -> Vec<(&'static str, u32)> {
+    let mut globals = offsets();
+    let ancestors = tracing_ancestors();
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if !ancestors {
+        SAID.call_once(|| {
+            warn!(
+                "tracing programs find workloads through WORKLOAD_CGROUPS: this kernel's tracing \
+             programs lack bpf_get_current_ancestor_cgroup_id (Linux 5.14); at most {} workload \
+             cgroups are known to the packet-socket check",
+                tessera_common::capacity::WORKLOAD_CGROUPS
+            )
+        });
+    }
+    globals.push(("TRACING_ANCESTORS", u32::from(ancestors)));
+    globals
+}
+
 /// An `EbpfLoader` with the offsets set (they must outlive the loader: hence `offsets`).
 pub(super) fn loader<'a>(offsets: &'a [(&'static str, u32)]) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
