@@ -379,3 +379,67 @@ fn a_reload_that_renumbers_endpoints_keeps_each_address_with_its_endpoint() {
     assert_eq!(holder.net("connect", 4, "127.0.0.6", port), "ok");
     assert_eq!(holder.net("connect", 4, "127.0.0.9", port), "EPERM");
 }
+
+/// A restart never opens a hostname endpoint (issue 15 #2): the resolved addresses are saved in
+/// the state directory and written again before the new agent's program set goes in, so a
+/// process that keeps connecting across a kill and a restart (with the DNS server failing
+/// meanwhile) is refused every time.
+#[test]
+fn a_restart_keeps_resolved_addresses_protected_while_dns_is_down() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("hosts-restart");
+    let (app, _) = cg.child("app");
+    let dns = DnsServer::start();
+    dns.set(&[("127.0.0.6", 60)]);
+    let port = listen_on(&["127.0.0.6"]);
+    let server = format!("127.0.0.1:{}", dns.port);
+    let mut agent = Agent::start(&policy(&cg.rel, port), &cg.path, &["--dns-server", &server]);
+    wait_host(&agent, "the first answer", |h| {
+        address(h, "127.0.0.6").is_some()
+    });
+    let mut bare = Workload::spawn(&app, &agent.api);
+    assert_eq!(bare.net("connect", 4, "127.0.0.6", port), "EPERM");
+
+    // Connects without a credential, every 10 ms for 10 s, counted by result.
+    let script = format!(
+        "import json, socket, time\nresults = {{}}\nend = time.time() + 10\n\
+         while time.time() < end:\n    s = socket.socket()\n    try:\n        \
+         s.connect(('127.0.0.6', {port}))\n        r = 'ok'\n    except OSError as e:\n        \
+         r = str(e.errno)\n    s.close()\n    results[r] = results.get(r, 0) + 1\n    \
+         time.sleep(0.01)\nprint(json.dumps(results))\n"
+    );
+    let loader = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec python3 -c "$1""#)
+        .arg(&app)
+        .arg(&script)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    agent.kill();
+    dns.fail();
+    agent.restart();
+    let host = host_status(&agent);
+    assert!(
+        address(&host, "127.0.0.6").is_some(),
+        "the saved address is not protected after the restart: {host:#}"
+    );
+    // The same policy and the same addresses: the pinned set was kept as it was.
+    let log = agent.agent_log();
+    assert_eq!(
+        log.matches("adopted the pinned program set").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(bare.net("connect", 4, "127.0.0.6", port), "EPERM");
+    let out = loader.wait_with_output().unwrap();
+    let results: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        results.get("ok").is_none(),
+        "connects got through across the restart: {results}"
+    );
+    assert!(results["1"].as_u64().unwrap_or(0) > 100, "{results}");
+}

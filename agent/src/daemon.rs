@@ -116,11 +116,14 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     for warning in &compiled.warnings {
         warn!(%warning, "policy sync");
     }
+    // What the previous agent resolved for endpoint hosts: protected before anything changes.
+    let saved_hosts = resolve::Saved::load(&config.state_dir);
     let (mut enforcer, adoption) = Enforcer::open_pinned(
         &cgroup_root,
         &attach_point,
         &policy.revision,
         &compiled,
+        &resolve::saved_claims(&policy, &saved_hosts),
         mode_override,
         |grants, generation, revision| {
             reload::before_replace(&config.state_dir, &policy, grants, generation, revision)
@@ -142,7 +145,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         )
         .with_kernel(enforcer.identities(), cgroup_root.clone()),
     );
-    let resolved = ResolvedHosts::new(policy.clone(), enforcer.endpoint_entries());
+    let resolved = ResolvedHosts::new(policy.clone(), enforcer.endpoint_entries())
+        .with_state(&config.state_dir, saved_hosts);
     let service = Arc::new(
         CredentialService::new(
             &config.state_dir,

@@ -2,18 +2,21 @@
 //! exact endpoint entry in the kernel, and follows the answers as their TTLs run out.
 //!
 //! Refresh: when the shortest TTL of the last answer runs out, clamped to
-//! [`MIN_REFRESH`, `MAX_REFRESH`] (5 s, 1 h). An address that leaves the answers stays
+//! [`MIN_LOOKUP`, `MAX_REFRESH`] (1 s, 1 h). An address that leaves the answers stays
 //! protected until its own TTL (at least 5 s) runs out; a failed lookup keeps the last good
 //! addresses (with a warning) and is retried after 5 s. At most `MAX_ADDRESSES` (256) per host.
 //! Until its first answer a host protects nothing: `spawn` waits up to 5 s for the first
 //! answers, so the daemon is ready with its hosts resolved unless DNS is slow or down.
 //! Resolved addresses never override the policy's static entries or an older claim of another
-//! endpoint (see `kernel::EndpointEntries`).
+//! endpoint (see `kernel::EndpointEntries`). They are saved in the state directory as they
+//! change (`saved`); a restarted agent protects the saved ones before its programs go in, and
+//! takes them as each host's last good answer.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
@@ -24,9 +27,13 @@ use crate::policy::{EndpointId, HostName, PolicySet};
 mod addresses;
 mod lookup;
 mod refresher;
+pub mod saved;
 
-pub use addresses::{AddressView, HostAddresses, MAX_ADDRESSES, MAX_REFRESH, MIN_REFRESH};
+pub use addresses::{
+    AddressView, HostAddresses, MAX_ADDRESSES, MAX_REFRESH, MIN_LOOKUP, MIN_REFRESH,
+};
 pub use lookup::{HostResolver, LookupError};
+pub use saved::{Saved, SavedAddress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -44,6 +51,33 @@ pub enum ResolveError {
 pub struct ResolvedHosts {
     current: Arc<Mutex<Current>>,
     hosts: Arc<Mutex<BTreeMap<HostName, HostSnapshot>>>,
+    /// Where the addresses are saved as they change (none in tests without a state directory).
+    state_dir: Option<PathBuf>,
+    /// A predecessor's addresses, each host's taken by its first refresher.
+    restored: Arc<Mutex<Saved>>,
+    last_saved: Arc<Mutex<Saved>>,
+}
+
+/// The endpoint entries a predecessor's saved addresses make under `policy`: every saved
+/// address of a host, for each endpoint that lists the host.
+pub fn saved_claims<'a>(
+    policy: &'a PolicySet,
+    saved: &Saved,
+) -> Vec<(EndpointId, &'a crate::policy::Endpoint, IpAddr)> {
+    let now = SystemTime::now();
+    let mut claims = Vec::new();
+    for (host, endpoints) in hosts_of(policy) {
+        for (ip, _) in saved
+            .addresses(host.as_str(), now)
+            .into_iter()
+            .take(MAX_ADDRESSES)
+        {
+            for &id in &endpoints {
+                claims.push((id, policy.endpoint(id), ip.to_canonical()));
+            }
+        }
+    }
+    claims
 }
 
 /// The policy the hosts come from, and the entries handle of its epoch.
@@ -76,6 +110,60 @@ impl ResolvedHosts {
         ResolvedHosts {
             current: Arc::new(Mutex::new(Current { policy, entries })),
             hosts: Arc::default(),
+            state_dir: None,
+            restored: Arc::default(),
+            last_saved: Arc::default(),
+        }
+    }
+
+    /// Saves the addresses in `state_dir` as they change, and starts each host from what a
+    /// predecessor saved (`restored`, already protected: see `saved_claims`).
+    pub fn with_state(mut self, state_dir: &Path, restored: Saved) -> Self {
+        self.state_dir = Some(state_dir.to_path_buf());
+        self.last_saved = Arc::new(Mutex::new(restored.clone()));
+        self.restored = Arc::new(Mutex::new(restored));
+        self
+    }
+
+    /// What a predecessor saved for `host` (once: later calls get nothing).
+    fn take_restored(&self, host: &HostName) -> Vec<(IpAddr, std::time::Duration)> {
+        let Ok(mut restored) = self.restored.lock() else {
+            return Vec::new();
+        };
+        let addresses = restored.addresses(host.as_str(), SystemTime::now());
+        restored.hosts.remove(host.as_str());
+        addresses
+    }
+
+    /// Saves every host's addresses when they differ from what was saved last.
+    fn save(&self) {
+        let Some(state_dir) = &self.state_dir else {
+            return;
+        };
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let snapshots = self.hosts.lock().map(|h| h.clone()).unwrap_or_default();
+        let mut saved = Saved::default();
+        for (host, snapshot) in snapshots {
+            let elapsed = now.saturating_duration_since(snapshot.at);
+            let list: Vec<SavedAddress> = snapshot
+                .addresses
+                .iter()
+                .map(|a| SavedAddress {
+                    ip: a.ip,
+                    expires_unix_ms: saved::unix_ms(wall + a.ttl_left.saturating_sub(elapsed)),
+                })
+                .collect();
+            if !list.is_empty() {
+                saved.hosts.insert(host.as_str().to_owned(), list);
+            }
+        }
+        let Ok(mut last) = self.last_saved.lock() else {
+            return;
+        };
+        if *last != saved {
+            saved.store(state_dir);
+            *last = saved;
         }
     }
 
@@ -87,6 +175,7 @@ impl ResolvedHosts {
         if let Ok(mut hosts) = self.hosts.lock() {
             hosts.insert(host.clone(), snapshot);
         }
+        self.save();
     }
 
     /// One object per host: its endpoints, its addresses (`in_answer`: in the last successful
@@ -251,8 +340,10 @@ impl HostRefresher {
         for (host, endpoints) in hosts {
             let (first_tx, first_rx) = oneshot::channel();
             first_lookups.push(first_rx);
+            let restored = self.status.take_restored(&host);
             tokio::spawn(refresher::follow(
                 refresher::Host {
+                    restored,
                     name: host,
                     endpoints,
                     policy: policy.clone(),

@@ -322,6 +322,21 @@ impl DynamicEntries {
 
     /// Takes `compiled` as the new static policy and returns it with the claims' entries
     /// added, to be written as a whole; `committed` must follow a successful write.
+    /// Claims `saved` (resolved addresses a predecessor saved: endpoint, its definition,
+    /// address) against `compiled`'s static entries, writing nothing; returns `compiled` with
+    /// them, for the first program set of a restarted agent.
+    pub(super) fn restore(
+        &mut self,
+        compiled: &CompiledPolicy,
+        saved: &[(EndpointId, &Endpoint, IpAddr)],
+    ) -> CompiledPolicy {
+        self.merge(compiled);
+        for &(id, endpoint, ip) in saved {
+            self.claim(id, endpoint, ip);
+        }
+        self.merge(compiled)
+    }
+
     pub(super) fn merge(&mut self, compiled: &CompiledPolicy) -> CompiledPolicy {
         self.static_exact = compiled.exact.clone();
         self.static_cidr = compiled

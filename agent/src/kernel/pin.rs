@@ -21,6 +21,7 @@
 //! removes (the old set was never detached, so enforcement did not lapse).
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,7 @@ use super::{
     SyncReport, map_error, program, program_error, sync, system, take_map,
 };
 use crate::kernel::GrantMaps;
+use crate::policy::{Endpoint, EndpointId};
 
 /// Maps every program set shares: grants and socket tags must not reset on a reload, and the
 /// events of the old set must reach the same reader.
@@ -121,11 +123,16 @@ impl Enforcer {
     /// keeping it running when it already enforces `revision` with exactly `compiled`, else
     /// installs a new program set atomically. `before_replace(grants, generation, revision)` runs
     /// before a pinned set of another revision is replaced (the grants still serve it).
+    ///
+    /// `saved_hosts` are the endpoint host addresses a predecessor resolved (endpoint, its
+    /// definition, address): they are protected from the first instant, as run-time claims the
+    /// host refreshers then take over, so that a restart never opens a hostname endpoint.
     pub fn open_pinned(
         cgroup_root: &Path,
         cgroup: &Path,
         revision: &str,
         compiled: &CompiledPolicy,
+        saved_hosts: &[(EndpointId, &Endpoint, IpAddr)],
         mode_override: u32,
         before_replace: impl FnOnce(&GrantMaps, u32, &str) -> Result<(), KernelError>,
     ) -> Result<(Enforcer, Adoption), KernelError> {
@@ -175,8 +182,15 @@ impl Enforcer {
             cgroup: None,
             pins: Some(state),
         };
+        let with_hosts = {
+            let mut maps = enforcer.policy.lock().map_err(|_| KernelError::Poisoned)?;
+            maps.dynamic.restore(compiled, saved_hosts)
+        };
         let adoption = match best {
-            Some(best) if best.revision == revision && enforcer.holds(compiled) => {
+            Some(best) if best.revision == revision && enforcer.holds(&with_hosts) => {
+                if let Ok(mut maps) = enforcer.policy.lock() {
+                    maps.dynamic.committed();
+                }
                 enforcer.set_mode_override(mode_override)?;
                 info!(
                     generation = best.generation,

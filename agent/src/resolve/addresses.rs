@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Answers are asked again when their shortest TTL runs out, but no sooner than this (and an
-/// address is kept at least this long), so a zero or tiny TTL cannot make the agent query
-/// in a loop. Also the retry delay after a failed lookup or an empty answer.
+/// An address is kept at least this long after an answer had it; also the retry delay after a
+/// failed lookup or an empty answer.
 pub const MIN_REFRESH: Duration = Duration::from_secs(5);
+/// Answers are asked again when their shortest TTL runs out, but no sooner than this, so a
+/// zero TTL cannot make the agent query in a loop, while a name that moves is followed within
+/// its TTL plus a second.
+pub const MIN_LOOKUP: Duration = Duration::from_secs(1);
 /// …and no later than this, so a long TTL does not hide a change for a day.
 pub const MAX_REFRESH: Duration = Duration::from_secs(3600);
 /// Addresses kept per host: the first ones of an answer count, and addresses that left the
@@ -96,10 +99,26 @@ impl HostAddresses {
             }
         }
         let shortest = answer.iter().map(|&(_, ttl)| ttl).min();
-        let refresh = shortest.map_or(MIN_REFRESH, |ttl| ttl.clamp(MIN_REFRESH, MAX_REFRESH));
+        let refresh = shortest.map_or(MIN_REFRESH, |ttl| ttl.clamp(MIN_LOOKUP, MAX_REFRESH));
         self.next_lookup = now + refresh;
         self.last_lookup_failed = false;
         added
+    }
+
+    /// Takes `saved` (address, TTL left) as the last good answer, as a restarted agent does with
+    /// what its predecessor resolved: they stay while lookups fail, and once an answer lacks
+    /// one it is kept for what is left of its TTL (at least `MIN_REFRESH`). The first lookup
+    /// stays due now.
+    pub fn restore(&mut self, now: Instant, saved: &[(IpAddr, Duration)]) {
+        for &(ip, ttl_left) in saved.iter().take(MAX_ADDRESSES) {
+            self.addresses.insert(
+                ip.to_canonical(),
+                Kept {
+                    until: now + ttl_left.max(MIN_REFRESH),
+                    in_answer: true,
+                },
+            );
+        }
     }
 
     /// Records a failed lookup: every address is kept, and the lookup is retried after
@@ -201,12 +220,38 @@ mod tests {
         let t0 = Instant::now();
         let mut h = HostAddresses::new(t0);
         h.answered(t0, &[(ip("10.0.0.1"), secs(0))]);
-        assert_eq!(h.next_wake(), t0 + MIN_REFRESH);
+        assert_eq!(h.next_wake(), t0 + MIN_LOOKUP);
+        // A TTL of 2 s is followed at 2 s, not at the 5 s an address is kept.
+        h.answered(t0, &[(ip("10.0.0.1"), secs(2))]);
+        assert_eq!(h.next_wake(), t0 + secs(2));
         h.answered(t0, &[(ip("10.0.0.1"), secs(86_400))]);
         assert_eq!(h.next_wake(), t0 + MAX_REFRESH);
         // An empty answer is asked again after the floor.
         h.answered(t0, &[]);
         assert_eq!(h.next_lookup, t0 + MIN_REFRESH);
+    }
+
+    #[test]
+    fn restored_addresses_are_the_last_good_answer() {
+        let t0 = Instant::now();
+        let mut h = HostAddresses::new(t0);
+        h.restore(
+            t0,
+            &[(ip("10.0.0.1"), secs(30)), (ip("::ffff:10.0.0.2"), secs(0))],
+        );
+        assert!(h.lookup_due(t0));
+        assert_eq!(
+            h.current().collect::<Vec<_>>(),
+            [ip("10.0.0.1"), ip("10.0.0.2")]
+        );
+        // Lookups fail: both stay.
+        h.failed(t0);
+        assert!(h.expire(t0 + secs(3600)).is_empty());
+        // An answer without them: each goes when what was left of its TTL runs out.
+        let t1 = t0 + secs(1);
+        h.answered(t1, &[(ip("10.0.0.3"), secs(60))]);
+        assert_eq!(h.expire(t0 + MIN_REFRESH), [ip("10.0.0.2")]);
+        assert_eq!(h.expire(t0 + secs(30)), [ip("10.0.0.1")]);
     }
 
     #[test]

@@ -15,6 +15,8 @@ use crate::policy::{EndpointId, HostName, PolicySet};
 /// One host of one policy, and where its addresses go.
 pub(super) struct Host {
     pub name: HostName,
+    /// A predecessor's addresses (address, TTL left): the last good answer to start from.
+    pub restored: Vec<(std::net::IpAddr, std::time::Duration)>,
     /// The endpoints that list it.
     pub endpoints: Vec<EndpointId>,
     pub policy: Arc<PolicySet>,
@@ -33,11 +35,15 @@ pub(super) async fn follow(
     let mut first_lookup = Some(first_lookup);
     let Host {
         name: host,
+        restored,
         endpoints,
         policy,
         entries,
     } = host;
     let mut state = HostAddresses::new(Instant::now());
+    // Already protected (`saved_claims`, before the programs went in): the refresher owns them
+    // from here, and lets them go as it would its own answers'.
+    state.restore(Instant::now(), &restored);
     let mut lookups = 0;
     let mut last_error = None;
     loop {
