@@ -7,6 +7,7 @@ pub mod config;
 pub mod credential;
 pub mod daemon;
 pub mod decision;
+pub mod files;
 pub mod identity;
 pub mod kernel;
 pub mod located;

@@ -188,20 +188,9 @@ impl Registry {
             return;
         };
         let entries: Vec<Persisted> = inner.by_jti.values().map(Persisted::from_info).collect();
-        let tmp = path.with_extension("json.tmp");
         let result = serde_json::to_vec(&entries)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                use std::os::unix::fs::OpenOptionsExt as _;
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                std::io::Write::write_all(&mut file, &bytes)
-            })
-            .and_then(|()| std::fs::rename(&tmp, path));
+            .and_then(|bytes| crate::files::replace_private(path, &bytes));
         if let Err(e) = result {
             tracing::warn!(error = %e, path = %path.display(), "cannot save the credential registry");
         }

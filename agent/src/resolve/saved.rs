@@ -9,10 +9,8 @@
 //! the last good answer, kept while lookups fail, then for what is left of its TTL.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -69,19 +67,9 @@ impl Saved {
     /// Writes it to `<state_dir>/resolved-hosts.json` (0600, replaced in one rename).
     pub fn store(&self, state_dir: &Path) {
         let path = state_dir.join(FILE);
-        let tmp: PathBuf = state_dir.join(format!("{FILE}.tmp"));
-        let result = (|| -> std::io::Result<()> {
-            let body = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&body)?;
-            file.sync_data()?;
-            std::fs::rename(&tmp, &path)
-        })();
+        let result = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|body| crate::files::replace_private(&path, &body));
         if let Err(e) = result {
             warn!(path = %path.display(), error = %e, "cannot save the resolved host addresses");
         }
