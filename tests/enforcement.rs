@@ -470,6 +470,71 @@ fn malformed_http_gets_a_json_error() {
     assert!(jwks["keys"].is_array(), "{jwks}");
 }
 
+/// One local process cannot starve the Workload API (issue 15 #3): a process of another uid
+/// that holds 500 idle connections gets every one past its 64th refused at once with a JSON
+/// 503 `too_many_connections` and a `Retry-After`, a workload still gets its credential while
+/// they are held, and the agent's open files grow by the budget, not by the flood.
+#[test]
+fn idle_connections_from_one_uid_cannot_starve_the_api() {
+    use std::io::{BufRead as _, Write as _};
+    if !privileged() {
+        return;
+    }
+    let s = setup("connflood", "enforce", &[]);
+    s.agent.open_api_dir();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", s.agent.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let script = "import json, os, socket, sys, time\n\
+        os.setgroups([]); os.setgid(4242); os.setuid(4242)\n\
+        conns = []\n\
+        for _ in range(500):\n    c = socket.socket(socket.AF_UNIX)\n    c.connect(sys.argv[1])\n    conns.append(c)\n\
+        time.sleep(1)\n\
+        answered, first = 0, None\n\
+        for c in conns:\n    c.setblocking(False)\n    try:\n        data = c.recv(65536)\n    except BlockingIOError:\n        continue\n    if data:\n        answered += 1\n        first = first or data.decode()\n\
+        print(json.dumps({'answered': answered, 'first': first}), flush=True)\n\
+        sys.stdin.readline()\n";
+    let mut flooder = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&s.agent.api)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(flooder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let out: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert_eq!(out["answered"], 500 - 64, "{out}");
+    let first = out["first"].as_str().unwrap().to_ascii_lowercase();
+    assert!(first.starts_with("http/1.1 503"), "{first}");
+    assert!(first.contains("retry-after: 1"), "{first}");
+    let body: Value = serde_json::from_str(first.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["reason"], "too_many_connections", "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("uid 4242"),
+        "{body}"
+    );
+    // Held meanwhile: 64 of them are open in the agent (each with the caller's pidfd), the rest
+    // were closed.
+    let during = fds();
+    assert!(
+        during <= before + 2 * 64 + 8,
+        "{before} open files before, {during} during"
+    );
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    w.must_token("vault", None);
+    assert_eq!(w.connect4(s.port), "ok");
+    let mut stdin = flooder.stdin.take().unwrap();
+    let _ = writeln!(stdin);
+    let _ = flooder.wait();
+}
+
 #[test]
 fn a_recycled_pid_never_inherits_a_grant() {
     if !privileged() {

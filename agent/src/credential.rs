@@ -23,6 +23,8 @@ pub use jwt::Claims;
 pub use keys::KEY_FILE;
 pub use registry::{CredentialInfo, RevokeTarget};
 pub use service::{CredentialObserver, CredentialService};
+/// Connections each API serves at once.
+pub const MAX_API_CONNECTIONS: usize = http::MAX_CONNECTIONS;
 
 use tessera_common::{GrantSlot, WorkloadGrantKey};
 

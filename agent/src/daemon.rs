@@ -92,6 +92,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         rules = policy.rules.len(),
         "policy loaded"
     );
+    raise_fd_limit();
     let metrics = Arc::new(Metrics::new());
     metrics.set_policy(&policy);
     // Programs' run counts and times for `tessera status` (a few ns a run), while we live.
@@ -398,6 +399,30 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     info!(fail_open = config.fail_open, "stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one (at most 65,536): the APIs' connection
+/// budget (`credential::http::MAX_CONNECTIONS` each) then stays well under it, with room for
+/// the maps, the logs and the pidfds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let wanted = hard.min(65_536);
+    if wanted > soft {
+        match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+            Ok(()) => info!(from = soft, to = wanted, "open file limit raised"),
+            Err(e) => warn!(error = %e, soft, "cannot raise the open file limit"),
+        }
+    }
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    if soft < 4 * crate::credential::MAX_API_CONNECTIONS as u64 {
+        warn!(
+            limit = soft,
+            "the open file limit is low for the APIs' connection budget: raise LimitNOFILE"
+        );
+    }
 }
 
 /// How long a stop may spend writing the decisions queued before it.

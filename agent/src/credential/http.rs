@@ -1,8 +1,10 @@
 //! Plumbing shared by the Workload API and the admin API: accept loop, JSON bodies and answers.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,19 +32,106 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) type HttpResponse = Response<Full<Bytes>>;
 
-/// Accepts connections until `shutdown` resolves; `on_conn` handles each (it spawns).
+/// Connections one API serves at once, from every peer together.
+pub(crate) const MAX_CONNECTIONS: usize = 512;
+/// …and from the processes of one uid: one local process cannot take the API from the others.
+pub(crate) const MAX_CONNECTIONS_PER_UID: usize = 64;
+
+/// The connections open now, in all and per peer uid.
+#[derive(Default)]
+struct Budget {
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+/// One admitted connection's place in the budget, given back when it is dropped.
+pub(crate) struct Slot {
+    budget: Arc<Mutex<Budget>>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut budget = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        budget.total = budget.total.saturating_sub(1);
+        if let Some(n) = budget.per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                budget.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// An accepted connection within the budget: the stream, and its place.
+pub(crate) struct Admitted {
+    stream: UnixStream,
+    slot: Slot,
+}
+
+impl std::os::fd::AsFd for Admitted {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
+/// Takes a place for a connection from `uid`, or says why there is none.
+fn admit(budget: &Arc<Mutex<Budget>>, uid: u32) -> Result<Slot, String> {
+    let mut b = budget.lock().unwrap_or_else(|e| e.into_inner());
+    let of_uid = b.per_uid.get(&uid).copied().unwrap_or(0);
+    if of_uid >= MAX_CONNECTIONS_PER_UID {
+        return Err(format!(
+            "uid {uid} has {of_uid} connections open to this API, the most one uid may have; \
+             close some (one request a connection) and retry"
+        ));
+    }
+    if b.total >= MAX_CONNECTIONS {
+        return Err(format!(
+            "the API has {} connections open, the most it serves at once; retry shortly",
+            b.total
+        ));
+    }
+    b.total += 1;
+    *b.per_uid.entry(uid).or_default() += 1;
+    Ok(Slot {
+        budget: budget.clone(),
+        uid,
+    })
+}
+
+/// Accepts connections until `shutdown` resolves; `on_conn` handles each admitted one (it
+/// spawns). A connection past the budget gets a JSON 503 `too_many_connections` with a
+/// `Retry-After` and is closed at once.
 pub(crate) async fn accept_loop(
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
     api: &'static str,
-    mut on_conn: impl FnMut(UnixStream),
+    mut on_conn: impl FnMut(Admitted),
 ) -> Result<(), CredentialError> {
     tokio::pin!(shutdown);
+    let budget = Arc::new(Mutex::new(Budget::default()));
     loop {
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => on_conn(stream),
+                Ok((mut stream, _)) => {
+                    let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+                    match admit(&budget, uid) {
+                        Ok(slot) => on_conn(Admitted { stream, slot }),
+                        Err(error) => {
+                            debug!(api, uid, "connection refused: over the budget");
+                            tokio::spawn(async move {
+                                let refused = BadHead::new(StatusCode::SERVICE_UNAVAILABLE, error)
+                                    .with_reason("too_many_connections");
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(1),
+                                    refused.write_to(&mut stream),
+                                )
+                                .await;
+                            });
+                        }
+                    }
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     warn!(api, error = %e, "cannot accept a connection");
@@ -56,12 +145,15 @@ pub(crate) async fn accept_loop(
 /// Serves one HTTP/1.1 request on one connection with `handle`, on its own task. The request
 /// head is read and checked first ([`read_head`]): a malformed one gets a JSON error and the
 /// connection is closed. One request a connection, so that every head is checked that way.
-pub(crate) fn spawn_connection<H, F>(mut stream: UnixStream, api: &'static str, handle: H)
+pub(crate) fn spawn_connection<H, F>(admitted: Admitted, api: &'static str, handle: H)
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
+    let Admitted { mut stream, slot } = admitted;
     tokio::spawn(async move {
+        // The place in the budget is given back when the connection ends.
+        let _slot = slot;
         let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
             Ok(Ok(head)) => head,
             Ok(Err(Some(refused))) => {
@@ -122,25 +214,45 @@ pub(crate) async fn read_head(stream: &mut UnixStream) -> Result<BytesMut, Optio
     }
 }
 
-/// A request head refused before hyper saw it: the status and the JSON error text.
+/// A connection refused before hyper saw it (a malformed head, the budget): the status, the
+/// JSON error text and, for a refusal to retry, its reason.
 #[derive(Debug)]
 pub(crate) struct BadHead {
     status: StatusCode,
     error: String,
+    reason: Option<&'static str>,
 }
 
 impl BadHead {
     fn new(status: StatusCode, error: String) -> Self {
-        BadHead { status, error }
+        BadHead {
+            status,
+            error,
+            reason: None,
+        }
+    }
+
+    /// A refusal worth retrying: says `reason`, and `Retry-After: 1`.
+    fn with_reason(mut self, reason: &'static str) -> Self {
+        self.reason = Some(reason);
+        self
     }
 
     /// Writes the answer as HTTP/1.1 and closes the connection.
     async fn write_to(&self, stream: &mut UnixStream) -> std::io::Result<()> {
-        let body = serde_json::to_vec(&serde_json::json!({ "error": self.error }))
-            .unwrap_or_else(|_| b"{}".to_vec());
+        let body = match self.reason {
+            Some(reason) => serde_json::json!({ "error": self.error, "reason": reason }),
+            None => serde_json::json!({ "error": self.error }),
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        let retry = if self.reason.is_some() {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        };
         let head = format!(
             "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-             connection: close\r\n\r\n",
+             {retry}connection: close\r\n\r\n",
             self.status.as_u16(),
             self.status.canonical_reason().unwrap_or(""),
             body.len()
