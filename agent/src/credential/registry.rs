@@ -47,6 +47,12 @@ pub enum RevokeTarget {
     Pid(u32),
 }
 
+/// The agent's credentials, in memory and (from `Registry::open`) in the state directory: a
+/// snapshot (`credentials.json`, a JSON array) and a journal of the changes since
+/// (`credentials.journal`, one JSON line each: `put`, `revoke`, `del`). A change appends one
+/// line; the snapshot is rewritten (and the journal emptied) when the journal has grown past
+/// twice the credentials kept, so the cost of an issue does not grow with history. A line cut
+/// short by a crash mid-write is where replay stops; everything before it is kept.
 #[derive(Default)]
 pub(crate) struct Registry {
     inner: Mutex<Inner>,
@@ -54,8 +60,20 @@ pub(crate) struct Registry {
     path: Option<PathBuf>,
 }
 
-/// The file `Registry::open` keeps in the state directory.
+/// The files `Registry::open` keeps in the state directory.
 const REGISTRY_FILE: &str = "credentials.json";
+const JOURNAL_FILE: &str = "credentials.journal";
+/// The journal is compacted once it has more lines than this, or than twice the credentials.
+const JOURNAL_MIN_LINES: usize = 1024;
+
+/// One line of the journal.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Change {
+    Put { c: Persisted },
+    Revoke { jti: String },
+    Del { jti: String },
+}
 
 /// One credential as persisted: ids, names and times, never the token.
 #[derive(Serialize, Deserialize)]
@@ -129,6 +147,11 @@ impl Persisted {
 struct Inner {
     by_jti: HashMap<String, CredentialInfo>,
     jti_by_id: HashMap<u64, String>,
+    /// The journal, open for appending, and its lines since the snapshot.
+    journal: Option<std::fs::File>,
+    journal_lines: usize,
+    /// Snapshots written since open (for tests of the cost per change).
+    snapshots: usize,
 }
 
 /// What the decision log shows of a credential.
@@ -154,7 +177,8 @@ impl RevokeTarget {
 
 impl Registry {
     /// The registry kept in `state_dir`, with what an earlier agent left there (so that the
-    /// kernel grants it left behind can still be explained and revoked).
+    /// kernel grants it left behind can still be explained and revoked): the snapshot, then the
+    /// journal replayed over it; then compacted into a new snapshot.
     pub(crate) fn open(state_dir: &Path) -> Registry {
         let path = state_dir.join(REGISTRY_FILE);
         let mut inner = Inner::default();
@@ -162,10 +186,8 @@ impl Registry {
             Ok(bytes) => match serde_json::from_slice::<Vec<Persisted>>(&bytes) {
                 Ok(entries) => {
                     for info in entries.into_iter().filter_map(Persisted::into_info) {
-                        inner.jti_by_id.insert(info.credential_id, info.jti.clone());
-                        inner.by_jti.insert(info.jti.clone(), info);
+                        inner.put(info);
                     }
-                    inner.prune(SystemTime::now());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, path = %path.display(), "ignoring an unreadable credential registry")
@@ -176,14 +198,25 @@ impl Registry {
                 tracing::warn!(error = %e, path = %path.display(), "cannot read the credential registry")
             }
         }
-        Registry {
+        let journal = state_dir.join(JOURNAL_FILE);
+        match std::fs::read(&journal) {
+            Ok(bytes) => inner.replay(&bytes, &journal),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, path = %journal.display(), "cannot read the credential journal")
+            }
+        }
+        inner.prune(SystemTime::now());
+        let registry = Registry {
             inner: Mutex::new(inner),
             path: Some(path),
-        }
+        };
+        registry.compact(&mut registry.lock());
+        registry
     }
 
-    /// Writes the registry (whole, through a rename) when it is persistent.
-    fn save(&self, inner: &Inner) {
+    /// Writes the snapshot (whole, through a rename), then empties the journal.
+    fn compact(&self, inner: &mut Inner) {
         let Some(path) = &self.path else {
             return;
         };
@@ -193,6 +226,56 @@ impl Registry {
             .and_then(|bytes| crate::files::replace_private(path, &bytes));
         if let Err(e) = result {
             tracing::warn!(error = %e, path = %path.display(), "cannot save the credential registry");
+            return;
+        }
+        inner.snapshots += 1;
+        // The snapshot holds every change: the journal starts again (replaying it over the new
+        // snapshot after a crash just here would change nothing).
+        let journal = path.with_file_name(JOURNAL_FILE);
+        let opened = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&journal)
+                .and_then(|_| {
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .mode(0o600)
+                        .open(&journal)
+                })
+        };
+        match opened {
+            Ok(file) => {
+                inner.journal = Some(file);
+                inner.journal_lines = 0;
+            }
+            Err(e) => {
+                inner.journal = None;
+                tracing::warn!(error = %e, path = %journal.display(), "cannot open the credential journal");
+            }
+        }
+    }
+
+    /// Records `change` (one appended line), compacting when the journal has grown enough.
+    fn record(&self, inner: &mut Inner, change: &Change) {
+        if self.path.is_none() {
+            return;
+        }
+        let line = serde_json::to_vec(change).map(|mut l| {
+            l.push(b'\n');
+            l
+        });
+        let appended = match (&mut inner.journal, line) {
+            // One write of the whole line: a crash leaves it whole or cut short at the end.
+            (Some(file), Ok(line)) => std::io::Write::write_all(file, &line).is_ok(),
+            _ => false,
+        };
+        inner.journal_lines += 1;
+        if !appended || inner.journal_lines > JOURNAL_MIN_LINES.max(2 * inner.by_jti.len()) {
+            self.compact(inner);
         }
     }
 
@@ -215,16 +298,20 @@ impl Registry {
     pub(crate) fn insert(&self, info: CredentialInfo) {
         let mut inner = self.lock();
         inner.prune(SystemTime::now());
-        inner.jti_by_id.insert(info.credential_id, info.jti.clone());
-        inner.by_jti.insert(info.jti.clone(), info);
-        self.save(&inner);
+        let change = Change::Put {
+            c: Persisted::from_info(&info),
+        };
+        inner.put(info);
+        self.record(&mut inner, &change);
     }
 
     pub(crate) fn remove(&self, jti: &str) {
         let mut inner = self.lock();
-        if let Some(c) = inner.by_jti.remove(jti) {
-            inner.jti_by_id.remove(&c.credential_id);
-            self.save(&inner);
+        if inner.del(jti) {
+            let change = Change::Del {
+                jti: jti.to_owned(),
+            };
+            self.record(&mut inner, &change);
         }
     }
 
@@ -255,7 +342,10 @@ impl Registry {
         let mut inner = self.lock();
         if let Some(c) = inner.by_jti.get_mut(jti) {
             c.revoked = true;
-            self.save(&inner);
+            let change = Change::Revoke {
+                jti: jti.to_owned(),
+            };
+            self.record(&mut inner, &change);
         }
     }
 
@@ -269,11 +359,61 @@ impl Registry {
 }
 
 impl Inner {
+    fn put(&mut self, info: CredentialInfo) {
+        self.jti_by_id.insert(info.credential_id, info.jti.clone());
+        self.by_jti.insert(info.jti.clone(), info);
+    }
+
+    fn del(&mut self, jti: &str) -> bool {
+        match self.by_jti.remove(jti) {
+            Some(c) => {
+                self.jti_by_id.remove(&c.credential_id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Applies the journal's lines in order, up to the first that is not whole (a crash cut it
+    /// short: nothing after it was written).
+    fn replay(&mut self, bytes: &[u8], path: &Path) {
+        let lines = bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        for (applied, line) in lines.enumerate() {
+            match serde_json::from_slice::<Change>(line) {
+                Ok(Change::Put { c }) => {
+                    if let Some(info) = c.into_info() {
+                        self.put(info);
+                    }
+                }
+                Ok(Change::Revoke { jti }) => {
+                    if let Some(c) = self.by_jti.get_mut(&jti) {
+                        c.revoked = true;
+                    }
+                }
+                Ok(Change::Del { jti }) => {
+                    self.del(&jti);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        applied,
+                        error = %e,
+                        "the credential journal ends with a line cut short (a crash mid-write): \
+                         the changes before it are kept"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     fn prune(&mut self, now: SystemTime) {
         let Some(cutoff) = now.checked_sub(RETAIN_AFTER_EXPIRY) else {
             return;
         };
-        let Inner { by_jti, jti_by_id } = self;
+        let Inner {
+            by_jti, jti_by_id, ..
+        } = self;
         by_jti.retain(|_, c| {
             let keep = c.expires_at > cutoff;
             if !keep {
@@ -380,6 +520,65 @@ mod tests {
                 bind.as_str()
             );
         }
+    }
+
+    #[test]
+    fn a_change_appends_a_line_and_history_does_not_grow_the_cost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Registry::open(dir.path());
+        let opened = r.lock().snapshots;
+        for i in 0..5000u64 {
+            r.insert(info(&format!("j{i}"), 100 + i, 10, 300));
+        }
+        // 5,000 live credentials: a snapshot each time the journal passed twice the count,
+        // not one a change.
+        let snapshots = r.lock().snapshots - opened;
+        assert!(snapshots <= 4, "{snapshots} snapshots for 5,000 issues");
+        let journal = std::fs::read_to_string(dir.path().join(JOURNAL_FILE)).expect("journal");
+        assert!(
+            journal.lines().count() <= 2 * 5000,
+            "{}",
+            journal.lines().count()
+        );
+        r.mark_revoked("j4999");
+        r.remove("j4998");
+        let again = Registry::open(dir.path());
+        assert_eq!(again.active_count(SystemTime::now()), 4998);
+        assert!(
+            again
+                .by_credential_id(100 + 4999)
+                .is_some_and(|c| c.revoked)
+        );
+        assert!(again.get("j4998").is_none());
+        assert!(again.get("j0").is_some());
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_loses_only_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Registry::open(dir.path());
+        r.insert(info("a", 1, 10, 300));
+        r.insert(info("b", 2, 10, 300));
+        r.mark_revoked("a");
+        drop(r);
+        // A kill -9 in the middle of the next line's write.
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut journal = std::fs::read(&path).expect("journal");
+        let line = serde_json::to_vec(&Change::Put {
+            c: Persisted::from_info(&info("c", 3, 10, 300)),
+        })
+        .expect("json");
+        journal.extend_from_slice(&line[..line.len() / 2]);
+        std::fs::write(&path, journal).expect("write");
+        let again = Registry::open(dir.path());
+        assert!(again.get("a").is_some_and(|c| c.revoked));
+        assert!(again.get("b").is_some_and(|c| !c.revoked));
+        assert!(again.get("c").is_none());
+        // Compacted at open: the torn line is gone, and the next change is whole.
+        again.insert(info("d", 4, 10, 300));
+        let third = Registry::open(dir.path());
+        assert_eq!(third.active_count(SystemTime::now()), 2);
+        assert!(third.get("d").is_some());
     }
 
     #[test]
