@@ -247,4 +247,24 @@ mod tests {
         let err = attest_pidfd(&pidfd).expect_err("exited");
         assert!(err.is_exited(), "{err}");
     }
+
+    #[test]
+    fn a_pidfd_from_pidfd_open_attests_and_sees_the_exit() {
+        // The fallback for kernels without SO_PEERPIDFD holds callers with pidfd_open.
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let pidfd = crate::identity::evidence::open_pidfd(child.id()).expect("pidfd_open");
+        let ev = attest_pidfd(&pidfd).expect("attest child");
+        assert_eq!(ev.pid, child.id());
+        assert_eq!(ev.comm, "sleep");
+        assert!(still_running(&pidfd, ev.pid));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(!pidfd_alive(&pidfd));
+        assert!(!still_running(&pidfd, ev.pid));
+        assert!(attest_pidfd(&pidfd).expect_err("exited").is_exited());
+    }
 }
