@@ -318,3 +318,66 @@ fn a_raw_client_over_the_fallback_is_answered() {
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(answer.contains("unknown_workload"), "{answer}");
 }
+
+/// `identity_process`'s pid-reuse test through the Workload API with the fallback forced: a
+/// holder of a credential exits, a process of another executable gets its pid, and neither its
+/// connects nor its own credential requests answer for the holder.
+#[test]
+fn with_the_fallback_forced_a_recycled_pid_inherits_nothing() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("fallback-reuse");
+    let (app, app_rel) = cg.child("app");
+    let bin = tempfile::tempdir().expect("tempdir");
+    let py = bin.path().join("py-holder");
+    support::python_copy(&py, b"");
+    let servers = Servers::start();
+    let port = servers.tcp_port;
+    let workloads = format!(
+        "    - name: by-exe\n      match: {{ cgroup: {app_rel}, exe: {} }}\n\
+         \x20   - name: plain\n      match: {{ cgroup: {app_rel} }}",
+        py.display()
+    );
+    let rules = "    - name: exe-to-vault\n      workloads: [by-exe]\n      endpoints: [vault]\n      credential: { required: true, maxTtl: 10m, bind: process }";
+    let agent = Agent::start_env(
+        &support::identity_policy(&workloads, rules, port, support::extra_tcp_server()),
+        &cg.path,
+        &[],
+        FORCED,
+    );
+    let mut holder = Workload::spawn_in(&app, &agent.api, &[py.to_str().expect("utf-8")]);
+    holder.must_token("vault", Some(600));
+    let (r, d) = agent.probe(holder.pid, || holder.connect4(port));
+    assert_eq!(r, "ok", "{d}");
+    assert_eq!(d["workload"]["name"], "by-exe", "{d}");
+    let pid = holder.pid;
+    holder.exit();
+
+    let mut reused = None;
+    for _ in 0..200 {
+        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string());
+        let w = Workload::spawn(&app, &agent.api);
+        if w.pid == pid {
+            reused = Some(w);
+            break;
+        }
+    }
+    let Some(mut successor) = reused else {
+        eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+        return;
+    };
+    let (r, d) = agent.probe(pid, || successor.connect4(port));
+    assert_eq!(
+        r, "EPERM",
+        "pid {pid} inherited its predecessor's grant: {d}"
+    );
+    assert!(d["credential"].is_null(), "{d}");
+    // Asking for itself, the successor is attested as what it is.
+    let (status, body) = successor.token("vault", Some(60));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "workload_not_allowed", "{body}");
+    let (r, d, _) = agent.settled(pid, || successor.connect4(port));
+    assert_eq!(r, "EPERM", "{d}");
+    assert_eq!(d["workload"]["name"], "plain", "{d}");
+}
