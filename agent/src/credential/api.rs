@@ -130,9 +130,11 @@ pub async fn serve_workload_api(
     let forced = std::env::var(peer::METHOD_ENV).ok();
     let method = ProofMethod::choose(forced.as_deref());
     match &method {
-        Ok(m) => {
-            info!(method = %m, forced = forced.as_deref(), "Workload API callers are attested with {m}")
-        }
+        Ok(m) => info!(
+            method = %m,
+            forced = forced.as_deref(),
+            "Workload API callers are attested with this method"
+        ),
         Err(why) => error!(
             reason = %why.0,
             "the Workload API cannot attest callers: every credential request is refused with 503"
