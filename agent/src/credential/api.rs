@@ -20,7 +20,7 @@ use super::http::{self, HttpResponse};
 use super::service::{CredentialService, Refusal};
 use crate::identity::attest::still_running;
 use crate::identity::attestor::Attested;
-use crate::identity::peer::{self, Caller, Method as ProofMethod, PeerError};
+use crate::identity::peer::{self, Caller, Method as ProofMethod, error_chain};
 use crate::identity::spiffe::SpiffeId;
 
 /// Longest `task` accepted.
@@ -234,8 +234,8 @@ fn attest<'a>(
             error: e.to_string(),
         }),
         e => {
-            warn!(error = %chain(&e), "cannot prove who a caller is");
-            Refused::Unavailable(format!("cannot attest the caller: {}", chain(&e)))
+            warn!(error = %error_chain(&e), "cannot prove who a caller is");
+            Refused::Unavailable(format!("cannot attest the caller: {}", error_chain(&e)))
         }
     })?;
     match svc.attestor().attest_pidfd(pidfd) {
@@ -251,16 +251,4 @@ fn attest<'a>(
             ))))
         }
     }
-}
-
-/// An error with its sources, for an answer that names the cause.
-fn chain(e: &PeerError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -128,8 +128,8 @@ impl Method {
                     ))
                 })
             }),
-            "peer-pidfd" => probe(Method::PeerPidfd).map_err(|e| Unavailable(e.to_string())),
-            "sock-diag" => probe(Method::SockDiag).map_err(|e| Unavailable(e.to_string())),
+            "peer-pidfd" => probe(Method::PeerPidfd).map_err(|e| Unavailable(error_chain(&e))),
+            "sock-diag" => probe(Method::SockDiag).map_err(|e| Unavailable(error_chain(&e))),
             "none" => Err(Unavailable(format!("{METHOD_ENV}=none"))),
             other => Err(Unavailable(format!(
                 "{METHOD_ENV}={other:?} is not one of auto, peer-pidfd, sock-diag, none; \
@@ -145,6 +145,9 @@ impl Method {
             source,
         })?;
         let caller = Caller::take(self, &ours);
+        if let Caller::Failed(e) = caller {
+            return Err(e);
+        }
         let pidfd = caller.proven()?;
         match super::attest::pid_of(pidfd) {
             Ok(pid) if pid == std::process::id() => Ok(()),
@@ -203,7 +206,7 @@ impl Caller {
             Caller::Failed(e) => Err(match e {
                 PeerError::Exited => PeerError::Exited,
                 PeerError::PidNotVisible => PeerError::PidNotVisible,
-                other => PeerError::Unavailable(other.to_string()),
+                other => PeerError::Unavailable(error_chain(other)),
             }),
             Caller::Claimed {
                 pidfd,
@@ -227,6 +230,18 @@ impl Caller {
             }
         }
     }
+}
+
+/// An error with its sources, `: `-separated: the whole cause in one answer or log field.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The inode of a socket: how `sock_diag` and `/proc/PID/fd` (`socket:[INODE]`) name it.

@@ -23,8 +23,9 @@ pub enum SockDiagError {
     #[error("cannot ask the kernel over NETLINK_SOCK_DIAG")]
     Socket(#[source] io::Error),
     #[error(
-        "the kernel refused the unix sock_diag request for socket {inode} (is unix_diag, \
-         CONFIG_UNIX_DIAG, available?)"
+        "the kernel refused the unix sock_diag request for socket {inode} (without \
+         CONFIG_UNIX_DIAG, or its module unix_diag not loaded, the kernel answers ENOENT: \
+         `modprobe unix_diag`)"
     )]
     Refused {
         inode: u32,
