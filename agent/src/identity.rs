@@ -3,5 +3,6 @@ pub mod attest;
 pub mod attestor;
 pub mod evidence;
 pub mod k8s;
+pub mod peer;
 pub mod selectors;
 pub mod spiffe;

@@ -1,26 +1,26 @@
 //! The Workload API server: `POST /v1/credentials`, `DELETE /v1/credentials/{jti}`, `GET /v1/jwks`
-//! over HTTP/1.1 on a unix socket, the caller attested from the socket's peer pidfd.
+//! over HTTP/1.1 on a unix socket, the caller attested from a pidfd of the process that holds
+//! the client end ([`peer`](crate::identity::peer): `SO_PEERPIDFD`, or its proven fallback).
 
 use std::fs::{self, DirBuilder};
 use std::future::Future;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
-use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use super::CredentialError;
 use super::http::{self, HttpResponse};
 use super::service::{CredentialService, Refusal};
 use crate::identity::attest::still_running;
 use crate::identity::attestor::Attested;
+use crate::identity::peer::{self, Caller, Method as ProofMethod, error_chain};
 use crate::identity::spiffe::SpiffeId;
 
 /// Longest `task` accepted.
@@ -120,18 +120,34 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, CredentialErr
     Ok(listener)
 }
 
-/// Serves the Workload API until `shutdown` resolves.
+/// Serves the Workload API until `shutdown` resolves. How callers are proven is chosen here,
+/// once, by probing the kernel ([`ProofMethod::choose`]; [`peer::METHOD_ENV`] can force it).
 pub async fn serve_workload_api(
     listener: UnixListener,
     svc: Arc<CredentialService>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CredentialError> {
+    let forced = std::env::var(peer::METHOD_ENV).ok();
+    let method = ProofMethod::choose(forced.as_deref());
+    match &method {
+        Ok(m) => info!(
+            method = %m,
+            forced = forced.as_deref(),
+            "Workload API callers are attested with this method"
+        ),
+        Err(why) => error!(
+            reason = %why.0,
+            "the Workload API cannot attest callers: every credential request is refused with 503"
+        ),
+    }
+    let method = Arc::new(method);
     http::accept_loop(listener, shutdown, "workload", move |stream| {
-        // Take the pidfd at once: it pins the connecting process, whatever happens to its pid.
-        let caller = getsockopt(&stream, PeerPidfd).inspect_err(|e| {
-            warn!(error = %e, "cannot get the caller's pidfd (SO_PEERPIDFD needs Linux 6.5 or later)");
+        // Take the caller at once: its pidfd pins the connecting process, whatever happens to
+        // its pid; the proof (if the method needs one) comes with the request.
+        let caller = Arc::new(match method.as_ref() {
+            Ok(m) => Ok(Caller::take(*m, &stream)),
+            Err(why) => Err(why.0.clone()),
         });
-        let caller = Arc::new(caller.ok());
         let svc = svc.clone();
         http::spawn_connection(stream, "workload", move |req| {
             route(svc.clone(), caller.clone(), req)
@@ -140,9 +156,32 @@ pub async fn serve_workload_api(
     .await
 }
 
+/// Why a request was not answered with a credential.
+enum Refused {
+    Refusal(Refusal),
+    /// 503 `{"error", "reason": "attestation_unavailable"}`: the agent cannot attest callers.
+    Unavailable(String),
+}
+
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Self {
+        Refused::Refusal(r)
+    }
+}
+
+fn refused(r: &Refused) -> HttpResponse {
+    match r {
+        Refused::Refusal(r) => http::refusal(r),
+        Refused::Unavailable(error) => http::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": error, "reason": "attestation_unavailable" }),
+        ),
+    }
+}
+
 async fn route(
     svc: Arc<CredentialService>,
-    caller: Arc<Option<OwnedFd>>,
+    caller: Arc<Result<Caller, String>>,
     req: Request<Incoming>,
 ) -> HttpResponse {
     let path = req.uri().path().to_owned();
@@ -152,14 +191,14 @@ async fn route(
             let result = async {
                 let body: TokenRequest = http::read_json(req, REQUEST_SHAPE).await?;
                 let (pidfd, evidence) = attest(&svc, &caller)?;
-                svc.issue(&evidence, &body, &|| {
+                Ok(svc.issue(&evidence, &body, &|| {
                     still_running(pidfd, evidence.evidence.pid)
-                })
+                })?)
             }
             .await;
             match result {
                 Ok(resp) => http::json(StatusCode::OK, &resp),
-                Err(r) => http::refusal(&r),
+                Err(r) => refused(&r),
             }
         }
         "/v1/credentials" => http::method_not_allowed("POST"),
@@ -170,11 +209,11 @@ async fn route(
                 if method != Method::DELETE {
                     return http::method_not_allowed("DELETE");
                 }
-                let result =
-                    attest(&svc, &caller).and_then(|(_, evidence)| svc.end_own(&evidence, jti));
+                let result = attest(&svc, &caller)
+                    .and_then(|(_, evidence)| Ok(svc.end_own(&evidence, jti)?));
                 match result {
                     Ok(jti) => http::json(StatusCode::OK, &serde_json::json!({ "revoked": jti })),
-                    Err(r) => http::refusal(&r),
+                    Err(r) => refused(&r),
                 }
             }
             _ => http::not_found(p),
@@ -184,22 +223,32 @@ async fn route(
 
 fn attest<'a>(
     svc: &CredentialService,
-    caller: &'a Option<OwnedFd>,
-) -> Result<(&'a OwnedFd, Attested), Refusal> {
-    let Some(pidfd) = caller else {
-        return Err(Refusal::Internal(
-            "the agent cannot identify the calling process (no SO_PEERPIDFD)".to_owned(),
-        ));
-    };
+    caller: &'a Result<Caller, String>,
+) -> Result<(&'a std::os::fd::OwnedFd, Attested), Refused> {
+    let caller = caller
+        .as_ref()
+        .map_err(|why| Refused::Unavailable(format!("the agent cannot attest callers: {why}")))?;
+    let pidfd = caller.proven().map_err(|e| match e {
+        e if e.is_exited() => Refused::Refusal(Refusal::Forbidden {
+            reason: "caller_exited",
+            error: e.to_string(),
+        }),
+        e => {
+            warn!(error = %error_chain(&e), "cannot prove who a caller is");
+            Refused::Unavailable(format!("cannot attest the caller: {}", error_chain(&e)))
+        }
+    })?;
     match svc.attestor().attest_pidfd(pidfd) {
         Ok(evidence) => Ok((pidfd, evidence)),
-        Err(e) if e.is_exited() => Err(Refusal::Forbidden {
+        Err(e) if e.is_exited() => Err(Refused::Refusal(Refusal::Forbidden {
             reason: "caller_exited",
             error: "the calling process exited".to_owned(),
-        }),
+        })),
         Err(e) => {
             warn!(error = %e, "cannot attest a caller");
-            Err(Refusal::Internal(format!("cannot attest the caller: {e}")))
+            Err(Refused::Refusal(Refusal::Internal(format!(
+                "cannot attest the caller: {e}"
+            ))))
         }
     }
 }

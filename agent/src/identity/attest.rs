@@ -194,10 +194,8 @@ mod tests {
     use std::process::{Command, Stdio};
 
     fn own_pidfd() -> OwnedFd {
-        // The peer of a socket pair is its creator: this process.
-        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-        nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerPidfd)
-            .expect("SO_PEERPIDFD")
+        // pidfd_open, not SO_PEERPIDFD: the test runs on kernels before 6.5 too.
+        crate::identity::evidence::open_pidfd(getpid().as_raw() as u32).expect("pidfd_open")
     }
 
     #[test]
@@ -246,5 +244,25 @@ mod tests {
         assert!(!still_running(&pidfd, ev.pid));
         let err = attest_pidfd(&pidfd).expect_err("exited");
         assert!(err.is_exited(), "{err}");
+    }
+
+    #[test]
+    fn a_pidfd_from_pidfd_open_attests_and_sees_the_exit() {
+        // The fallback for kernels without SO_PEERPIDFD holds callers with pidfd_open.
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let pidfd = crate::identity::evidence::open_pidfd(child.id()).expect("pidfd_open");
+        let ev = attest_pidfd(&pidfd).expect("attest child");
+        // (Not its comm: spawn may return before the child's exec.)
+        assert_eq!(ev.pid, child.id());
+        assert!(still_running(&pidfd, ev.pid));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(!pidfd_alive(&pidfd));
+        assert!(!still_running(&pidfd, ev.pid));
+        assert!(attest_pidfd(&pidfd).expect_err("exited").is_exited());
     }
 }
