@@ -46,6 +46,15 @@ fn with_the_fallback_forced_a_caller_gets_a_credential_and_connects() {
     let agent = agent(&cg, port, FORCED);
     let line = agent.wait_log("Workload API callers are attested with");
     assert!(line.contains("sock_diag"), "{line}");
+    let admin = agent.admin.to_str().unwrap().to_string();
+    let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        status["workload_api"]["attestation"], "sock-diag",
+        "{status}"
+    );
+    let (_, text, _) = agent.cli(&["status", "--admin-socket", &admin]);
+    assert!(text.contains("callers proven:   sock-diag"), "{text}");
 
     let mut w = Workload::spawn(&app, &agent.api);
     let (r, d, _) = agent.settled(w.pid, || w.connect4(port));
@@ -279,6 +288,16 @@ fn an_api_that_cannot_attest_answers_503_with_a_reason() {
     ] {
         let agent = agent(&cg, port, &[(METHOD_ENV, Some(value))]);
         agent.wait_log("the Workload API cannot attest callers");
+        let admin = agent.admin.to_str().unwrap().to_string();
+        let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
+        let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(status["workload_api"]["attestation"].is_null(), "{status}");
+        assert!(
+            status["workload_api"]["unavailable"]
+                .as_str()
+                .is_some_and(|u| u.contains(says)),
+            "{status}"
+        );
         let mut w = Workload::spawn(&app, &agent.api);
         let (status, body) = w.token("vault", Some(60));
         assert_eq!(status, 503, "{body}");

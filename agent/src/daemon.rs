@@ -217,6 +217,13 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let metrics_listen = metrics_server.as_ref().map(MetricsServer::local_addr);
     let status = metrics::extend_status(status, metrics.clone(), metrics_listen);
     let status = status::with_hosts(status, resolved.clone());
+    // The same probe the Workload API makes when it starts serving.
+    let method = crate::identity::peer::Method::choose(
+        std::env::var(crate::identity::peer::METHOD_ENV)
+            .ok()
+            .as_deref(),
+    );
+    let status = status::with_workload_api(status, &method);
     let active_grants = grants_for_metrics;
     metrics.set_active_grants_source(Arc::new(move || {
         i64::try_from(active_grants.active_count(kernel::boot_time_ns())).unwrap_or(i64::MAX)

@@ -59,6 +59,15 @@ pub async fn run(args: &StatusArgs) -> ExitCode {
         get("/counters/lost_denies")
     );
     println!("active grants:    {}", get("/grants/active"));
+    if let Some(api) = status.pointer("/workload_api") {
+        match api["attestation"].as_str() {
+            Some(method) => println!("callers proven:   {method}"),
+            None => println!(
+                "callers proven:   NO: {} (credential requests get 503)",
+                api["unavailable"].as_str().unwrap_or("?")
+            ),
+        }
+    }
     if let Some(metrics) = status.pointer("/metrics") {
         println!(
             "metrics:          {}",

@@ -92,6 +92,29 @@ pub fn provider(
     })
 }
 
+/// `status` plus `"workload_api"`: how the Workload API proves who its callers are
+/// (`attestation`: `peer-pidfd`, `sock-diag`, or null with `unavailable` saying why; the API
+/// then answers every credential request 503 `attestation_unavailable`).
+pub fn with_workload_api(
+    status: StatusProvider,
+    method: &Result<crate::identity::peer::Method, crate::identity::peer::Unavailable>,
+) -> StatusProvider {
+    let field = match method {
+        Ok(m) => serde_json::json!({ "attestation": match m {
+            crate::identity::peer::Method::PeerPidfd => "peer-pidfd",
+            crate::identity::peer::Method::SockDiag => "sock-diag",
+        } }),
+        Err(why) => serde_json::json!({ "attestation": null, "unavailable": why.0 }),
+    };
+    Arc::new(move || {
+        let mut value = status();
+        if let Value::Object(fields) = &mut value {
+            fields.insert("workload_api".to_owned(), field.clone());
+        }
+        value
+    })
+}
+
 /// `status` plus `"hosts"`: each endpoint host's resolved addresses (see `ResolvedHosts`).
 pub fn with_hosts(status: StatusProvider, hosts: crate::resolve::ResolvedHosts) -> StatusProvider {
     Arc::new(move || {
