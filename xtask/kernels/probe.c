@@ -7,10 +7,12 @@
  *   probe self SOCKET AUDIENCE PORT [GO] POST /v1/credentials for this process, then connect
  *                                        to 127.0.0.1:PORT; with GO, waits for that file to
  *                                        exist and connects again (after a revocation)
- *   probe progs                          every loaded BPF program: name and verified_insns
+ *   probe progs [PINDIR]                 every loaded BPF program: name and verified_insns; the
+ *                                        full name from a link pinned as PINDIR/.../link-NAME
  * Exit status 0 when every step succeeded, 1 otherwise. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <linux/bpf.h>
 #include <netinet/in.h>
@@ -179,9 +181,58 @@ static long bpf(int cmd, union bpf_attr *attr) {
     return syscall(__NR_bpf, cmd, attr, sizeof *attr);
 }
 
+/* Program ids and full names from the links pinned below dir (`link-<program>`): the kernel
+ * keeps only 15 characters of a program's name. */
+#define MAX_NAMED 64
+static unsigned int named_id[MAX_NAMED];
+static char named[MAX_NAMED][64];
+static int named_count;
+
+static void pinned_links(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) && named_count < MAX_NAMED) {
+        if (e->d_name[0] == '.') continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        struct stat st;
+        if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+            pinned_links(path);
+            continue;
+        }
+        if (strncmp(e->d_name, "link-", 5) != 0) continue;
+        union bpf_attr attr;
+        memset(&attr, 0, sizeof attr);
+        attr.pathname = (unsigned long)path;
+        int fd = (int)bpf(BPF_OBJ_GET, &attr);
+        if (fd < 0) continue;
+        struct bpf_link_info info;
+        memset(&info, 0, sizeof info);
+        memset(&attr, 0, sizeof attr);
+        attr.info.bpf_fd = fd;
+        attr.info.info_len = sizeof info;
+        attr.info.info = (unsigned long)&info;
+        if (bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) == 0 && info.prog_id) {
+            named_id[named_count] = info.prog_id;
+            snprintf(named[named_count], sizeof named[0], "%s", e->d_name + 5);
+            named_count++;
+        }
+        close(fd);
+    }
+    closedir(d);
+}
+
+static const char *full_name(unsigned int id, const char *short_name) {
+    for (int i = 0; i < named_count; i++)
+        if (named_id[i] == id) return named[i];
+    return short_name;
+}
+
 /* Like `bpftool prog`: each program's name, type and the instructions its verifier processed
  * (bpf_prog_info.verified_insns, 5.16+; "n/a" where the kernel's info is shorter). */
-static int progs(void) {
+static int progs(const char *pins) {
+    if (pins) pinned_links(pins);
     unsigned int id = 0;
     int count = 0;
     for (;;) {
@@ -203,10 +254,11 @@ static int progs(void) {
         if (bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) == 0) {
             size_t end = offsetof(struct bpf_prog_info, verified_insns) + sizeof info.verified_insns;
             if (attr.info.info_len >= end)
-                printf("prog id=%u type=%u name=%s verified_insns=%u\n", id, info.type, info.name,
-                       info.verified_insns);
+                printf("prog id=%u type=%u name=%s verified_insns=%u\n", id, info.type,
+                       full_name(id, info.name), info.verified_insns);
             else
-                printf("prog id=%u type=%u name=%s verified_insns=n/a\n", id, info.type, info.name);
+                printf("prog id=%u type=%u name=%s verified_insns=n/a\n", id, info.type,
+                       full_name(id, info.name));
             count++;
         }
         close(fd);
@@ -221,7 +273,7 @@ int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "connect") == 0) return net(0, argc, argv);
     if (argc >= 2 && strcmp(argv[1], "send") == 0) return net(1, argc, argv);
     if (argc >= 2 && strcmp(argv[1], "self") == 0) return self_credential(argc, argv);
-    if (argc >= 2 && strcmp(argv[1], "progs") == 0) return progs();
+    if (argc >= 2 && strcmp(argv[1], "progs") == 0) return progs(argc > 2 ? argv[2] : NULL);
     fprintf(stderr, "usage: probe serve|connect|send|self|progs ... (see probe.c)\n");
     return 2;
 }

@@ -55,12 +55,26 @@ expect_record() {
   return 1
 }
 
+# Starts `tessera run` in the background: $AGENT is its pid; a watcher subshell writes its exit
+# status to /tmp/agent.exit (busybox sh may reap a background job before `wait` asks).
 start_agent() {
-  rm -f "$API" "$ADMIN"
-  RUST_LOG=info tessera run --policy /etc/tessera/kernels.yaml --cgroup "$CG" \
-    --api-socket "$API" --admin-socket "$ADMIN" --decision-log "$LOG" \
-    --state-dir /var/lib/tessera --metrics-addr off >/dev/null 2>>"$AGENT_LOG" &
-  AGENT=$!
+  rm -f "$API" "$ADMIN" /tmp/agent.pid /tmp/agent.exit
+  (
+    RUST_LOG=info tessera run --policy /etc/tessera/kernels.yaml --cgroup "$CG" \
+      --api-socket "$API" --admin-socket "$ADMIN" --decision-log "$LOG" \
+      --state-dir /var/lib/tessera --metrics-addr off >/dev/null 2>>"$AGENT_LOG" &
+    echo $! > /tmp/agent.pid
+    wait $!
+    echo $? > /tmp/agent.exit
+  ) &
+  while ! [ -s /tmp/agent.pid ]; do usleep 10000; done
+  AGENT=$(cat /tmp/agent.pid)
+}
+
+# Waits (up to 30 s) until the agent has exited and its status is written.
+agent_gone() {
+  i=0
+  while ! [ -s /tmp/agent.exit ] && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done
 }
 
 # Waits until the agent serves both sockets; returns 1 when it exits or times out.
@@ -77,16 +91,15 @@ wait_ready() {
 # Why the agent did not start, on one line: the verifier's complaint when there is one.
 load_failure() {
   kill -0 "$AGENT" 2>/dev/null && { echo "not ready after ${LOAD_TIMEOUT}s"; return; }
-  wait "$AGENT"
-  code=$?
-  funcs=$(grep -o 'unknown func [A-Za-z_0-9#]*' "$AGENT_LOG" | sort -u | tr '\n' ',')
-  progs=$(grep -o 'program [`"]*[a-z_0-9]*' "$AGENT_LOG" | sort -u | tr '\n' ',')
+  agent_gone
+  code=$(cat /tmp/agent.exit 2>/dev/null)
+  funcs=$(grep -o 'unknown func [A-Za-z_0-9#]*' "$AGENT_LOG" | sort -u | sed 's/^unknown func //' | tr '\n' ' ')
   last=$(grep -v '^[0-9]*: ' "$AGENT_LOG" | grep -i 'error' | tail -n 1 | one_line 300)
-  echo "tessera run exited $code; ${funcs:+verifier: $funcs }${progs:+($progs) }last error: $last"
+  echo "tessera run exited ${code:-?}; ${funcs:+verifier: unknown func ${funcs% }; }$last"
 }
 
 finish() {
-  [ -n "$AGENT" ] && kill -0 "$AGENT" 2>/dev/null && { kill "$AGENT"; wait "$AGENT"; }
+  [ -n "$AGENT" ] && kill -0 "$AGENT" 2>/dev/null && { kill "$AGENT"; agent_gone; }
   echo "KTEST SUMMARY pass=$PASS fail=$FAIL"
   echo "KTEST AGENTLOG-BEGIN"
   grep -v '^[0-9]*: ' "$AGENT_LOG" | tail -n 40
@@ -104,6 +117,7 @@ start_agent
 if ! wait_ready; then
   echo "KTEST TIME load $(since "$t0")"
   fail load "$(load_failure)"
+  echo "KTEST NOTE every other check needs a running agent: not run"
   finish
 fi
 echo "KTEST TIME load $(since "$t0")"
@@ -112,7 +126,7 @@ t_suite=$(now)
 
 # --- verifier headroom ---
 over=0
-probe progs > /tmp/progs.txt
+probe progs /sys/fs/bpf/tessera > /tmp/progs.txt
 while read -r kind id type name insns; do
   [ "$kind" = prog ] || continue
   n=${insns#verified_insns=}
@@ -235,7 +249,7 @@ fi
 have_grant=0
 workload_token && have_grant=1
 kill -9 "$AGENT"
-wait "$AGENT" 2>/dev/null
+agent_gone
 out=$(inapp probe connect 4 8200)
 down_pid=$(pid_of "$out")
 res=$(value_of "$out" result)
@@ -262,7 +276,7 @@ else
 fi
 
 # --- tessera selftest (its own agent and scratch cgroup) ---
-if [ -n "$AGENT" ] && kill -0 "$AGENT" 2>/dev/null; then kill "$AGENT"; wait "$AGENT"; fi
+if [ -n "$AGENT" ] && kill -0 "$AGENT" 2>/dev/null; then kill "$AGENT"; agent_gone; fi
 AGENT=
 tessera uninstall --cgroup "$CG" >/dev/null 2>&1
 echo "KTEST TIME suite $(since "$t_suite")"
@@ -271,10 +285,14 @@ timeout 900 tessera selftest --keep-going --json /tmp/selftest.json >/tmp/selfte
 code=$?
 echo "KTEST TIME selftest $(since "$t0")"
 attempts=$(grep -cE '^  [a-z0-9_]+ +(pass|GAP|FAIL|skipped|not run)$' /tmp/selftest.out)
-bad=$(grep -E '^  [a-z0-9_]+ +(GAP|FAIL|not run)$' /tmp/selftest.out | awk '{print $1"="$2}' | tr '\n' ' ')
+failed=$(grep -E '^  [a-z0-9_]+ +(FAIL|not run)$' /tmp/selftest.out | awk '{print $1}' | tr '\n' ' ')
+gaps=$(grep -E '^  [a-z0-9_]+ +GAP$' /tmp/selftest.out | awk '{print $1}' | tr '\n' ' ')
 if [ "$code" -eq 0 ]; then
-  pass selftest "$attempts attempts, exit 0"
+  pass selftest "$attempts attempts, exit 0${gaps:+; documented gaps: ${gaps% }}"
 else
-  fail selftest "exit $code; $attempts attempts; ${bad:-$(tail -n 3 /tmp/selftest.out | one_line 300)}"
+  fail selftest "exit $code; $attempts attempts; ${failed:+failed: ${failed% }; }${gaps:+gaps: ${gaps% }; }$(tail -n 1 /tmp/selftest.out | one_line 200)"
+  echo "KTEST SELFTEST-BEGIN"
+  cat /tmp/selftest.out
+  echo "KTEST SELFTEST-END"
 fi
 finish

@@ -469,9 +469,9 @@ fn boot_one(
                     continue;
                 };
                 let rest = &line[at + "KTEST ".len()..];
-                if rest.starts_with("AGENTLOG-BEGIN") {
+                if rest.ends_with("-BEGIN") {
                     in_agent_log = true;
-                } else if rest.starts_with("AGENTLOG-END") {
+                } else if rest.ends_with("-END") {
                     in_agent_log = false;
                 }
                 if in_agent_log {
