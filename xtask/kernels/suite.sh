@@ -144,24 +144,25 @@ else
 fi
 
 # --- denies without a credential ---
-deny() { # NAME OP FAMILY PORT HOOK
+deny() { # NAME OP FAMILY PORT HOOK (a pattern)
   out=$(inapp probe "$2" "$3" "$4")
   pid=$(pid_of "$out")
   res=$(value_of "$out" result)
   if [ "$res" != EPERM ]; then fail "$1" "result=$res (want EPERM)"; return; fi
   rec=$(record "$pid") || { fail "$1" "EPERM but no decision record for pid $pid"; return; }
   got="$(field "$rec" verdict)/$(field "$rec" reason)/$(field "$rec" hook)"
-  if [ "$got" = "deny/no_credential/$5" ]; then
-    pass "$1" "EPERM $got"
-  else
-    fail "$1" "EPERM but record $got (want deny/no_credential/$5)"
-  fi
+  case "$got" in
+    deny/no_credential/$5) pass "$1" "EPERM $got" ;;
+    *) fail "$1" "EPERM but record $got (want deny/no_credential/$5)" ;;
+  esac
 }
 deny deny-connect4 connect 4 8200 connect4
 deny deny-connect6 connect 6 8200 connect6
 deny deny-connect-v4mapped connect mapped 8200 connect6
 deny deny-sendmsg4 send 4 8200 sendmsg4
 deny deny-sendmsg6 send 6 8200 sendmsg6
+# A UDPv6 socket sending to a v4-mapped address goes through the IPv4 path (sendmsg4).
+deny deny-sendmsg-v4mapped send mapped 8200 'sendmsg[46]'
 out=$(inapp probe connect 4 8299)
 res=$(value_of "$out" result)
 if [ "$res" = ok ]; then pass unprotected-allowed "ok"; else fail unprotected-allowed "result=$res"; fi

@@ -233,6 +233,14 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
         for f in &o.failed {
             println!("  {} FAIL {f}", o.label);
         }
+        if !o.verifier.is_empty() {
+            let counts: Vec<String> = o
+                .verifier
+                .iter()
+                .map(|(p, n)| format!("{} {n}", p.trim_start_matches("tessera_")))
+                .collect();
+            println!("  {} verifier instructions: {}", o.label, counts.join(", "));
+        }
         println!("{}", o.line());
     }
     let failed: Vec<&str> = outcomes
@@ -263,6 +271,9 @@ fn ensure_host_packages() -> Result<()> {
     }
     if !on_path("xz") {
         missing.push("xz-utils");
+    }
+    if !Path::new(debian::KEYRING).exists() {
+        missing.push("debian-archive-keyring");
     }
     if missing.is_empty() {
         return Ok(());

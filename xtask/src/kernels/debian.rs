@@ -34,7 +34,8 @@ pub const MATRIX: &[KernelSpec] = &[
     },
 ];
 
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+/// Verifies the Debian archives the private sources.list names.
+pub const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// A kernel unpacked under target/kernels/<version>/root.
 pub struct Unpacked {
