@@ -37,6 +37,21 @@ pub struct KernelsArgs {
 /// and unix_diag (peer-socket lookups of the Workload API's attestation without SO_PEERPIDFD).
 const MODULES: &[&str] = &["veth", "unix_diag"];
 
+/// Kernel options the agent needs built in (`=y`): a `=m` or a missing one is reported before
+/// the kernel is booted.
+const REQUIRED_CONFIG: &[&str] = &[
+    "CONFIG_BPF_SYSCALL",
+    "CONFIG_BPF_JIT",
+    "CONFIG_CGROUPS",
+    "CONFIG_CGROUP_BPF",
+    "CONFIG_BPF_EVENTS",
+    "CONFIG_TRACEPOINTS",
+    "CONFIG_DEBUG_INFO_BTF",
+    "CONFIG_IPV6",
+    "CONFIG_UNIX",
+    "CONFIG_NET_NS",
+];
+
 const INIT: &str = include_str!("../kernels/init");
 const SUITE: &str = include_str!("../kernels/suite.sh");
 const PROBE_C: &str = "xtask/kernels/probe.c";
@@ -102,6 +117,8 @@ struct Outcome {
     total: Duration,
     summary: bool,
     problem: Option<String>,
+    /// The suite's `KTEST NOTE` lines (e.g. which checks did not run).
+    notes: Vec<String>,
 }
 
 impl Outcome {
@@ -119,6 +136,7 @@ impl Outcome {
         if let Some(p) = &self.problem {
             parts.push(p.clone());
         }
+        parts.extend(self.notes.iter().cloned());
         let mut times = Vec::new();
         if let Some(b) = self.boot {
             times.push(format!("boot {:.1} s", b.as_secs_f64()));
@@ -215,6 +233,18 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
                 .find(|k| k.version == *version)
                 .context("checked above")?;
             let kernel = debian::kernel(spec, &cache, args.refresh)?;
+            let config = kernel.root.join(format!("boot/config-{}", kernel.release));
+            if let Err(e) = check_config(&config) {
+                let outcome = Outcome {
+                    label: spec.version.to_owned(),
+                    package: kernel.package.clone(),
+                    problem: Some(format!("{e:#}")),
+                    ..Outcome::default()
+                };
+                println!("{}", outcome.line());
+                outcomes.push(outcome);
+                continue;
+            }
             let modules = kernel.root.join("lib/modules").join(&kernel.release);
             boot_one(
                 spec.version,
@@ -323,6 +353,29 @@ fn host_kernel() -> Option<(PathBuf, PathBuf)> {
     vmlinuz
         .is_file()
         .then(|| (vmlinuz, PathBuf::from(format!("/lib/modules/{release}"))))
+}
+
+/// Every option of [`REQUIRED_CONFIG`] is `=y` in the kernel's /boot/config-*.
+fn check_config(config: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or("not set")
+    };
+    let wrong: Vec<String> = REQUIRED_CONFIG
+        .iter()
+        .filter(|name| value(name) != "y")
+        .map(|name| format!("{name}={}", value(name)))
+        .collect();
+    ensure!(
+        wrong.is_empty(),
+        "{}: the agent needs these built in: {} (a module must be added to MODULES and loaded by /init)",
+        config.display(),
+        wrong.join(", ")
+    );
+    Ok(())
 }
 
 /// The suite's policy must be valid for this build (else every kernel would fail alike).
@@ -551,7 +604,10 @@ fn record(outcome: &mut Outcome, rest: &str, elapsed: Duration) {
             }
         }
         "SUMMARY" => outcome.summary = true,
-        "NOTE" => eprintln!("  {} note: {tail}", outcome.label),
+        "NOTE" => {
+            eprintln!("  {} note: {tail}", outcome.label);
+            outcome.notes.push(tail);
+        }
         _ => {}
     }
 }
