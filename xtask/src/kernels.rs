@@ -4,20 +4,20 @@
 //! xtask/kernels/suite.sh inside, and prints one line per kernel from the suite's
 //! `KTEST` console lines. Exits non-zero when any kernel fails a check.
 use std::{
-    collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    process::Command,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 
 mod debian;
 mod initramfs;
+mod outcome;
+mod qemu;
 
 use initramfs::Initramfs;
+use outcome::Outcome;
+use qemu::boot_one;
 
 #[derive(clap::Args, Debug)]
 pub struct KernelsArgs {
@@ -101,71 +101,6 @@ spec:
       endpoints: [shared]
       credential: { required: true, maxTtl: 10m, bind: workload }
 "#;
-
-/// What one kernel's run showed.
-#[derive(Default)]
-struct Outcome {
-    label: String,
-    package: String,
-    passed: Vec<String>,
-    failed: Vec<String>,
-    /// (program, instructions processed by the verifier or "n/a").
-    verifier: Vec<(String, String)>,
-    /// In-VM phase durations in seconds (load, suite, selftest, reload).
-    times: BTreeMap<String, String>,
-    boot: Option<Duration>,
-    total: Duration,
-    summary: bool,
-    problem: Option<String>,
-    /// The suite's `KTEST NOTE` lines (e.g. which checks did not run).
-    notes: Vec<String>,
-}
-
-impl Outcome {
-    fn ok(&self) -> bool {
-        self.summary && self.failed.is_empty() && self.problem.is_none()
-    }
-
-    fn line(&self) -> String {
-        let verdict = if self.ok() { "PASS" } else { "FAIL" };
-        let mut parts = vec![format!(
-            "{} passed, {} failed",
-            self.passed.len(),
-            self.failed.len()
-        )];
-        if let Some(p) = &self.problem {
-            parts.push(p.clone());
-        }
-        parts.extend(self.notes.iter().cloned());
-        let mut times = Vec::new();
-        if let Some(b) = self.boot {
-            times.push(format!("boot {:.1} s", b.as_secs_f64()));
-        }
-        for phase in ["load", "suite", "reload", "selftest"] {
-            if let Some(t) = self.times.get(phase) {
-                times.push(format!("{phase} {t} s"));
-            }
-        }
-        times.push(format!("total {:.0} s", self.total.as_secs_f64()));
-        parts.push(times.join(", "));
-        let counted: Vec<(&str, u64)> = self
-            .verifier
-            .iter()
-            .filter_map(|(p, n)| n.parse().ok().map(|n| (p.as_str(), n)))
-            .collect();
-        if let Some((prog, max)) = counted.iter().max_by_key(|(_, n)| *n) {
-            parts.push(format!("verifier max {max} insns ({prog})"));
-        } else if !self.verifier.is_empty() {
-            parts.push("verifier insns n/a".into());
-        }
-        format!(
-            "kernel {} ({}): {verdict}: {}",
-            self.label,
-            self.package,
-            parts.join("; ")
-        )
-    }
-}
 
 pub fn run(args: &KernelsArgs) -> Result<()> {
     let root = crate::workspace_root();
@@ -449,165 +384,4 @@ fn base_initramfs(tessera: &Path, probe: &Path) -> Result<Initramfs> {
     );
     fs.file("etc/resolv.conf", b"nameserver 127.0.0.1\n".to_vec(), false);
     Ok(fs)
-}
-
-fn boot_one(
-    label: &str,
-    package: &str,
-    vmlinuz: &Path,
-    modules: &Path,
-    base: &Initramfs,
-    dir: &Path,
-    timeout: u64,
-) -> Result<Outcome> {
-    std::fs::create_dir_all(dir)?;
-    let mut fs = base.clone();
-    match initramfs::modules(modules, MODULES) {
-        Ok(list) => {
-            for (name, data) in list {
-                fs.file(&format!("lib/modules/{name}"), data, false);
-            }
-        }
-        Err(e) => eprintln!("kernels: {label}: {e:#}; booting without modules"),
-    }
-    let initrd = dir.join("initramfs.cpio");
-    std::fs::write(&initrd, fs.cpio())?;
-    let console = dir.join("console.log");
-    eprintln!(
-        "kernels: {label}: booting {} under qemu TCG (console: {})",
-        vmlinuz.display(),
-        console.display()
-    );
-    let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "2G",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running qemu-system-x86_64")?;
-    let stdout = child.stdout.take().context("qemu stdout")?;
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-            let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-            buf.clear();
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = std::fs::File::create(&console)?;
-    let mut outcome = Outcome {
-        label: label.to_owned(),
-        package: package.to_owned(),
-        ..Outcome::default()
-    };
-    let deadline = started + Duration::from_secs(timeout);
-    let mut in_agent_log = false;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                writeln!(log, "{line}")?;
-                if line.contains("Kernel panic") {
-                    outcome.problem = Some(line.trim().to_owned());
-                }
-                let Some(at) = line.find("KTEST ") else {
-                    continue;
-                };
-                let rest = &line[at + "KTEST ".len()..];
-                if rest.ends_with("-BEGIN") {
-                    in_agent_log = true;
-                } else if rest.ends_with("-END") {
-                    in_agent_log = false;
-                }
-                if in_agent_log {
-                    continue;
-                }
-                record(&mut outcome, rest, started.elapsed());
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                outcome.problem = Some(format!(
-                    "timed out after {timeout} s (see {})",
-                    console.display()
-                ));
-                break;
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    let status = child.wait()?;
-    outcome.total = started.elapsed();
-    if !outcome.summary && outcome.problem.is_none() {
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read as _;
-            let _ = e.read_to_string(&mut stderr);
-        }
-        outcome.problem = Some(format!(
-            "the VM ended ({status}) before the suite's summary: {} (see {})",
-            stderr.trim(),
-            console.display()
-        ));
-    }
-    Ok(outcome)
-}
-
-/// One `KTEST` console line into the outcome; PASS/FAIL lines are echoed as they come.
-fn record(outcome: &mut Outcome, rest: &str, elapsed: Duration) {
-    let mut words = rest.splitn(2, ' ');
-    let kind = words.next().unwrap_or("");
-    let tail = words.next().unwrap_or("").trim().to_owned();
-    match kind {
-        "BOOT" => {
-            outcome.boot = Some(elapsed);
-            eprintln!(
-                "  {} booted in {:.1} s: {tail}",
-                outcome.label,
-                elapsed.as_secs_f64()
-            );
-        }
-        "PASS" | "FAIL" => {
-            eprintln!("  {} {kind} {tail}", outcome.label);
-            if kind == "PASS" {
-                outcome.passed.push(tail);
-            } else {
-                outcome.failed.push(tail);
-            }
-        }
-        "VERIFIER" => {
-            eprintln!("  {} verifier {tail}", outcome.label);
-            let (prog, n) = tail.split_once(' ').unwrap_or((&tail, "?"));
-            outcome.verifier.push((prog.to_owned(), n.to_owned()));
-        }
-        "TIME" => {
-            if let Some((phase, secs)) = tail.split_once(' ') {
-                outcome.times.insert(phase.to_owned(), secs.to_owned());
-            }
-        }
-        "SUMMARY" => outcome.summary = true,
-        "NOTE" => {
-            eprintln!("  {} note: {tail}", outcome.label);
-            outcome.notes.push(tail);
-        }
-        _ => {}
-    }
 }
