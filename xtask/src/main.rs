@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb | kernels`.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -6,6 +6,7 @@ mod bench;
 mod cgroup;
 mod deb;
 mod demo;
+mod kernels;
 mod setup;
 mod test;
 
@@ -38,6 +39,8 @@ enum Task {
     Deb(deb::DebArgs),
     /// Measure the connect path: programs attached vs detached, 1k vs 100k endpoints.
     Bench(bench::BenchArgs),
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run the in-VM suite on each.
+    Kernels(kernels::KernelsArgs),
 }
 
 fn main() -> Result<()> {
@@ -51,6 +54,7 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
         Task::Deb(args) => deb::run(&args),
+        Task::Kernels(args) => kernels::run(&args),
     }
 }
 
