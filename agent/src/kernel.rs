@@ -79,6 +79,16 @@ pub enum KernelError {
     #[error("the eBPF object has no map {0}: rebuild the agent")]
     MissingMap(&'static str),
     #[error(
+        "tessera run needs Linux {}.{} or later, and this is {}.{}: its fork, exec and exit hooks \
+         must keep enforcing while no agent runs, and this kernel cannot pin a tracepoint's link \
+         (BPF_LINK_CREATE for perf events came in 5.15). Nothing was loaded or changed",
+        floor.0, floor.1, found.0, found.1
+    )]
+    KernelTooOld {
+        found: (u32, u32),
+        floor: (u32, u32),
+    },
+    #[error(
         "the maps pinned in {} were made by another version of Tessera ({map} has {}-byte keys \
          and {}-byte values; this version uses {} and {}). Those pinned programs still enforce. \
          To change versions run `tessera uninstall --cgroup <the attach point>` (which ends \

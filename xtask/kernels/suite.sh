@@ -98,6 +98,15 @@ load_failure() {
   echo "tessera run exited ${code:-?}; ${funcs:+verifier: unknown func ${funcs% }; }$last"
 }
 
+# Whether this kernel is older than the agent's floor (5.15).
+below_floor() {
+  rel=$(uname -r)
+  maj=${rel%%.*}
+  rest=${rel#*.}
+  min=${rest%%.*}
+  [ "$maj" -lt 5 ] || { [ "$maj" -eq 5 ] && [ "$min" -lt 15 ]; }
+}
+
 finish() {
   [ -n "$AGENT" ] && kill -0 "$AGENT" 2>/dev/null && { kill "$AGENT"; agent_gone; }
   echo "KTEST SUMMARY pass=$PASS fail=$FAIL"
@@ -116,6 +125,16 @@ t0=$(now)
 start_agent
 if ! wait_ready; then
   echo "KTEST TIME load $(since "$t0")"
+  if below_floor; then
+    # Below the supported floor the agent must refuse at once, say why, and change nothing.
+    if grep -q "tessera run needs Linux 5.15 or later" "$AGENT_LOG" && [ ! -e /sys/fs/bpf/tessera ]; then
+      pass refuses-below-floor "$(grep -o 'tessera run needs Linux.*this is [0-9.]*' "$AGENT_LOG" | head -n 1)"
+    else
+      fail load "$(load_failure)"
+    fi
+    echo "KTEST NOTE below the 5.15 floor: only the refusal is checked"
+    finish
+  fi
   fail load "$(load_failure)"
   echo "KTEST NOTE every other check needs a running agent: not run"
   finish

@@ -42,6 +42,11 @@ use super::{
 use crate::kernel::GrantMaps;
 use crate::policy::{Endpoint, EndpointId};
 
+/// The oldest kernel pinned enforcement runs on: the fork, exec and exit tracepoints must stay
+/// attached while no agent runs, and a tracepoint's link can be pinned only from 5.15
+/// (`BPF_LINK_CREATE` for perf events); before, it ends with the agent's process.
+pub const PINNED_FLOOR: (u32, u32) = (5, 15);
+
 /// Maps every program set shares: grants and socket tags must not reset on a reload, and the
 /// events of the old set must reach the same reader.
 const SHARED_MAPS: [&str; 9] = [
@@ -136,6 +141,14 @@ impl Enforcer {
         mode_override: u32,
         before_replace: impl FnOnce(&GrantMaps, u32, &str) -> Result<(), KernelError>,
     ) -> Result<(Enforcer, Adoption), KernelError> {
+        if let Some(release) = system::kernel_release()
+            && release < PINNED_FLOOR
+        {
+            return Err(KernelError::KernelTooOld {
+                found: release,
+                floor: PINNED_FLOOR,
+            });
+        }
         system::ensure_mounted()?;
         let dir = pin_dir(cgroup_root, cgroup);
         let sets = list_sets(&dir)?;
