@@ -53,6 +53,13 @@ fn with_the_fallback_forced_a_caller_gets_a_credential_and_connects() {
         status["workload_api"]["attestation"], "sock-diag",
         "{status}"
     );
+    assert_eq!(status["kernel"]["caller_proof"], "sock-diag", "{status}");
+    assert!(
+        status["kernel"]["release"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{status}"
+    );
     let (_, text, _) = agent.cli(&["status", "--admin-socket", &admin]);
     assert!(text.contains("callers proven:   sock-diag"), "{text}");
 

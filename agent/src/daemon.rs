@@ -224,6 +224,13 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             .as_deref(),
     );
     let status = status::with_workload_api(status, &method);
+    if let Err(why) = &method {
+        // Enforcing, but no credential can be issued: readiness says so.
+        metrics.set_unready_because(Some(format!(
+            "the Workload API cannot attest callers ({}); credential requests get 503",
+            why.0
+        )));
+    }
     let active_grants = grants_for_metrics;
     metrics.set_active_grants_source(Arc::new(move || {
         i64::try_from(active_grants.active_count(kernel::boot_time_ns())).unwrap_or(i64::MAX)

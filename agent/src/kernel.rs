@@ -51,6 +51,7 @@ pub use pinfs::{PIN_ROOT, pin_dir, uninstall};
 pub use stats::{BpfStatsGuard, ProgramStats, enable_bpf_stats};
 pub use sync::SyncReport;
 pub use system::{boot_time_ns, cgroup_id, cgroup2_root};
+pub use tracefs::tracing_ancestors;
 
 /// The kernel programs, built by agent/build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera"));

@@ -60,6 +60,8 @@ pub struct Metrics {
     policy_loaded: Gauge,
     reload_failures: Counter,
     ready: AtomicBool,
+    /// Why the agent is not ready although it enforces (the Workload API cannot attest).
+    unready_because: Mutex<Option<String>>,
     /// When the current policy was loaded, seconds since the epoch (for `tessera status`).
     policy_loaded_at: AtomicU64,
     active_grants_source: Mutex<Option<GaugeSource>>,
@@ -96,6 +98,7 @@ impl Metrics {
             policy_loaded: Gauge::default(),
             reload_failures: Counter::default(),
             ready: AtomicBool::new(false),
+            unready_because: Mutex::new(None),
             policy_loaded_at: AtomicU64::new(0),
             active_grants_source: Mutex::new(None),
             registry: Registry::default(),
@@ -245,7 +248,23 @@ impl Metrics {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.unready_reason().is_none()
+    }
+
+    /// Keeps `/readyz` at 503 with `reason` (None: lifts it), for a part of the agent that
+    /// cannot work although the rest does.
+    pub fn set_unready_because(&self, reason: Option<String>) {
+        *self
+            .unready_because
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    pub fn unready_reason(&self) -> Option<String> {
+        self.unready_because
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The whole registry in the OpenMetrics text format.

@@ -92,7 +92,8 @@ pub fn provider(
     })
 }
 
-/// `status` plus `"workload_api"`: how the Workload API proves who its callers are
+/// `status` plus `"kernel"` (release, and how its optional features are used) and
+/// `"workload_api"`: how the Workload API proves who its callers are
 /// (`attestation`: `peer-pidfd`, `sock-diag`, or null with `unavailable` saying why; the API
 /// then answers every credential request 503 `attestation_unavailable`).
 pub fn with_workload_api(
@@ -106,10 +107,23 @@ pub fn with_workload_api(
         } }),
         Err(why) => serde_json::json!({ "attestation": null, "unavailable": why.0 }),
     };
+    // What this kernel offers that the agent uses, emulates or lacks.
+    let kernel = serde_json::json!({
+        "release": std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|r| r.trim().to_owned())
+            .unwrap_or_default(),
+        "caller_proof": field["attestation"].clone(),
+        "tracing_ancestor_helper": if crate::kernel::tracing_ancestors() {
+            "used"
+        } else {
+            "emulated (bpf_current_task_under_cgroup over WORKLOAD_CGROUPS)"
+        },
+    });
     Arc::new(move || {
         let mut value = status();
         if let Value::Object(fields) = &mut value {
             fields.insert("workload_api".to_owned(), field.clone());
+            fields.insert("kernel".to_owned(), kernel.clone());
         }
         value
     })

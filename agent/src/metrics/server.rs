@@ -103,6 +103,11 @@ pub(super) fn route(metrics: &Metrics, method: &Method, path: &str) -> Response<
         "/metrics" => reply(StatusCode::OK, OPENMETRICS, metrics.encode()),
         "/healthz" => reply(StatusCode::OK, text, "ok\n".into()),
         "/readyz" if metrics.is_ready() => reply(StatusCode::OK, text, "ready\n".into()),
+        "/readyz" if let Some(reason) = metrics.unready_reason() => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            text,
+            format!("not ready: {reason}\n"),
+        ),
         "/readyz" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
             text,

@@ -70,6 +70,11 @@ fn health_and_readiness() {
     assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
     m.set_ready(true);
     assert_eq!(status("/readyz"), StatusCode::OK);
+    // Enforcing, but a part cannot work: not ready, and why.
+    m.set_unready_because(Some("the Workload API cannot attest callers".into()));
+    assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
+    m.set_unready_because(None);
+    assert_eq!(status("/readyz"), StatusCode::OK);
     assert_eq!(status("/metrics"), StatusCode::OK);
     assert_eq!(status("/nope"), StatusCode::NOT_FOUND);
     assert_eq!(
