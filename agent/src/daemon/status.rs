@@ -63,9 +63,14 @@ pub fn provider(
             .and_then(|e| e.program_stats().ok())
             .unwrap_or_default()
             .into_iter()
-            .map(
-                |p| json!({"name": p.name, "run_count": p.run_count, "run_time_ns": p.run_time_ns}),
-            )
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "run_count": p.run_count,
+                    "run_time_ns": p.run_time_ns,
+                    "verified_insns": p.verified_insns,
+                })
+            })
             .collect();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({

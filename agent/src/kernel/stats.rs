@@ -15,6 +15,9 @@ pub struct ProgramStats {
     pub name: String,
     pub run_count: u64,
     pub run_time_ns: u64,
+    /// Instructions the verifier processed when it loaded the program (`verified_insns`,
+    /// Linux 5.16 and later; `None` before).
+    pub verified_insns: Option<u32>,
 }
 
 /// Keeps BPF run-time statistics enabled for every program on the host until dropped.
@@ -40,6 +43,7 @@ pub(super) fn collect(ebpf: &Ebpf) -> Result<Vec<ProgramStats>, KernelError> {
             name: name.to_owned(),
             run_count: info.run_count(),
             run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+            verified_insns: info.verified_instruction_count(),
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
