@@ -16,7 +16,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 
-use serde_json::Value;
 use support::{Agent, Servers, TestCgroup, Workload, privileged};
 use tessera_agent::identity::attest::pidfd_alive;
 use tessera_agent::identity::peer::{
@@ -46,9 +45,7 @@ fn with_the_fallback_forced_a_caller_gets_a_credential_and_connects() {
     let agent = agent(&cg, port, FORCED);
     let line = agent.wait_log("Workload API callers are attested with");
     assert!(line.contains("sock_diag"), "{line}");
-    let admin = agent.admin.to_str().unwrap().to_string();
-    let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
-    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let status = agent.status_json();
     assert_eq!(
         status["workload_api"]["attestation"], "sock-diag",
         "{status}"
@@ -60,6 +57,7 @@ fn with_the_fallback_forced_a_caller_gets_a_credential_and_connects() {
             .is_some_and(|r| !r.is_empty()),
         "{status}"
     );
+    let admin = agent.admin.to_str().unwrap().to_string();
     let (_, text, _) = agent.cli(&["status", "--admin-socket", &admin]);
     assert!(text.contains("callers proven:   sock-diag"), "{text}");
 
@@ -100,29 +98,7 @@ fn with_the_fallback_forced_a_caller_exiting_mid_request_leaves_no_grant() {
     );
     let mut w = Workload::spawn(&app, &agent.api);
     let rounds = 1000;
-    let out = w.send(serde_json::json!({
-        "op": "exit_race", "audience": "vault", "port": port, "rounds": rounds,
-        "max_delay_us": 2500,
-    }));
-    eprintln!("exit race (sock_diag proof): {out}");
-    let reused = out["reused"].as_u64().unwrap();
-    let allowed = out["results"]["ok"].as_u64().unwrap_or(0);
-    assert_eq!(
-        allowed, 0,
-        "{allowed} of {reused} successors on a caller's pid connected with its grant: {out}"
-    );
-    assert_eq!(
-        out["results"]["EPERM"].as_u64().unwrap_or(0),
-        reused,
-        "{out}"
-    );
-    let admin = agent.admin.to_str().unwrap().to_string();
-    let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
-    let status: Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(
-        status["grants"]["active"], 0,
-        "grants left for callers that exited: {status}"
-    );
+    support::assert_exit_race_leaves_nothing(&agent, &mut w, "vault", port, rounds);
     // How far the race got: credentials issued to callers that then exited (their grants were
     // withdrawn or removed by the exit hook, as the count above shows).
     let issued = agent.agent_log().matches("credential issued").count();
@@ -295,9 +271,7 @@ fn an_api_that_cannot_attest_answers_503_with_a_reason() {
     ] {
         let agent = agent(&cg, port, &[(METHOD_ENV, Some(value))]);
         agent.wait_log("the Workload API cannot attest callers");
-        let admin = agent.admin.to_str().unwrap().to_string();
-        let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
-        let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let status = agent.status_json();
         assert!(status["workload_api"]["attestation"].is_null(), "{status}");
         assert!(
             status["workload_api"]["unavailable"]
@@ -380,17 +354,7 @@ fn with_the_fallback_forced_a_recycled_pid_inherits_nothing() {
     let pid = holder.pid;
     holder.exit();
 
-    let mut reused = None;
-    for _ in 0..200 {
-        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string());
-        let w = Workload::spawn(&app, &agent.api);
-        if w.pid == pid {
-            reused = Some(w);
-            break;
-        }
-    }
-    let Some(mut successor) = reused else {
-        eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+    let Some(mut successor) = support::spawn_on_pid(pid, &app, &agent.api) else {
         return;
     };
     let (r, d) = agent.probe(pid, || successor.connect4(port));

@@ -548,17 +548,7 @@ fn a_recycled_pid_never_inherits_a_grant() {
     holder.exit();
 
     // Make the kernel hand the same pid to a new process in the same workload.
-    let mut reused = None;
-    for _ in 0..200 {
-        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string());
-        let w = Workload::spawn(&s.app, &s.agent.api);
-        if w.pid == pid {
-            reused = Some(w);
-            break;
-        }
-    }
-    let Some(mut successor) = reused else {
-        eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+    let Some(mut successor) = support::spawn_on_pid(pid, &s.app, &s.agent.api) else {
         return;
     };
     assert_eq!(

@@ -351,17 +351,7 @@ fn a_recycled_pid_never_inherits_an_attested_identity_or_its_grant() {
     holder.exit();
 
     // The same pid for a process of another executable in the same cgroup.
-    let mut reused = None;
-    for _ in 0..200 {
-        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string());
-        let w = Workload::spawn(&app, &agent.api);
-        if w.pid == pid {
-            reused = Some(w);
-            break;
-        }
-    }
-    let Some(mut successor) = reused else {
-        eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+    let Some(mut successor) = support::spawn_on_pid(pid, &app, &agent.api) else {
         return;
     };
     let (r, d) = agent.probe(pid, || successor.connect4(port));
@@ -398,37 +388,7 @@ fn a_caller_exiting_mid_request_leaves_no_grant_for_its_pid() {
         &[],
     );
     let mut w = Workload::spawn(&app, &agent.api);
-    let rounds = 1000;
-    let out = w.send(serde_json::json!({
-        "op": "exit_race", "audience": "vault", "port": port, "rounds": rounds,
-        "max_delay_us": 2500,
-    }));
-    let reused = out["reused"].as_u64().unwrap();
-    let allowed = out["results"]["ok"].as_u64().unwrap_or(0);
-    eprintln!("exit race: {out}");
-    assert_eq!(
-        allowed, 0,
-        "{allowed} of {reused} successors on a caller's pid connected with its grant: {out}"
-    );
-    assert_eq!(
-        out["results"]["EPERM"].as_u64().unwrap_or(0),
-        reused,
-        "{out}"
-    );
-    // Every caller is gone: so is every grant (the agent withdrew it, or the exit hook did).
-    let admin = agent.admin.to_str().unwrap().to_string();
-    let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
-    let status: Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(
-        status["grants"]["active"], 0,
-        "grants left for callers that exited: {status}"
-    );
-    if reused < rounds / 2 {
-        eprintln!(
-            "note: only {reused} of {rounds} pids were reused (the machine is busy); the grant \
-             count above still covers every round"
-        );
-    }
+    support::assert_exit_race_leaves_nothing(&agent, &mut w, "vault", port, 1000);
     w.exit();
 }
 

@@ -442,9 +442,7 @@ fn denies_the_ring_buffer_could_not_take_are_counted_in_the_log() {
         Some(lost as f64),
         "{text}"
     );
-    let admin = agent.admin.to_str().unwrap().to_string();
-    let (_, json, _) = agent.cli(&["status", "--json", "--admin-socket", &admin]);
-    let status: Value = serde_json::from_str(&json).unwrap();
+    let status = agent.status_json();
     assert_eq!(status["counters"]["lost_denies"], lost, "{status}");
     assert!(
         status["counters"]["dropped_events"].as_u64().unwrap() >= lost,

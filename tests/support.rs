@@ -211,7 +211,13 @@ impl Agent {
             !matches!(self.child.try_wait(), Ok(None)),
             "the agent is still running"
         );
-        // A killed agent leaves its sockets behind; readiness is their re-creation.
+        self.respawn();
+        self.wait_ready();
+    }
+
+    /// Spawns `tessera run` again with the same settings; a killed agent leaves its sockets
+    /// behind, and readiness is their re-creation, so they go first.
+    fn respawn(&mut self) {
         let _ = std::fs::remove_file(&self.api);
         let _ = std::fs::remove_file(&self.admin);
         self.child = spawn_agent(
@@ -222,22 +228,20 @@ impl Agent {
             &self.env,
             &self.agent_log,
         );
-        self.wait_ready();
+    }
+
+    /// `tessera status --json` of this agent.
+    pub fn status_json(&self) -> Value {
+        let admin = self.admin.to_str().expect("utf-8 path").to_string();
+        let (code, out, err) = self.cli(&["status", "--json", "--admin-socket", &admin]);
+        assert_eq!(code, 0, "tessera status: {err}");
+        serde_json::from_str(&out).expect("status JSON")
     }
 
     /// Starts `tessera run` again (after it stopped or was killed) and expects it to refuse to
     /// start: its exit status, or a panic when it gets ready instead.
     pub fn restart_refused(&mut self) -> std::process::ExitStatus {
-        let _ = std::fs::remove_file(&self.api);
-        let _ = std::fs::remove_file(&self.admin);
-        self.child = spawn_agent(
-            self.dir.path(),
-            &self.policy,
-            &self.attach,
-            &self.extra,
-            &self.env,
-            &self.agent_log,
-        );
+        self.respawn();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -809,4 +813,59 @@ spec:
 {rules}
 "#
     )
+}
+
+/// A new workload process given `pid` (free again after its holder exited), through
+/// `/proc/sys/kernel/ns_last_pid`; `None` when other processes of the host keep taking it.
+pub fn spawn_on_pid(pid: u32, cgroup: &Path, api: &Path) -> Option<Workload> {
+    for _ in 0..200 {
+        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string());
+        let w = Workload::spawn(cgroup, api);
+        if w.pid == pid {
+            return Some(w);
+        }
+    }
+    eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+    None
+}
+
+/// Runs `rounds` of tests/workload.py's `exit_race` from `w` (callers asking for `audience` and
+/// exiting mid-request, a successor forked onto each pid connecting to `port`) and asserts that
+/// no successor got in and that no grant is left; returns the op's answer.
+pub fn assert_exit_race_leaves_nothing(
+    agent: &Agent,
+    w: &mut Workload,
+    audience: &str,
+    port: u16,
+    rounds: u64,
+) -> Value {
+    let out = w.send(json!({
+        "op": "exit_race", "audience": audience, "port": port, "rounds": rounds,
+        "max_delay_us": 2500,
+    }));
+    eprintln!("exit race: {out}");
+    let reused = out["reused"].as_u64().expect("reused");
+    let allowed = out["results"]["ok"].as_u64().unwrap_or(0);
+    assert_eq!(
+        allowed, 0,
+        "{allowed} of {reused} successors on a caller's pid connected with its grant: {out}"
+    );
+    assert_eq!(
+        out["results"]["EPERM"].as_u64().unwrap_or(0),
+        reused,
+        "{out}"
+    );
+    // Every caller is gone: so is every grant (the agent withdrew it, or the exit hook did).
+    let status = agent.status_json();
+    assert_eq!(
+        status["grants"]["active"], 0,
+        "grants left for callers that exited: {status}"
+    );
+    if reused < rounds / 2 {
+        eprintln!(
+            "note: only {reused} of {rounds} pids were reused (the machine is busy); the grant \
+             count above still covers every round"
+        );
+    }
+    out
 }

@@ -217,12 +217,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let metrics_listen = metrics_server.as_ref().map(MetricsServer::local_addr);
     let status = metrics::extend_status(status, metrics.clone(), metrics_listen);
     let status = status::with_hosts(status, resolved.clone());
-    // The same probe the Workload API makes when it starts serving.
-    let method = crate::identity::peer::Method::choose(
-        std::env::var(crate::identity::peer::METHOD_ENV)
-            .ok()
-            .as_deref(),
-    );
+    // How the Workload API proves its callers: probed once, for the API and the status.
+    let method = crate::identity::peer::Method::from_environment();
     let status = status::with_workload_api(status, &method);
     if let Err(why) = &method {
         // Enforcing, but no credential can be issued: readiness says so.
@@ -252,6 +248,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let api_task = tokio::spawn(credential::serve_workload_api(
         api,
         service.clone(),
+        method,
         stopped(stop_rx.clone()),
     ));
     let admin_task = tokio::spawn(credential::serve_admin_api(

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
-use tracing::{error, info, warn};
+use tracing::warn;
 
 use super::CredentialError;
 use super::http::{self, HttpResponse};
@@ -120,26 +120,14 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, CredentialErr
     Ok(listener)
 }
 
-/// Serves the Workload API until `shutdown` resolves. How callers are proven is chosen here,
-/// once, by probing the kernel ([`ProofMethod::choose`]; [`peer::METHOD_ENV`] can force it).
+/// Serves the Workload API until `shutdown` resolves, proving callers with `method` (see
+/// [`ProofMethod::from_environment`]; without one, every credential request gets a 503).
 pub async fn serve_workload_api(
     listener: UnixListener,
     svc: Arc<CredentialService>,
+    method: Result<ProofMethod, peer::Unavailable>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CredentialError> {
-    let forced = std::env::var(peer::METHOD_ENV).ok();
-    let method = ProofMethod::choose(forced.as_deref());
-    match &method {
-        Ok(m) => info!(
-            method = %m,
-            forced = forced.as_deref(),
-            "Workload API callers are attested with this method"
-        ),
-        Err(why) => error!(
-            reason = %why.0,
-            "the Workload API cannot attest callers: every credential request is refused with 503"
-        ),
-    }
     let method = Arc::new(method);
     http::accept_loop(listener, shutdown, "workload", move |stream| {
         // Take the caller at once: its pidfd pins the connecting process, whatever happens to

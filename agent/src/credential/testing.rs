@@ -208,7 +208,8 @@ pub(crate) async fn harness(include_me: bool) -> Harness {
     let (stop_w, stopped_w) = oneshot::channel::<()>();
     let (stop_a, stopped_a) = oneshot::channel::<()>();
     let listener = bind_socket(&socket, 0o666).expect("bind workload socket");
-    tokio::spawn(serve_workload_api(listener, svc.clone(), async {
+    let method = crate::identity::peer::Method::from_environment();
+    tokio::spawn(serve_workload_api(listener, svc.clone(), method, async {
         let _ = stopped_w.await;
     }));
     let listener = bind_socket(&admin, 0o600).expect("bind admin socket");

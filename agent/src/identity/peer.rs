@@ -117,6 +117,25 @@ impl Method {
     /// Probes what this kernel offers, `SO_PEERPIDFD` first. `forced` is the value of
     /// [`METHOD_ENV`]: `auto` (or unset), `peer-pidfd`, `sock-diag`, or `none` (nothing works,
     /// to test how the API refuses).
+    /// [`Method::choose`] as `METHOD_ENV` in the environment asks, said in the log: once at
+    /// start, for the Workload API and the status.
+    pub fn from_environment() -> Result<Method, Unavailable> {
+        let forced = std::env::var(METHOD_ENV).ok();
+        let method = Method::choose(forced.as_deref());
+        match &method {
+            Ok(m) => tracing::info!(
+                method = %m,
+                forced = forced.as_deref(),
+                "Workload API callers are attested with this method"
+            ),
+            Err(why) => tracing::error!(
+                reason = %why.0,
+                "the Workload API cannot attest callers: every credential request is refused with 503"
+            ),
+        }
+        method
+    }
+
     pub fn choose(forced: Option<&str>) -> Result<Method, Unavailable> {
         let probe = |m: Method| m.probe().map(|()| m);
         match forced.unwrap_or("auto") {
