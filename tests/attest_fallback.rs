@@ -171,7 +171,7 @@ fn a_recycled_pid_never_answers_for_the_caller_that_exited() {
     let path = dir.path().join("api.sock");
     let listener = UnixListener::bind(&path).expect("bind");
     let Some((caller, pid, holder)) = connector(&path, true) else {
-        eprintln!("skipped: python3 is not installed");
+        tessera_agent::testkit::skip("python3 is not installed");
         return;
     };
     let holder = holder.expect("holder pid");
@@ -200,7 +200,9 @@ fn a_recycled_pid_never_answers_for_the_caller_that_exited() {
     }
     let Some((successor, own)) = successor else {
         kill_holder();
-        eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+        tessera_agent::testkit::skip_busy(&format!(
+            "could not get pid {pid} reused (the machine is too busy)"
+        ));
         return;
     };
 

@@ -29,10 +29,10 @@ fn run(attempt: Attempt) -> Option<AttemptResult> {
         .run(attempt)
         .unwrap_or_else(|e| panic!("{attempt}: {e}"));
     if result.status == Status::Skipped {
-        eprintln!(
-            "skipped: {attempt}: {}",
+        tessera_agent::testkit::skip(&format!(
+            "{attempt}: {}",
             result.note.clone().unwrap_or_default()
-        );
+        ));
         return None;
     }
     Some(result)
