@@ -28,7 +28,8 @@ fn agent(cg: &TestCgroup, port: u16, env: &[(&str, Option<&str>)]) -> Agent {
     Agent::start_env(
         &support::standard_policy(&cg.rel, port, port + 1, "enforce"),
         &cg.path,
-        &[],
+        // The exit race asks a thousand times as fast as it goes.
+        &["--rate-limit", "off"],
         env,
     )
 }

@@ -27,6 +27,9 @@ line with one JSON line on stdout. Commands:
                                   then a successor is forked onto the child's pid (ns_last_pid,
                                   needs root) and connects to P:
                                   {"rounds", "reused", "results": {result: count}} of successors
+  {"op": "ask_burst", "audience": A, "count": N}
+                                  N credential requests back to back: {"statuses": {code: count},
+                                  "retry_after": the first 429's Retry-After, "refusal": its body}
   {"op": "exit"}
 A process already in CGROUP_DIR (started there, or exec'd again) does not move itself.
 Network answers: {"result": "ok"} or {"result": "EPERM"} / {"result": "<errno name>"}.
@@ -108,6 +111,23 @@ def flood(cmd):
                 key = errname(err)
             results[key] = results.get(key, 0) + 1
     return {"results": results}
+
+
+def ask_burst(cmd, api_socket):
+    body = json.dumps({"audience": cmd["audience"], "ttl_seconds": 60})
+    statuses, retry_after, refusal = {}, None, None
+    for _ in range(cmd["count"]):
+        conn = UnixHTTPConnection(api_socket)
+        conn.request("POST", "/v1/credentials", body=body,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
+        if resp.status == 429 and refusal is None:
+            retry_after = resp.getheader("Retry-After")
+            refusal = json.loads(raw)
+        conn.close()
+    return {"statuses": statuses, "retry_after": retry_after, "refusal": refusal}
 
 
 def exit_race(cmd, api_socket):
@@ -253,6 +273,8 @@ def dispatch(cmd, api_socket, cgroup):
         return flood(cmd)
     if op == "exit_race":
         return exit_race(cmd, api_socket)
+    if op == "ask_burst":
+        return ask_burst(cmd, api_socket)
     if op == "setuid":
         return set_ids(cmd)
     if op == "whoami":

@@ -8,6 +8,7 @@ mod errors;
 mod http;
 mod jwt;
 mod keys;
+mod limit;
 mod registry;
 mod service;
 #[cfg(test)]
@@ -21,6 +22,7 @@ pub use client::{admin_revoke, admin_status, end_credential, request_token};
 pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
 pub use jwt::Claims;
 pub use keys::KEY_FILE;
+pub use limit::{RateLimit, RateLimitSetting};
 pub use registry::{CredentialInfo, RevokeTarget};
 pub use service::{CredentialObserver, CredentialService};
 /// Connections each API serves at once.

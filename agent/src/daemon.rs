@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Where endpoint `hosts:` are resolved; `None`: the system's resolver configuration.
     pub dns_server: Option<SocketAddr>,
+    /// Credential requests per workload (`None`: no limit).
+    pub rate_limit: Option<crate::credential::RateLimit>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +157,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             policy.clone(),
             Arc::new(KernelGrants(grants.clone())),
         )?
-        .with_attestor(attestor.clone()),
+        .with_attestor(attestor.clone())
+        .with_rate_limit(config.rate_limit),
     );
     service.set_observer(metrics.clone());
     let sink = DecisionSink::open_with(

@@ -13,6 +13,7 @@ use super::api::{TokenRequest, TokenResponse};
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keys::SigningKeys;
+use super::limit::{LimitKey, Limiter, RateLimit};
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
 use crate::identity::attestor::{Attested, Attestor};
 use crate::identity::evidence::EvidenceReader;
@@ -28,6 +29,7 @@ pub struct CredentialService {
     registry: Registry,
     attestor: Arc<Attestor>,
     observer: RwLock<Option<Arc<dyn CredentialObserver>>>,
+    limiter: Limiter,
 }
 
 /// Told of every credential request's outcome and how long it took (metrics).
@@ -48,6 +50,12 @@ pub(crate) enum Refusal {
     NotFound(String),
     /// 500; the message is for the caller, details are logged.
     Internal(String),
+    /// 429 `{"error", "reason": "rate_limited"}` with `Retry-After`: the workload asks faster
+    /// than its rate limit.
+    TooManyRequests {
+        retry_after: Duration,
+        error: String,
+    },
 }
 
 impl Refusal {
@@ -78,7 +86,18 @@ impl CredentialService {
             grants,
             registry: Registry::open(state_dir),
             observer: RwLock::new(None),
+            limiter: Limiter::new(Some(RateLimit::DEFAULT)),
         })
+    }
+
+    /// Limits each workload's credential requests to `limit` (`None`: no limit).
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.limiter = Limiter::new(limit);
+        self
+    }
+
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.limiter.limit()
     }
 
     /// Who is told of each request's outcome (one observer; a second call replaces it).
@@ -156,6 +175,35 @@ impl CredentialService {
         }
     }
 
+    /// Takes one request from the caller's workload's bucket (its uid's when it is none).
+    fn within_rate_limit(&self, caller: &Attested) -> Result<(), Refusal> {
+        let key = match caller.workload {
+            Some(wid) => LimitKey::Workload(caller.policy.workload(wid).spiffe_id.clone()),
+            None => LimitKey::Uid(caller.evidence.uid.real),
+        };
+        self.limiter
+            .take(&key, std::time::Instant::now())
+            .map_err(|retry_after| {
+                let limit = self
+                    .limiter
+                    .limit()
+                    .map(|l| l.to_string())
+                    .unwrap_or_default();
+                let who = match &key {
+                    LimitKey::Workload(id) => format!("workload {id}"),
+                    LimitKey::Uid(uid) => format!("uid {uid}"),
+                };
+                Refusal::TooManyRequests {
+                    retry_after,
+                    error: format!(
+                        "{who} asks for credentials faster than the agent's limit of {limit}; \
+                         retry after {} ms",
+                        retry_after.as_millis().max(1)
+                    ),
+                }
+            })
+    }
+
     /// `POST /v1/credentials`: decide, sign, write the grant, then make sure the caller is
     /// still there (`still_alive`) before answering.
     pub(crate) fn issue(
@@ -179,6 +227,7 @@ impl CredentialService {
                 Err(Refusal::BadRequest(_)) => observer.refused("bad_request", elapsed),
                 Err(Refusal::NotFound(_)) => observer.refused("not_found", elapsed),
                 Err(Refusal::Internal(_)) => observer.refused("internal", elapsed),
+                Err(Refusal::TooManyRequests { .. }) => observer.refused("rate_limited", elapsed),
             }
         }
         result
@@ -190,10 +239,11 @@ impl CredentialService {
         req: &TokenRequest,
         still_alive: &dyn Fn() -> bool,
     ) -> Result<TokenResponse, Refusal> {
-        let task = req.validate()?;
         // The policy the caller was attested under: its ids go with it.
         let policy = caller.policy.clone();
         let ev = &caller.evidence;
+        self.within_rate_limit(caller)?;
+        let task = req.validate()?;
         let Some(wid) = caller.workload else {
             return Err(Refusal::forbidden(
                 "unknown_workload",
