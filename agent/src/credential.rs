@@ -20,7 +20,7 @@ pub use api::{TokenRequest, TokenResponse, bind_socket, serve_workload_api};
 pub use client::{admin_revoke, admin_status, end_credential, request_token};
 pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
 pub use jwt::Claims;
-pub use keys::KEY_FILE;
+pub use keys::{ES256_KEY_FILE, KEY_FILE, SigningAlgorithm};
 pub use registry::{CredentialInfo, RevokeTarget};
 pub use service::{CredentialObserver, CredentialService};
 /// Connections each API serves at once.

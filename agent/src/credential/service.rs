@@ -12,7 +12,7 @@ use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
-use super::keys::SigningKeys;
+use super::keys::{SigningAlgorithm, SigningKeys};
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
 use crate::identity::attestor::{Attested, Attestor};
 use crate::identity::evidence::EvidenceReader;
@@ -60,15 +60,16 @@ impl Refusal {
 }
 
 impl CredentialService {
-    /// Loads (or creates) the signing key in `state_dir`.
+    /// Loads (or creates) the signing key of `algorithm` in `state_dir`.
     pub fn new(
         state_dir: &Path,
         issuer: String,
+        algorithm: SigningAlgorithm,
         policy: Arc<PolicySet>,
         grants: Arc<dyn GrantStore>,
     ) -> Result<Self, CredentialError> {
         Ok(CredentialService {
-            keys: SigningKeys::load_or_generate(state_dir)?,
+            keys: SigningKeys::load_or_generate(state_dir, algorithm)?,
             issuer,
             attestor: Arc::new(Attestor::new(
                 EvidenceReader::default(),
