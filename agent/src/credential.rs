@@ -5,6 +5,8 @@ mod admin;
 mod api;
 mod client;
 mod errors;
+mod grpc;
+mod h2_authority;
 mod http;
 mod jwt;
 mod keys;

@@ -90,6 +90,8 @@ pub enum TokenError {
     WrongAudience,
     #[error("the token was issued by another issuer")]
     WrongIssuer,
+    #[error("the token's `sub` is not a SPIFFE ID (spiffe://TRUST-DOMAIN/PATH)")]
+    NotSpiffe,
     #[error("the token's claims are invalid")]
     Invalid(#[source] jsonwebtoken::errors::Error),
     #[error("cannot sign the token")]

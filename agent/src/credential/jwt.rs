@@ -54,17 +54,54 @@ impl SigningKeys {
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "sub", "aud"]);
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
             .map(|data| data.claims)
-            .map_err(|e| match e.kind() {
-                ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                ErrorKind::InvalidAudience => TokenError::WrongAudience,
-                ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
-                ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
-                    TokenError::Malformed(e)
-                }
-                _ => TokenError::Invalid(e),
-            })
+            .map_err(classify)
+    }
+}
+
+impl SigningKeys {
+    /// Verifies a JWT-SVID signed by this key for `audience`: signature, `aud`, `exp`, `nbf`,
+    /// and `sub` a SPIFFE ID. The issuer is not checked (JWT-SVID does not require one).
+    pub(crate) fn verify_svid(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(TokenError::Malformed)?;
+        if header.alg != self.algorithm.jose() || header.kid.as_deref() != Some(self.kid.as_str()) {
+            return Err(TokenError::UnknownKey { kid: header.kid });
+        }
+        let mut validation = Validation::new(self.algorithm.jose());
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &self.decoding,
+            &validation,
+        )
+        .map(|data| data.claims)
+        .map_err(classify)?;
+        let sub = claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|s| s.parse::<SpiffeId>().ok())
+            .ok_or(TokenError::NotSpiffe)?;
+        Ok((sub, claims))
+    }
+}
+
+fn classify(e: jsonwebtoken::errors::Error) -> TokenError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            TokenError::Malformed(e)
+        }
+        _ => TokenError::Invalid(e),
     }
 }
 
@@ -170,6 +207,25 @@ mod tests {
         assert!(matches!(
             keys.verify("not.a.jwt", ISS, "vault"),
             Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn verify_svid_answers_the_spiffe_id_and_claims() {
+        let (_d, keys) = keys();
+        let c = claims(now(), 300);
+        let token = keys.sign(&c).expect("sign");
+        let (id, got) = keys.verify_svid(&token, "vault").expect("valid svid");
+        assert_eq!(id, c.sub);
+        assert_eq!(got["task"], "job-42");
+        assert!(matches!(
+            keys.verify_svid(&token, "payments-api"),
+            Err(TokenError::WrongAudience)
+        ));
+        let (_d2, theirs) = keys_of(SigningAlgorithm::Es256);
+        assert!(matches!(
+            keys.verify_svid(&theirs.sign(&c).expect("sign"), "vault"),
+            Err(TokenError::UnknownKey { .. })
         ));
     }
 

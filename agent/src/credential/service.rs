@@ -17,6 +17,7 @@ use super::registry::{CredentialInfo, Registry, RevokeTarget};
 use crate::identity::attestor::{Attested, Attestor};
 use crate::identity::evidence::EvidenceReader;
 use crate::identity::k8s::PodCache;
+use crate::identity::spiffe::SpiffeId;
 use crate::kernel::KernelIds;
 use crate::policy::{Bind, EndpointId, PolicySet, WorkloadId};
 
@@ -28,6 +29,8 @@ pub struct CredentialService {
     registry: Registry,
     attestor: Arc<Attestor>,
     observer: RwLock<Option<Arc<dyn CredentialObserver>>>,
+    /// The public keys served (JWKS, `FetchJWTBundles`): a new value on every change.
+    bundle: tokio::sync::watch::Sender<serde_json::Value>,
 }
 
 /// Told of every credential request's outcome and how long it took (metrics).
@@ -68,8 +71,11 @@ impl CredentialService {
         policy: Arc<PolicySet>,
         grants: Arc<dyn GrantStore>,
     ) -> Result<Self, CredentialError> {
+        let keys = SigningKeys::load_or_generate(state_dir, algorithm)?;
+        let (bundle, _) = tokio::sync::watch::channel(keys.jwks());
         Ok(CredentialService {
-            keys: SigningKeys::load_or_generate(state_dir, algorithm)?,
+            bundle,
+            keys,
             issuer,
             attestor: Arc::new(Attestor::new(
                 EvidenceReader::default(),
@@ -115,7 +121,7 @@ impl CredentialService {
 
     /// The public keys that verify issued tokens.
     pub fn jwks(&self) -> serde_json::Value {
-        self.keys.jwks()
+        self.bundle.borrow().clone()
     }
 
     /// The signing key's id (the `kid` of tokens, RFC 7638 thumbprint).
@@ -125,6 +131,34 @@ impl CredentialService {
 
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// Verifies a JWT-SVID of the trust domain for `audience` (signature by a published key,
+    /// `aud`, `exp`, `nbf`, `sub` a SPIFFE ID); answers its claims.
+    pub fn validate_svid(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
+        self.keys.verify_svid(token, audience)
+    }
+
+    /// The JWKS now, and each one after it (`FetchJWTBundles` streams them).
+    pub fn bundle(&self) -> tokio::sync::watch::Receiver<serde_json::Value> {
+        self.bundle.subscribe()
+    }
+
+    /// The trust domains whose bundle this agent serves: the policy's.
+    pub fn trust_domains(&self) -> Vec<String> {
+        let policy = self.attestor.policy();
+        let mut domains: Vec<String> = policy
+            .workloads
+            .iter()
+            .map(|w| w.spiffe_id.trust_domain().to_owned())
+            .collect();
+        domains.sort();
+        domains.dedup();
+        domains
     }
 
     /// Verifies a token this agent issued, for `audience`.
@@ -206,11 +240,12 @@ impl CredentialService {
             ));
         };
         let workload = policy.workload(wid);
-        let Some((eid, endpoint)) = policy.endpoint_by_name(&req.audience) else {
+        let Some((eid, endpoint)) = policy.endpoint_by_audience(&req.audience) else {
             return Err(Refusal::forbidden(
                 "unknown_audience",
                 format!(
-                    "no endpoint named {:?}: the audience is an endpoint name of the policy",
+                    "no endpoint named {:?}: the audience is an endpoint name of the policy, \
+                     or one of an endpoint's `audiences:`",
                     req.audience
                 ),
             ));
@@ -254,7 +289,8 @@ impl CredentialService {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: workload.spiffe_id.clone(),
-            aud: endpoint.name.clone(),
+            // The audience asked for: the endpoint's name or one of its `audiences:`.
+            aud: req.audience.clone(),
             iat,
             nbf: iat,
             exp,
