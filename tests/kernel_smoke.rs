@@ -199,6 +199,7 @@ fn endpoint(name: &str, addresses: &[&str], ports: Vec<u16>, protocol: Protocol)
         kind: EndpointKind::SecretStore,
         addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
         hosts: Vec::new(),
+        audiences: Vec::new(),
         ports,
         protocol,
         mode: Mode::Enforce,

@@ -108,7 +108,7 @@ fn tessera_token_gives_the_workload_a_credential_that_every_member_can_use() {
     let (status, jwks) = member.raw("GET", "/v1/jwks", None);
     assert_eq!(status, 200);
     let header = jwt_header(&token);
-    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["alg"], "ES256");
     assert!(
         jwks["keys"]
             .as_array()

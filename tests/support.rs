@@ -442,6 +442,8 @@ fn spawn_agent(
         .open(agent_log)
         .expect("agent log");
     let mut cmd = Command::new(TESSERA);
+    // `info` unless the test asks for more.
+    cmd.env("RUST_LOG", "info");
     for (name, value) in env {
         match value {
             Some(v) => cmd.env(name, v),
@@ -465,7 +467,6 @@ fn spawn_agent(
         .arg("--metrics-addr")
         .arg("off")
         .args(extra)
-        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()

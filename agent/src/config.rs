@@ -35,6 +35,7 @@ struct RawConfig {
     api_socket: Option<S<String>>,
     admin_socket: Option<S<String>>,
     state_dir: Option<S<String>>,
+    signing_algorithm: Option<S<String>>,
     dns_server: Option<S<String>>,
     log_format: Option<S<String>>,
     fail_open: Option<S<bool>>,
@@ -77,6 +78,8 @@ pub struct FileConfig {
     pub api_socket: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    /// `ES256` (the default) or `EdDSA`.
+    pub signing_algorithm: Option<crate::credential::SigningAlgorithm>,
     pub dns_server: Option<SocketAddr>,
     /// `plain` or `json`.
     pub log_format: Option<String>,

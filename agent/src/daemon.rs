@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     pub api_socket: PathBuf,
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
+    /// How tokens are signed (each algorithm has its own key in the state directory).
+    pub signing_algorithm: crate::credential::SigningAlgorithm,
     /// Detach on shutdown (`--fail-open`); by default the pinned programs keep enforcing.
     pub fail_open: bool,
     /// Rotation and aggregation of the decision log.
@@ -154,6 +156,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         CredentialService::new(
             &config.state_dir,
             format!("spiffe://{}/tessera-agent", issuer_domain(&policy)),
+            config.signing_algorithm,
             policy.clone(),
             Arc::new(KernelGrants(grants.clone())),
         )?

@@ -82,6 +82,9 @@ pub struct Endpoint {
     pub addresses: Vec<ipnet::IpNet>,
     /// Names the agent resolves (A and AAAA) and protects at run time; unique.
     pub hosts: Vec<HostName>,
+    /// Other names a token for this endpoint may carry as its `aud` (a JWT-SVID audience such
+    /// as `vault.example.org`); unique across endpoints' names and audiences.
+    pub audiences: Vec<String>,
     /// Empty = every port.
     pub ports: Vec<u16>,
     pub protocol: Protocol,
@@ -239,6 +242,16 @@ impl PolicySet {
 
     pub fn endpoint_by_name(&self, name: &str) -> Option<(EndpointId, &Endpoint)> {
         find(&self.endpoints, |e| e.name == name).map(|(i, e)| (EndpointId(i), e))
+    }
+
+    /// The endpoint a token audience names: by its name, or one of its `audiences:`.
+    pub fn endpoint_by_audience(&self, audience: &str) -> Option<(EndpointId, &Endpoint)> {
+        self.endpoint_by_name(audience).or_else(|| {
+            find(&self.endpoints, |e| {
+                e.audiences.iter().any(|a| a == audience)
+            })
+            .map(|(i, e)| (EndpointId(i), e))
+        })
     }
 
     pub fn workload_by_spiffe_id(&self, id: &SpiffeId) -> Option<(WorkloadId, &Workload)> {

@@ -73,6 +73,11 @@ pub struct RunArgs {
     /// Where the signing key lives (created 0700; the key 0600). [default: /var/lib/tessera]
     #[arg(long, env = "TESSERA_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// How tokens are signed: ES256 (P-256 ECDSA, what JWT-SVID clients accept) or EdDSA
+    /// (Ed25519, for servers that want it). Each has its own key in the state directory.
+    /// [default: ES256]
+    #[arg(long, env = "TESSERA_SIGNING_ALGORITHM")]
+    pub signing_algorithm: Option<crate::credential::SigningAlgorithm>,
     /// DNS server (IP:PORT) that resolves endpoint `hosts:`. [default: the system's resolver
     /// configuration, /etc/resolv.conf]
     #[arg(long, env = "TESSERA_DNS_SERVER")]
@@ -257,6 +262,10 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
             .map(|l| l.0)
             .or(file.metrics_listen)
             .unwrap_or_else(|| config::DEFAULT_METRICS_ADDR.parse().ok()),
+        signing_algorithm: args
+            .signing_algorithm
+            .or(file.signing_algorithm)
+            .unwrap_or_default(),
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
         rate_limit: rate_limit(args, file),
@@ -294,6 +303,7 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "apiSocket": c.api_socket.display().to_string(),
         "adminSocket": c.admin_socket.display().to_string(),
         "stateDir": c.state_dir.display().to_string(),
+        "signingAlgorithm": c.signing_algorithm.as_str(),
         "dnsServer": c.dns_server.map(|a| a.to_string()),
         "failOpen": c.fail_open,
         "logFormat": match log_format { LogFormatArg::Plain => "plain", LogFormatArg::Json => "json" },

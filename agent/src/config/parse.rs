@@ -10,7 +10,7 @@ use super::{ConfigError, FileConfig, RawConfig, S};
 use crate::daemon::cgroupns::CgroupNamespace;
 
 const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
-                      dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
+                      signingAlgorithm, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
     let mut out = FileConfig {
@@ -92,6 +92,16 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
     }
     if let Some(s) = raw.state_dir {
         out.state_dir = path(&s, "stateDir", errors);
+    }
+    if let Some(a) = raw.signing_algorithm {
+        match a.value.parse() {
+            Ok(alg) => out.signing_algorithm = Some(alg),
+            Err(e) => errors.push(err(
+                a.referenced,
+                e,
+                "ES256 is what SPIFFE clients accept; EdDSA only for servers that ask for it",
+            )),
+        }
     }
     if let Some(d) = raw.dns_server {
         match d.value.parse::<SocketAddr>() {

@@ -1,5 +1,6 @@
 //! The Workload API server: `POST /v1/credentials`, `DELETE /v1/credentials/{jti}`, `GET /v1/jwks`
-//! over HTTP/1.1 on a unix socket, the caller attested from a pidfd of the process that holds
+//! over HTTP/1.1 on a unix socket, and the SPIFFE Workload API (gRPC, [`super::grpc`]) on the
+//! same socket, told apart by the HTTP/2 preface; the caller attested from a pidfd of the process that holds
 //! the client end ([`peer`](crate::identity::peer): `SO_PEERPIDFD`, or its proven fallback).
 
 use std::fs::{self, DirBuilder};
@@ -16,6 +17,7 @@ use tokio::net::UnixListener;
 use tracing::warn;
 
 use super::CredentialError;
+use super::grpc;
 use super::http::{self, HttpResponse};
 use super::service::{CredentialService, Refusal};
 use crate::identity::attest::still_running;
@@ -137,15 +139,19 @@ pub async fn serve_workload_api(
             Err(why) => Err(why.0.clone()),
         });
         let svc = svc.clone();
-        http::spawn_connection(stream, "workload", move |req| {
-            route(svc.clone(), caller.clone(), req)
-        });
+        let h2 = grpc::h2_handler(svc.clone(), caller.clone());
+        http::spawn_connection_or_h2(
+            stream,
+            "workload",
+            move |req| route(svc.clone(), caller.clone(), req),
+            Some(h2),
+        );
     })
     .await
 }
 
 /// Why a request was not answered with a credential.
-enum Refused {
+pub(super) enum Refused {
     Refusal(Refusal),
     /// 503 `{"error", "reason": "attestation_unavailable"}`: the agent cannot attest callers.
     Unavailable(String),
@@ -209,7 +215,7 @@ async fn route(
     }
 }
 
-fn attest<'a>(
+pub(super) fn attest<'a>(
     svc: &CredentialService,
     caller: &'a Result<Caller, String>,
 ) -> Result<(&'a std::os::fd::OwnedFd, Attested), Refused> {

@@ -32,9 +32,13 @@ pub enum CredentialError {
     #[error("the signing key {path} is not a regular file owned by uid {expected_uid}; remove it")]
     KeyNotOwned { path: PathBuf, expected_uid: u32 },
     #[error(
-        "the signing key {path} is not a valid PKCS#8 Ed25519 key: {message}; delete it to generate a new key"
+        "the signing key {path} is not a valid PKCS#8 {algorithm} key: {message}; delete it to generate a new key"
     )]
-    KeyFormat { path: PathBuf, message: String },
+    KeyFormat {
+        path: PathBuf,
+        algorithm: &'static str,
+        message: String,
+    },
     #[error("cannot generate a signing key: {message}")]
     KeyGenerate { message: String },
     #[error("cannot bind the socket {path}")]
@@ -86,6 +90,8 @@ pub enum TokenError {
     WrongAudience,
     #[error("the token was issued by another issuer")]
     WrongIssuer,
+    #[error("the token's `sub` is not a SPIFFE ID (spiffe://TRUST-DOMAIN/PATH)")]
+    NotSpiffe,
     #[error("the token's claims are invalid")]
     Invalid(#[source] jsonwebtoken::errors::Error),
     #[error("cannot sign the token")]

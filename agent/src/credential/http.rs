@@ -150,11 +150,51 @@ where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
+    spawn_connection_or_h2(admitted, api, handle, None);
+}
+
+/// The HTTP/2 client preface (RFC 9113 §3.4): how a gRPC connection starts.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves an HTTP/2 connection (its preface already read, and read again first).
+pub(crate) type H2Handler =
+    Box<dyn FnOnce(Prefixed) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// As [`spawn_connection`], but a connection that starts with the HTTP/2 preface goes to `h2`
+/// (when given) instead: one socket speaks both.
+pub(crate) fn spawn_connection_or_h2<H, F>(
+    admitted: Admitted,
+    api: &'static str,
+    handle: H,
+    h2: Option<H2Handler>,
+) where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
     let Admitted { mut stream, slot } = admitted;
     tokio::spawn(async move {
         // The place in the budget is given back when the connection ends.
         let _slot = slot;
-        let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+        let mut start = BytesMut::with_capacity(1024);
+        if let Some(h2) = h2 {
+            // Read until the bytes leave the preface (HTTP/1.1) or hold all of it (HTTP/2).
+            loop {
+                let read = tokio::time::timeout(READ_TIMEOUT, stream.read_buf(&mut start)).await;
+                if !matches!(read, Ok(Ok(n)) if n > 0) {
+                    return;
+                }
+                let n = start.len().min(H2_PREFACE.len());
+                if start[..n] != H2_PREFACE[..n] {
+                    break;
+                }
+                if n == H2_PREFACE.len() {
+                    debug!(api, "HTTP/2 connection");
+                    h2(Prefixed::new(start.freeze(), stream)).await;
+                    return;
+                }
+            }
+        }
+        let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream, start)).await {
             Ok(Ok(head)) => head,
             Ok(Err(Some(refused))) => {
                 debug!(api, status = %refused.status, error = %refused.error, "malformed request refused");
@@ -198,13 +238,20 @@ pub(crate) const MAX_HEADERS: usize = 64;
 /// uses, plus the `Content-Length` rules of RFC 9110 §8.6. Returns what was read (the head and
 /// any body bytes after it); `Err(Some(_))` is a malformed head, `Err(None)` a connection closed
 /// before a head.
-pub(crate) async fn read_head(stream: &mut UnixStream) -> Result<BytesMut, Option<BadHead>> {
-    let mut buf = BytesMut::with_capacity(1024);
+pub(crate) async fn read_head(
+    stream: &mut UnixStream,
+    mut buf: BytesMut,
+) -> Result<BytesMut, Option<BadHead>> {
+    // What the caller read already is looked at first.
+    let mut fresh = buf.is_empty();
     loop {
-        match stream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Err(None),
-            Ok(_) => {}
+        if fresh {
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
+            }
         }
+        fresh = true;
         match check_head(&buf) {
             Ok(true) => return Ok(buf),
             Ok(false) if buf.len() < MAX_HEAD_BYTES => {}
@@ -330,7 +377,7 @@ fn head_too_large(buf: &[u8]) -> BadHead {
 }
 
 /// A stream whose first bytes were already read: they are read again first.
-struct Prefixed {
+pub(crate) struct Prefixed {
     prefix: Bytes,
     inner: UnixStream,
 }

@@ -1,7 +1,8 @@
-//! JWT claims, signing and verification (JWS compact, EdDSA, `kid` = the key's thumbprint).
+//! JWT claims, signing and verification (JWS compact, ES256 or EdDSA, `kid` = the key's
+//! thumbprint). Every token is a JWT-SVID: `sub` the SPIFFE ID, one `aud`, `exp`.
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, Header, Validation};
+use jsonwebtoken::{Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::TokenError;
@@ -28,8 +29,9 @@ pub struct Claims {
 
 impl SigningKeys {
     pub(crate) fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
-        let mut header = Header::new(Algorithm::EdDSA);
+        let mut header = Header::new(self.algorithm.jose());
         header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".to_owned());
         jsonwebtoken::encode(&header, claims, &self.encoding).map_err(TokenError::Sign)
     }
 
@@ -41,10 +43,10 @@ impl SigningKeys {
         audience: &str,
     ) -> Result<Claims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(TokenError::Malformed)?;
-        if header.alg != Algorithm::EdDSA || header.kid.as_deref() != Some(self.kid.as_str()) {
+        if header.alg != self.algorithm.jose() || header.kid.as_deref() != Some(self.kid.as_str()) {
             return Err(TokenError::UnknownKey { kid: header.kid });
         }
-        let mut validation = Validation::new(Algorithm::EdDSA);
+        let mut validation = Validation::new(self.algorithm.jose());
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
         validation.set_audience(&[audience]);
@@ -52,32 +54,75 @@ impl SigningKeys {
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "sub", "aud"]);
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
             .map(|data| data.claims)
-            .map_err(|e| match e.kind() {
-                ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                ErrorKind::InvalidAudience => TokenError::WrongAudience,
-                ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
-                ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
-                    TokenError::Malformed(e)
-                }
-                _ => TokenError::Invalid(e),
-            })
+            .map_err(classify)
+    }
+}
+
+impl SigningKeys {
+    /// Verifies a JWT-SVID signed by this key for `audience`: signature, `aud`, `exp`, `nbf`,
+    /// and `sub` a SPIFFE ID. The issuer is not checked (JWT-SVID does not require one).
+    pub(crate) fn verify_svid(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(TokenError::Malformed)?;
+        if header.alg != self.algorithm.jose() || header.kid.as_deref() != Some(self.kid.as_str()) {
+            return Err(TokenError::UnknownKey { kid: header.kid });
+        }
+        let mut validation = Validation::new(self.algorithm.jose());
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &self.decoding,
+            &validation,
+        )
+        .map(|data| data.claims)
+        .map_err(classify)?;
+        let sub = claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|s| s.parse::<SpiffeId>().ok())
+            .ok_or(TokenError::NotSpiffe)?;
+        Ok((sub, claims))
+    }
+}
+
+fn classify(e: jsonwebtoken::errors::Error) -> TokenError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            TokenError::Malformed(e)
+        }
+        _ => TokenError::Invalid(e),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credential::keys::SigningAlgorithm;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::Algorithm;
     use std::time::{SystemTime, UNIX_EPOCH};
 
     const ISS: &str = "spiffe://demo.tessera.dev/tessera-agent";
 
     fn keys() -> (tempfile::TempDir, SigningKeys) {
+        keys_of(SigningAlgorithm::Es256)
+    }
+
+    fn keys_of(alg: SigningAlgorithm) -> (tempfile::TempDir, SigningKeys) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let keys = SigningKeys::load_or_generate(dir.path()).expect("keys");
+        let keys = SigningKeys::load_or_generate(dir.path(), alg).expect("keys");
         (dir, keys)
     }
 
@@ -105,26 +150,34 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let (_d, keys) = keys();
-        let c = claims(now(), 300);
-        let token = keys.sign(&c).expect("sign");
-        assert_eq!(keys.verify(&token, ISS, "vault").expect("verify"), c);
-        let header = jsonwebtoken::decode_header(&token).expect("header");
-        assert_eq!(header.alg, Algorithm::EdDSA);
-        assert_eq!(header.kid.as_deref(), Some(keys.kid()));
+        for (alg, jose) in [
+            (SigningAlgorithm::Es256, Algorithm::ES256),
+            (SigningAlgorithm::EdDsa, Algorithm::EdDSA),
+        ] {
+            let (_d, keys) = keys_of(alg);
+            let c = claims(now(), 300);
+            let token = keys.sign(&c).expect("sign");
+            assert_eq!(keys.verify(&token, ISS, "vault").expect("verify"), c);
+            let header = jsonwebtoken::decode_header(&token).expect("header");
+            assert_eq!(header.alg, jose);
+            assert_eq!(header.kid.as_deref(), Some(keys.kid()));
+            assert_eq!(header.typ.as_deref(), Some("JWT"));
+        }
     }
 
     #[test]
     fn verifies_with_the_published_jwk() {
-        let (_d, keys) = keys();
-        let token = keys.sign(&claims(now(), 300)).expect("sign");
-        let set: jsonwebtoken::jwk::JwkSet =
-            serde_json::from_value(keys.jwks()).expect("jwks parses");
-        let jwk = set.find(keys.kid()).expect("kid in jwks");
-        let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("decoding key");
-        let mut v = Validation::new(Algorithm::EdDSA);
-        v.set_audience(&["vault"]);
-        jsonwebtoken::decode::<Claims>(&token, &key, &v).expect("verifies via JWKS");
+        for alg in [SigningAlgorithm::Es256, SigningAlgorithm::EdDsa] {
+            let (_d, keys) = keys_of(alg);
+            let token = keys.sign(&claims(now(), 300)).expect("sign");
+            let set: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_value(keys.jwks()).expect("jwks parses");
+            let jwk = set.find(keys.kid()).expect("kid in jwks");
+            let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("decoding key");
+            let mut v = Validation::new(alg.jose());
+            v.set_audience(&["vault"]);
+            jsonwebtoken::decode::<Claims>(&token, &key, &v).expect("verifies via JWKS");
+        }
     }
 
     #[test]
@@ -154,6 +207,25 @@ mod tests {
         assert!(matches!(
             keys.verify("not.a.jwt", ISS, "vault"),
             Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn verify_svid_answers_the_spiffe_id_and_claims() {
+        let (_d, keys) = keys();
+        let c = claims(now(), 300);
+        let token = keys.sign(&c).expect("sign");
+        let (id, got) = keys.verify_svid(&token, "vault").expect("valid svid");
+        assert_eq!(id, c.sub);
+        assert_eq!(got["task"], "job-42");
+        assert!(matches!(
+            keys.verify_svid(&token, "payments-api"),
+            Err(TokenError::WrongAudience)
+        ));
+        let (_d2, theirs) = keys_of(SigningAlgorithm::Es256);
+        assert!(matches!(
+            keys.verify_svid(&theirs.sign(&c).expect("sign"), "vault"),
+            Err(TokenError::UnknownKey { .. })
         ));
     }
 
@@ -201,7 +273,7 @@ mod tests {
             Err(TokenError::UnknownKey { .. })
         ));
         // Even when it claims our kid, the signature gives it away.
-        let mut header = Header::new(Algorithm::EdDSA);
+        let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(ours.kid().to_owned());
         let forged =
             jsonwebtoken::encode(&header, &claims(now(), 300), &theirs.encoding).expect("sign");

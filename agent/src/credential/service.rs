@@ -12,12 +12,13 @@ use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
-use super::keys::SigningKeys;
+use super::keys::{SigningAlgorithm, SigningKeys};
 use super::limit::{LimitKey, Limiter, RateLimit};
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
 use crate::identity::attestor::{Attested, Attestor};
 use crate::identity::evidence::EvidenceReader;
 use crate::identity::k8s::PodCache;
+use crate::identity::spiffe::SpiffeId;
 use crate::kernel::KernelIds;
 use crate::policy::{Bind, EndpointId, PolicySet, WorkloadId};
 
@@ -30,6 +31,8 @@ pub struct CredentialService {
     attestor: Arc<Attestor>,
     observer: RwLock<Option<Arc<dyn CredentialObserver>>>,
     limiter: Limiter,
+    /// The public keys served (JWKS, `FetchJWTBundles`): a new value on every change.
+    bundle: tokio::sync::watch::Sender<serde_json::Value>,
 }
 
 /// Told of every credential request's outcome and how long it took (metrics).
@@ -68,15 +71,19 @@ impl Refusal {
 }
 
 impl CredentialService {
-    /// Loads (or creates) the signing key in `state_dir`.
+    /// Loads (or creates) the signing key of `algorithm` in `state_dir`.
     pub fn new(
         state_dir: &Path,
         issuer: String,
+        algorithm: SigningAlgorithm,
         policy: Arc<PolicySet>,
         grants: Arc<dyn GrantStore>,
     ) -> Result<Self, CredentialError> {
+        let keys = SigningKeys::load_or_generate(state_dir, algorithm)?;
+        let (bundle, _) = tokio::sync::watch::channel(keys.jwks());
         Ok(CredentialService {
-            keys: SigningKeys::load_or_generate(state_dir)?,
+            bundle,
+            keys,
             issuer,
             attestor: Arc::new(Attestor::new(
                 EvidenceReader::default(),
@@ -133,7 +140,7 @@ impl CredentialService {
 
     /// The public keys that verify issued tokens.
     pub fn jwks(&self) -> serde_json::Value {
-        self.keys.jwks()
+        self.bundle.borrow().clone()
     }
 
     /// The signing key's id (the `kid` of tokens, RFC 7638 thumbprint).
@@ -143,6 +150,34 @@ impl CredentialService {
 
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// Verifies a JWT-SVID of the trust domain for `audience` (signature by a published key,
+    /// `aud`, `exp`, `nbf`, `sub` a SPIFFE ID); answers its claims.
+    pub fn validate_svid(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
+        self.keys.verify_svid(token, audience)
+    }
+
+    /// The JWKS now, and each one after it (`FetchJWTBundles` streams them).
+    pub fn bundle(&self) -> tokio::sync::watch::Receiver<serde_json::Value> {
+        self.bundle.subscribe()
+    }
+
+    /// The trust domains whose bundle this agent serves: the policy's.
+    pub fn trust_domains(&self) -> Vec<String> {
+        let policy = self.attestor.policy();
+        let mut domains: Vec<String> = policy
+            .workloads
+            .iter()
+            .map(|w| w.spiffe_id.trust_domain().to_owned())
+            .collect();
+        domains.sort();
+        domains.dedup();
+        domains
     }
 
     /// Verifies a token this agent issued, for `audience`.
@@ -255,11 +290,12 @@ impl CredentialService {
             ));
         };
         let workload = policy.workload(wid);
-        let Some((eid, endpoint)) = policy.endpoint_by_name(&req.audience) else {
+        let Some((eid, endpoint)) = policy.endpoint_by_audience(&req.audience) else {
             return Err(Refusal::forbidden(
                 "unknown_audience",
                 format!(
-                    "no endpoint named {:?}: the audience is an endpoint name of the policy",
+                    "no endpoint named {:?}: the audience is an endpoint name of the policy, \
+                     or one of an endpoint's `audiences:`",
                     req.audience
                 ),
             ));
@@ -303,7 +339,8 @@ impl CredentialService {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: workload.spiffe_id.clone(),
-            aud: endpoint.name.clone(),
+            // The audience asked for: the endpoint's name or one of its `audiences:`.
+            aud: req.audience.clone(),
             iat,
             nbf: iat,
             exp,

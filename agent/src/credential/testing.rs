@@ -9,8 +9,8 @@ use tokio::sync::oneshot;
 use tessera_common::{GRANT_REVOKED, GrantSlot, WorkloadGrantKey};
 
 use super::{
-    ClientError, CredentialService, GrantStore, GrantStoreError, StatusFn, TokenRequest,
-    bind_socket, serve_admin_api, serve_workload_api,
+    ClientError, CredentialService, GrantStore, GrantStoreError, SigningAlgorithm, StatusFn,
+    TokenRequest, bind_socket, serve_admin_api, serve_workload_api,
 };
 use crate::policy::PolicySet;
 
@@ -198,6 +198,7 @@ pub(crate) async fn harness(include_me: bool) -> Harness {
         CredentialService::new(
             &dir.path().join("state"),
             ISSUER.to_owned(),
+            SigningAlgorithm::default(),
             policy.clone(),
             grants.clone(),
         )

@@ -324,7 +324,9 @@ async fn jwks_and_unknown_routes() {
         .await
         .expect("jwks");
     assert_eq!(jwks, h.svc.jwks());
-    assert_eq!(jwks["keys"][0]["kty"], "OKP");
+    assert_eq!(jwks["keys"][0]["kty"], "EC");
+    assert_eq!(jwks["keys"][0]["alg"], "ES256");
+    assert_eq!(jwks["keys"][0]["use"], "jwt-svid");
     let status_of = |e: ClientError| refusal(e).0;
     let get = |path: &'static str, m: Method| {
         let socket = h.socket.clone();

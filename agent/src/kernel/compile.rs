@@ -357,6 +357,7 @@ mod tests {
             kind: EndpointKind::Api,
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
             hosts: Vec::new(),
+            audiences: Vec::new(),
             ports,
             protocol,
             mode: Mode::Audit,

@@ -82,6 +82,7 @@ pub(super) struct RawEndpoint {
     pub kind: Option<S<String>>,
     pub addresses: Option<S<Vec<S<String>>>>,
     pub hosts: Option<S<Vec<S<String>>>>,
+    pub audiences: Option<S<Vec<S<String>>>>,
     /// Signed and wide so that 0, -1 and 70000 get our message, not serde's.
     pub ports: Option<S<Vec<S<i64>>>>,
     pub protocol: Option<S<String>>,
@@ -163,7 +164,15 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
     },
     FieldSet {
         context: "endpoint",
-        fields: &["name", "kind", "addresses", "hosts", "ports", "protocol"],
+        fields: &[
+            "name",
+            "kind",
+            "addresses",
+            "hosts",
+            "audiences",
+            "ports",
+            "protocol",
+        ],
         unsupported: &[],
     },
     FieldSet {

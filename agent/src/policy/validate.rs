@@ -97,6 +97,8 @@ struct Validator<'a> {
     out: Validated,
     workload_names: HashMap<String, Origin<'a>>,
     endpoint_names: HashMap<String, Origin<'a>>,
+    /// Endpoints' `audiences:`, with the endpoint that lists each.
+    audiences: HashMap<String, (String, Origin<'a>)>,
     rule_names: HashMap<String, Origin<'a>>,
     spiffe_ids: HashMap<SpiffeId, (String, Origin<'a>)>,
     /// Every valid workload's selectors, to find ambiguous ones.
@@ -299,6 +301,37 @@ impl<'a> Validator<'a> {
             );
             return None;
         }
+        // An audience names one endpoint: no other's name or audience.
+        for a in &e.audiences {
+            let clash = self
+                .endpoint_names
+                .get(a)
+                .map(|o| (a.clone(), *o))
+                .or_else(|| self.audiences.get(a).map(|(owner, o)| (owner.clone(), *o)));
+            if a == &e.name || clash.is_some() {
+                let (owner, first) = clash.unwrap_or((e.name.clone(), here));
+                ctx.error(
+                    loc,
+                    format!(
+                        "audience `{a}` of endpoint `{}` already names endpoint `{owner}` ({first})",
+                        e.name
+                    ),
+                    "an audience must name one endpoint; remove it or rename one",
+                );
+                return None;
+            }
+        }
+        if let Some((owner, first)) = self.audiences.get(&e.name) {
+            ctx.error(
+                loc,
+                format!(
+                    "endpoint name `{}` is already an audience of endpoint `{owner}` ({first})",
+                    e.name
+                ),
+                "rename the endpoint or remove that audience",
+            );
+            return None;
+        }
         let keys = endpoint::kernel_keys(&e);
         for key in &keys {
             if let Some((other, first)) = self.endpoint_keys.get(key) {
@@ -321,6 +354,9 @@ impl<'a> Validator<'a> {
         }
         let id = EndpointId(u32::try_from(self.out.endpoints.len()).ok()?);
         self.endpoint_names.insert(e.name.clone(), here);
+        for a in &e.audiences {
+            self.audiences.insert(a.clone(), (e.name.clone(), here));
+        }
         for key in keys {
             self.endpoint_keys.insert(key, (e.name.clone(), here));
         }

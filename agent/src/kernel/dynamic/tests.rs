@@ -17,6 +17,7 @@ fn endpoint(name: &str, addresses: &[&str], hosts: &[&str], ports: Vec<u16>) -> 
             .iter()
             .map(|h| h.parse::<HostName>().unwrap())
             .collect(),
+        audiences: Vec::new(),
         ports,
         protocol: Protocol::Tcp,
         mode: Mode::Enforce,

@@ -1,4 +1,4 @@
-//! One endpoint: its name, kind, addresses, hosts, ports and protocol.
+//! One endpoint: its name, kind, addresses, hosts, audiences, ports and protocol.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -41,6 +41,7 @@ pub(super) fn check(
         (None, Some(_)) => Some(Vec::new()),
         (addresses, _) => check_addresses(ctx, addresses.as_ref(), loc),
     };
+    let audiences = check_audiences(ctx, raw.audiences.as_ref());
     let ports = check_ports(ctx, raw.ports.as_ref());
     let protocol = match raw.protocol.as_ref() {
         None => Some(Protocol::Tcp),
@@ -63,6 +64,7 @@ pub(super) fn check(
         kind: kind?,
         addresses: addresses?,
         hosts: hosts?,
+        audiences: audiences?,
         ports: ports?,
         protocol: protocol?,
         mode,
@@ -121,6 +123,51 @@ fn check_addresses(
         }
     }
     ok.then_some(nets)
+}
+
+/// Longest audience accepted (a URL at most, as Vault's `bound_audiences` would hold).
+const MAX_AUDIENCE_LEN: usize = 256;
+
+/// Absent `audiences` is an empty list; a present one lists at least one, each once, non-empty,
+/// without whitespace or control characters.
+fn check_audiences(ctx: &mut Ctx<'_, '_>, raw: Option<&S<Vec<S<String>>>>) -> Option<Vec<String>> {
+    let Some(list) = raw else {
+        return Some(Vec::new());
+    };
+    if list.value.is_empty() {
+        ctx.error(
+            list.referenced,
+            "audiences is empty".into(),
+            "list at least one audience, like vault.example.org, or remove audiences",
+        );
+        return None;
+    }
+    let mut ok = true;
+    let mut out: Vec<String> = Vec::with_capacity(list.value.len());
+    for a in &list.value {
+        let text = a.value.as_str();
+        if text.is_empty()
+            || text.len() > MAX_AUDIENCE_LEN
+            || text.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            ctx.error(
+                a.referenced,
+                format!("audience `{text}` is not usable as a token audience"),
+                format!("write 1 to {MAX_AUDIENCE_LEN} characters without spaces, like vault.example.org or https://vault.example.org"),
+            );
+            ok = false;
+        } else if out.iter().any(|o| o == text) {
+            ctx.error(
+                a.referenced,
+                format!("audience `{text}` is listed twice"),
+                "list each audience once",
+            );
+            ok = false;
+        } else {
+            out.push(text.to_owned());
+        }
+    }
+    ok.then_some(out)
 }
 
 /// Absent `hosts` is an empty list; a present one lists at least one valid name, each once.
@@ -310,6 +357,47 @@ mod tests {
                 "p.yaml:12:18: addresses is empty — list at least one IP address or CIDR, like \"10.0.0.1\" or \"10.0.0.0/8\"",
             ],
         );
+    }
+
+    #[test]
+    fn audiences_name_one_endpoint_each() {
+        let yaml = with_head(
+            "  endpoints:
+    - {name: vault, addresses: [10.0.0.1], audiences: [vault.example.org, 'https://vault']}
+    - {name: api, addresses: [10.0.0.2], audiences: [vault.example.org]}
+    - {name: web, addresses: [10.0.0.3], audiences: [vault]}
+    - {name: bad, addresses: [10.0.0.4], audiences: ['', 'a b', x, x]}
+    - {name: none, addresses: [10.0.0.5], audiences: []}
+",
+        );
+        let errors = super::super::tests::errors(&yaml);
+        let want = [
+            "audience `vault.example.org` of endpoint `api` already names endpoint `vault`",
+            "audience `vault` of endpoint `web` already names endpoint `vault`",
+            "audience `` is not usable as a token audience",
+            "audience `a b` is not usable as a token audience",
+            "audience `x` is listed twice",
+            "audiences is empty",
+        ];
+        assert_eq!(errors.len(), want.len(), "{errors:#?}");
+        for (got, want) in errors.iter().zip(want) {
+            assert!(got.contains(want), "{got:?} does not say {want:?}");
+        }
+        let ok = with_head(
+            "  endpoints:
+    - {name: vault, addresses: [10.0.0.1], audiences: [vault.example.org]}
+",
+        );
+        let set = PolicySet::from_str(Path::new("p.yaml"), &ok).unwrap();
+        assert_eq!(
+            set.endpoint_by_audience("vault.example.org")
+                .unwrap()
+                .1
+                .name,
+            "vault"
+        );
+        assert_eq!(set.endpoint_by_audience("vault").unwrap().1.name, "vault");
+        assert!(set.endpoint_by_audience("nowhere").is_none());
     }
 
     #[test]

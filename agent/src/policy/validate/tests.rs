@@ -84,7 +84,7 @@ fn unknown_fields_name_the_key_and_the_allowed_ones() {
     assert_errors(
         &with_head("  endpoints:\n    - name: e\n      addresses: [10.0.0.1]\n      port: [80]\n"),
         &[
-            "p.yaml:9:7: unknown field `port` in endpoint — allowed: name, kind, addresses, hosts, ports, protocol",
+            "p.yaml:9:7: unknown field `port` in endpoint — allowed: name, kind, addresses, hosts, audiences, ports, protocol",
         ],
     );
     assert_errors(
