@@ -107,6 +107,7 @@ fn valid_policy_round_trip() {
                     max_ttl: Duration::from_secs(600),
                     bind: Bind::Process,
                     keep_on_exec: false,
+                    connections: Default::default(),
                 }),
                 mode: Mode::Enforce,
             },
@@ -125,6 +126,7 @@ fn valid_policy_round_trip() {
                     max_ttl: Duration::from_secs(5400),
                     bind: Bind::Workload,
                     keep_on_exec: false,
+                    connections: Default::default(),
                 }),
                 mode: Mode::Audit,
             },
@@ -352,6 +354,7 @@ fn demo_policy_is_what_the_demo_expects() {
             max_ttl: Duration::from_secs(300),
             bind: Bind::Process,
             keep_on_exec: false,
+            connections: Default::default(),
         })
     );
     assert!(set.rule_for(intruder, vault).is_none());
