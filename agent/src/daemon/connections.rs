@@ -121,6 +121,15 @@ impl Reaper {
                 warn!(error = %e, cookie, "cannot forget a connection record");
             }
         }
+        if sockets.len() < cookies.len() {
+            // Closed sockets leave their record at sock_release: these are most likely in a
+            // network namespace the agent's sock_diag does not see.
+            warn!(
+                connections = cookies.len() - sockets.len(),
+                "connections whose credential ended were not found in the agent's network \
+                 namespace: they stay open"
+            );
+        }
         let mut done = Vec::with_capacity(sockets.len());
         for socket in sockets {
             if let Some(lapsed) = survey.lapsed.iter().find(|l| l.cookie == socket.cookie) {
