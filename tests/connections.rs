@@ -400,3 +400,39 @@ fn outlive_keeps_connections_and_a_restart_keeps_the_record() {
     // New connects still need a credential.
     assert_eq!(legacy.connect4(s.servers.tcp_port), "EPERM");
 }
+
+/// The revocation-to-failed-write latency over 100 revocations (p50, p99), from the start of
+/// `tessera revoke` (a process of its own) to the holder's first failed write. A measurement,
+/// not a check of CI timing: `cargo test --test connections -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run it with --ignored"]
+fn revocation_latency_over_100_revocations() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("conn-latency");
+    if s.agent.status_json()["kernel"]["connection_end"] == "unavailable" {
+        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        return;
+    }
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    let mut latencies = Vec::with_capacity(100);
+    for _ in 0..100 {
+        let jti = w.must_token("vault", Some(60));
+        let tcp = open_writing(&mut w, "tcp", s.servers.tcp_port);
+        thread::sleep(Duration::from_millis(20));
+        assert_alive(&mut w, tcp, "before revocation");
+        let before = monotonic();
+        revoke(&s.agent, &jti);
+        let failed = wait_failed(&mut w, tcp, Duration::from_secs(2));
+        latencies.push(failed["failed_at"].as_f64().unwrap() - before);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p50 = latencies[49] * 1e3;
+    let p99 = latencies[98] * 1e3;
+    eprintln!(
+        "revocation -> failed write over 100 revocations: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
+        latencies[99] * 1e3
+    );
+    assert!(p99 < 100.0, "p99 {p99:.1} ms");
+}
