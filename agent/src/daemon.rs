@@ -270,18 +270,21 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         stopped(stop_rx.clone()),
     ));
     let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
-    let reaper_task = tokio::spawn(
-        connections::Reaper {
-            connections: connection_records.clone(),
-            grants: grants_for_reaper,
-            ender: kernel::SocketEnder {
-                mechanism: end_mechanism,
-            },
-            policy: current_policy.clone(),
-            revocations: service.revocations(),
-        }
-        .run(ended_tx, stop_rx.clone()),
-    );
+    // Without a way to end sockets the records stay until their sockets close.
+    let reaper_task = (end_mechanism != kernel::EndMechanism::Unavailable).then(|| {
+        tokio::spawn(
+            connections::Reaper {
+                connections: connection_records.clone(),
+                grants: grants_for_reaper,
+                ender: kernel::SocketEnder {
+                    mechanism: end_mechanism,
+                },
+                policy: current_policy.clone(),
+                revocations: service.revocations(),
+            }
+            .run(ended_tx, stop_rx.clone()),
+        )
+    });
     let metrics_task = metrics_server
         .map(|server| tokio::spawn(server.serve(metrics.clone(), stopped(stop_rx.clone()))));
     info!(api = %config.api_socket.display(), admin = %config.admin_socket.display(), "ready");
@@ -428,7 +431,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // deadline, and whatever has not ended by then is cancelled.
     let deadline = deadline + STOP_TASKS;
     let _ = join_by(deadline, attest_task, "attestation").await;
-    let _ = join_by(deadline, reaper_task, "connection reaper").await;
+    if let Some(task) = reaper_task {
+        let _ = join_by(deadline, task, "connection reaper").await;
+    }
     if let Some(task) = metrics_task {
         let _ = join_by(deadline, task, "metrics server").await;
     }
