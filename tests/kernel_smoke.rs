@@ -215,6 +215,7 @@ fn rule(name: &str, endpoints: Vec<u32>, credential: bool, mode: Mode) -> Rule {
             max_ttl: Duration::from_secs(300),
             bind: Bind::Process,
             keep_on_exec: false,
+            connections: Default::default(),
         }),
         mode,
     }

@@ -33,6 +33,8 @@ pub struct CredentialService {
     limiter: Limiter,
     /// The public keys served (JWKS, `FetchJWTBundles`): a new value on every change.
     bundle: tokio::sync::watch::Sender<serde_json::Value>,
+    /// Notified after every revocation: the connections counting on it are then ended.
+    revocations: Arc<tokio::sync::Notify>,
 }
 
 /// Told of every credential request's outcome and how long it took (metrics).
@@ -94,6 +96,7 @@ impl CredentialService {
             registry: Registry::open(state_dir),
             observer: RwLock::new(None),
             limiter: Limiter::new(Some(RateLimit::DEFAULT)),
+            revocations: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -110,6 +113,11 @@ impl CredentialService {
     /// Who is told of each request's outcome (one observer; a second call replaces it).
     pub fn set_observer(&self, observer: Arc<dyn CredentialObserver>) {
         *self.observer.write().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    }
+
+    /// Notified after every revocation (`tessera revoke`, `DELETE /v1/credentials/{jti}`).
+    pub fn revocations(&self) -> Arc<tokio::sync::Notify> {
+        self.revocations.clone()
     }
 
     /// Attests callers with `attestor` (which writes their identities to the kernel) instead
@@ -193,6 +201,9 @@ impl CredentialService {
             self.registry.mark_revoked(&c.jti);
             info!(jti = %c.jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = c.pid, "credential revoked");
             revoked.push(c.jti);
+        }
+        if !revoked.is_empty() {
+            self.revocations.notify_one();
         }
         Ok(revoked)
     }
@@ -481,6 +492,7 @@ impl CredentialService {
             })?;
             self.registry.mark_revoked(jti);
             info!(jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = caller.evidence.pid, "credential ended by its holder");
+            self.revocations.notify_one();
         }
         Ok(c.jti)
     }
