@@ -138,11 +138,7 @@ impl NsAgent {
     }
 
     fn decisions(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("decision JSON"))
-            .collect()
+        support::read_decisions(&self.log)
     }
 
     fn wait_decision(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {

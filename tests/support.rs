@@ -29,6 +29,17 @@ pub fn privileged() -> bool {
     true
 }
 
+/// The decision records of the log at `path` so far. The agent may be writing the last line as
+/// it is read: only whole lines count.
+pub fn read_decisions(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
+    whole
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad decision line {l}: {e}")))
+        .collect()
+}
+
 pub fn cgroup2_root() -> PathBuf {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     mountinfo
@@ -357,12 +368,7 @@ impl Agent {
 
     /// All decision records written so far.
     pub fn decisions(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad decision line {l}: {e}"))
-            })
-            .collect()
+        read_decisions(&self.log)
     }
 
     /// Waits for a decision record matching `pred`; panics with the log when none comes.
