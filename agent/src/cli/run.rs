@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// [default: ES256]
     #[arg(long, env = "TESSERA_SIGNING_ALGORITHM")]
     pub signing_algorithm: Option<crate::credential::SigningAlgorithm>,
+    /// Rotate the signing key once it is this old (e.g. 24h); `tessera rotate-key` rotates
+    /// at once. [default: never]
+    #[arg(long, env = "TESSERA_KEY_ROTATION", value_parser = humantime::parse_duration)]
+    pub key_rotation: Option<Duration>,
     /// DNS server (IP:PORT) that resolves endpoint `hosts:`. [default: the system's resolver
     /// configuration, /etc/resolv.conf]
     #[arg(long, env = "TESSERA_DNS_SERVER")]
@@ -257,6 +261,10 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
             .signing_algorithm
             .or(file.signing_algorithm)
             .unwrap_or_default(),
+        key_rotation: args
+            .key_rotation
+            .or(file.key_rotation)
+            .filter(|d| !d.is_zero()),
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
     };
@@ -281,6 +289,7 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "adminSocket": c.admin_socket.display().to_string(),
         "stateDir": c.state_dir.display().to_string(),
         "signingAlgorithm": c.signing_algorithm.as_str(),
+        "keyRotation": c.key_rotation.map(|d| humantime::format_duration(d).to_string()),
         "dnsServer": c.dns_server.map(|a| a.to_string()),
         "failOpen": c.fail_open,
         "logFormat": match log_format { LogFormatArg::Plain => "plain", LogFormatArg::Json => "json" },

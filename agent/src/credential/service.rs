@@ -12,7 +12,8 @@ use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
-use super::keys::{SigningAlgorithm, SigningKeys};
+use super::keyring::{KeyRing, Rotation};
+use super::keys::SigningAlgorithm;
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
 use crate::identity::attestor::{Attested, Attestor};
 use crate::identity::evidence::EvidenceReader;
@@ -23,7 +24,7 @@ use crate::policy::{Bind, EndpointId, PolicySet, WorkloadId};
 
 /// Issues credentials to attested callers and keeps the kernel grants in step.
 pub struct CredentialService {
-    keys: SigningKeys,
+    keys: RwLock<KeyRing>,
     issuer: String,
     grants: Arc<dyn GrantStore>,
     registry: Registry,
@@ -71,11 +72,11 @@ impl CredentialService {
         policy: Arc<PolicySet>,
         grants: Arc<dyn GrantStore>,
     ) -> Result<Self, CredentialError> {
-        let keys = SigningKeys::load_or_generate(state_dir, algorithm)?;
+        let keys = KeyRing::load(state_dir, algorithm)?;
         let (bundle, _) = tokio::sync::watch::channel(keys.jwks());
         Ok(CredentialService {
             bundle,
-            keys,
+            keys: RwLock::new(keys),
             issuer,
             attestor: Arc::new(Attestor::new(
                 EvidenceReader::default(),
@@ -125,8 +126,46 @@ impl CredentialService {
     }
 
     /// The signing key's id (the `kid` of tokens, RFC 7638 thumbprint).
-    pub fn key_id(&self) -> &str {
-        self.keys.kid()
+    pub fn key_id(&self) -> String {
+        self.ring().current().kid().to_owned()
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new signing key now (`tessera rotate-key`, the schedule); the old public key stays
+    /// published until every token it signed has expired. Bundle watchers are told.
+    pub fn rotate_key(&self) -> Result<Rotation, CredentialError> {
+        let longest = self
+            .attestor
+            .policy()
+            .rules
+            .iter()
+            .filter_map(|r| r.credential.map(|c| c.max_ttl))
+            .max()
+            .unwrap_or_default();
+        let rotation = {
+            let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let rotation = ring.rotate(longest)?;
+            self.bundle.send_replace(ring.jwks());
+            rotation
+        };
+        info!(kid = %rotation.kid, retired = %rotation.retired, retired_until = rotation.retired_until, "signing key rotated");
+        Ok(rotation)
+    }
+
+    /// Stops publishing retired keys whose tokens have all expired.
+    pub fn prune_keys(&self) {
+        let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if ring.prune() {
+            self.bundle.send_replace(ring.jwks());
+        }
+    }
+
+    /// How long ago the current key was made (its file's age; zero when unknown).
+    pub fn key_age(&self) -> Duration {
+        self.ring().current().created.elapsed().unwrap_or_default()
     }
 
     pub fn issuer(&self) -> &str {
@@ -140,7 +179,7 @@ impl CredentialService {
         token: &str,
         audience: &str,
     ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
-        self.keys.verify_svid(token, audience)
+        self.ring().verify_svid(token, audience)
     }
 
     /// The JWKS now, and each one after it (`FetchJWTBundles` streams them).
@@ -163,7 +202,7 @@ impl CredentialService {
 
     /// Verifies a token this agent issued, for `audience`.
     pub fn verify(&self, token: &str, audience: &str) -> Result<Claims, TokenError> {
-        self.keys.verify(token, &self.issuer, audience)
+        self.ring().verify(token, &self.issuer, audience)
     }
 
     /// Marks the kernel grants of the targeted credentials revoked; returns their jtis.
@@ -297,7 +336,15 @@ impl CredentialService {
             jti: jti.clone(),
             task: task.unwrap_or_else(|| jti.clone()),
         };
-        let token = self.keys.sign(&claims).map_err(|e| {
+        let signed = {
+            let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let signed = ring.current().sign(&claims);
+            if signed.is_ok() {
+                ring.signed(exp);
+            }
+            signed
+        };
+        let token = signed.map_err(|e| {
             warn!(error = %e, "cannot sign a token");
             Refusal::Internal("the agent could not sign the token".to_owned())
         })?;
