@@ -37,6 +37,7 @@ struct RawConfig {
     state_dir: Option<S<String>>,
     signing_algorithm: Option<S<String>>,
     key_rotation: Option<S<String>>,
+    trust_bundle_dir: Option<S<String>>,
     dns_server: Option<S<String>>,
     log_format: Option<S<String>>,
     fail_open: Option<S<bool>>,
@@ -81,6 +82,8 @@ pub struct FileConfig {
     pub signing_algorithm: Option<crate::credential::SigningAlgorithm>,
     /// Rotate the signing key once it is this old.
     pub key_rotation: Option<Duration>,
+    /// `--trust-bundle-dir`.
+    pub trust_bundle_dir: Option<PathBuf>,
     pub dns_server: Option<SocketAddr>,
     /// `plain` or `json`.
     pub log_format: Option<String>,

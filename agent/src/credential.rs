@@ -3,6 +3,7 @@
 
 mod admin;
 mod api;
+mod bundle_dir;
 mod client;
 mod errors;
 mod grpc;

@@ -49,6 +49,8 @@ pub struct DaemonConfig {
     pub signing_algorithm: crate::credential::SigningAlgorithm,
     /// Rotate the signing key once it is this old; `None`: only on command.
     pub key_rotation: Option<std::time::Duration>,
+    /// Each agent's JWKS is written here; the union is served (`--trust-bundle-dir`).
+    pub trust_bundle_dir: Option<PathBuf>,
     /// Detach on shutdown (`--fail-open`); by default the pinned programs keep enforcing.
     pub fail_open: bool,
     /// Rotation and aggregation of the decision log.
@@ -160,7 +162,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             policy.clone(),
             Arc::new(KernelGrants(grants.clone())),
         )?
-        .with_attestor(attestor.clone()),
+        .with_attestor(attestor.clone())
+        .with_trust_bundle_dir(config.trust_bundle_dir.as_deref(), &config.state_dir)?,
     );
     service.set_observer(metrics.clone());
     let sink = DecisionSink::open_with(
@@ -604,14 +607,16 @@ async fn key_schedule(
 ) {
     use std::time::Duration;
     tokio::pin!(stop);
-    let tick = every.map_or(Duration::from_secs(30), |e| {
-        e.clamp(Duration::from_secs(1), Duration::from_secs(30))
+    // Short enough that another agent's new key (--trust-bundle-dir) is served soon.
+    let tick = every.map_or(Duration::from_secs(5), |e| {
+        e.clamp(Duration::from_secs(1), Duration::from_secs(5))
     });
     loop {
         tokio::select! {
             () = &mut stop => return,
             () = tokio::time::sleep(tick) => {}
         }
+        // Also reads the other agents' keys from --trust-bundle-dir.
         service.prune_keys();
         if let Some(every) = every
             && service.key_age() >= every

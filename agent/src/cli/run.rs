@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// at once. [default: never]
     #[arg(long, env = "TESSERA_KEY_ROTATION", value_parser = humantime::parse_duration)]
     pub key_rotation: Option<Duration>,
+    /// A directory shared by the trust domain's agents: each writes its public keys there
+    /// (atomically, its own file) and serves the union of all. [default: none]
+    #[arg(long, env = "TESSERA_TRUST_BUNDLE_DIR")]
+    pub trust_bundle_dir: Option<PathBuf>,
     /// DNS server (IP:PORT) that resolves endpoint `hosts:`. [default: the system's resolver
     /// configuration, /etc/resolv.conf]
     #[arg(long, env = "TESSERA_DNS_SERVER")]
@@ -265,6 +269,10 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
             .key_rotation
             .or(file.key_rotation)
             .filter(|d| !d.is_zero()),
+        trust_bundle_dir: args
+            .trust_bundle_dir
+            .clone()
+            .or_else(|| file.trust_bundle_dir.clone()),
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
     };
@@ -289,6 +297,7 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "adminSocket": c.admin_socket.display().to_string(),
         "stateDir": c.state_dir.display().to_string(),
         "signingAlgorithm": c.signing_algorithm.as_str(),
+        "trustBundleDir": c.trust_bundle_dir.as_ref().map(|p| p.display().to_string()),
         "keyRotation": c.key_rotation.map(|d| humantime::format_duration(d).to_string()),
         "dnsServer": c.dns_server.map(|a| a.to_string()),
         "failOpen": c.fail_open,

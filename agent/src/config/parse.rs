@@ -10,7 +10,7 @@ use super::{ConfigError, FileConfig, RawConfig, S};
 use crate::daemon::cgroupns::CgroupNamespace;
 
 const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
-                      signingAlgorithm, keyRotation, dnsServer, logFormat, failOpen, metrics";
+                      signingAlgorithm, keyRotation, trustBundleDir, dnsServer, logFormat, failOpen, metrics";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
     let mut out = FileConfig {
@@ -102,6 +102,9 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
                 "ES256 is what SPIFFE clients accept; EdDSA only for servers that ask for it",
             )),
         }
+    }
+    if let Some(d) = raw.trust_bundle_dir {
+        out.trust_bundle_dir = path(&d, "trustBundleDir", errors);
     }
     if let Some(k) = raw.key_rotation {
         match humantime::parse_duration(&k.value) {

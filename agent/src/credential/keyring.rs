@@ -46,6 +46,8 @@ pub(crate) struct KeyRing {
     /// The latest `exp` the current key signed (unix seconds).
     signed_until: u64,
     retired: Vec<Retired>,
+    /// Other agents' keys of the trust domain (`--trust-bundle-dir`).
+    foreign: Vec<Retired>,
 }
 
 /// What a rotation did.
@@ -80,6 +82,7 @@ impl KeyRing {
             current,
             signed_until: 0,
             retired,
+            foreign: Vec::new(),
         })
     }
 
@@ -92,8 +95,8 @@ impl KeyRing {
         self.signed_until = self.signed_until.max(exp);
     }
 
-    /// The JWKS: the current key, then the retired ones still published.
-    pub(crate) fn jwks(&self) -> serde_json::Value {
+    /// This agent's JWKS: the current key, then the retired ones still published.
+    pub(crate) fn own_jwks(&self) -> serde_json::Value {
         let now = now();
         let mut keys = vec![self.current.jwk()];
         keys.extend(
@@ -103,6 +106,35 @@ impl KeyRing {
                 .map(|r| r.jwk.clone()),
         );
         serde_json::json!({ "keys": keys })
+    }
+
+    /// The trust domain's JWKS: this agent's keys, then other agents' (`--trust-bundle-dir`).
+    pub(crate) fn jwks(&self) -> serde_json::Value {
+        let mut doc = self.own_jwks();
+        if let Some(keys) = doc["keys"].as_array_mut() {
+            keys.extend(self.foreign.iter().map(|r| r.jwk.clone()));
+        }
+        doc
+    }
+
+    /// Replaces the other agents' keys with `jwks` (ours and invalid ones left out); true when
+    /// the set changed.
+    pub(crate) fn set_foreign(&mut self, jwks: Vec<serde_json::Value>) -> bool {
+        let mut foreign: Vec<Retired> = Vec::new();
+        for jwk in jwks {
+            let Some(r) = retired_from(jwk, u64::MAX) else {
+                continue;
+            };
+            let ours = r.kid == self.current.kid || self.retired.iter().any(|o| o.kid == r.kid);
+            if !ours && !foreign.iter().any(|f| f.kid == r.kid) {
+                foreign.push(r);
+            }
+        }
+        let before: Vec<&str> = self.foreign.iter().map(|f| f.kid.as_str()).collect();
+        let after: Vec<&str> = foreign.iter().map(|f| f.kid.as_str()).collect();
+        let changed = before != after;
+        self.foreign = foreign;
+        changed
     }
 
     /// A new current key; the old one is published until the later of the last token it
@@ -167,6 +199,7 @@ impl KeyRing {
         } else {
             self.retired
                 .iter()
+                .chain(&self.foreign)
                 .find(|r| Some(r.kid.as_str()) == kid && r.until > now)
                 .map(|r| Verifier {
                     algorithm: r.algorithm,
@@ -217,20 +250,23 @@ fn read_retired(path: &Path) -> Vec<Retired> {
     };
     entries
         .into_iter()
-        .filter_map(|e| {
-            let jwk: Jwk = serde_json::from_value(e.jwk.clone()).ok()?;
-            let decoding = DecodingKey::from_jwk(&jwk).ok()?;
-            let kid = jwk.common.key_id.clone()?;
-            let algorithm = e.jwk.get("alg")?.as_str()?.parse().ok()?;
-            Some(Retired {
-                kid,
-                algorithm,
-                jwk: e.jwk,
-                decoding,
-                until: e.until,
-            })
-        })
+        .filter_map(|e| retired_from(e.jwk, e.until))
         .collect()
+}
+
+/// A published key from its JWK (which must name its `kid` and `alg`).
+fn retired_from(value: serde_json::Value, until: u64) -> Option<Retired> {
+    let jwk: Jwk = serde_json::from_value(value.clone()).ok()?;
+    let decoding = DecodingKey::from_jwk(&jwk).ok()?;
+    let kid = jwk.common.key_id.clone()?;
+    let algorithm = value.get("alg")?.as_str()?.parse().ok()?;
+    Some(Retired {
+        kid,
+        algorithm,
+        jwk: value,
+        decoding,
+        until,
+    })
 }
 
 /// Atomically (a temporary file, then a rename); public keys only, mode 0600 all the same.

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
+use super::bundle_dir::BundleDir;
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keyring::{KeyRing, Rotation};
@@ -32,6 +33,8 @@ pub struct CredentialService {
     observer: RwLock<Option<Arc<dyn CredentialObserver>>>,
     /// The public keys served (JWKS, `FetchJWTBundles`): a new value on every change.
     bundle: tokio::sync::watch::Sender<serde_json::Value>,
+    /// Where this agent publishes its keys and finds the trust domain's others.
+    bundle_dir: Option<BundleDir>,
 }
 
 /// Told of every credential request's outcome and how long it took (metrics).
@@ -77,6 +80,7 @@ impl CredentialService {
         Ok(CredentialService {
             bundle,
             keys: RwLock::new(keys),
+            bundle_dir: None,
             issuer,
             attestor: Arc::new(Attestor::new(
                 EvidenceReader::default(),
@@ -87,6 +91,36 @@ impl CredentialService {
             registry: Registry::open(state_dir),
             observer: RwLock::new(None),
         })
+    }
+
+    /// Publishes this agent's keys in `dir` and serves the union of every agent's there
+    /// (`--trust-bundle-dir`).
+    pub fn with_trust_bundle_dir(
+        mut self,
+        dir: Option<&Path>,
+        state_dir: &Path,
+    ) -> Result<Self, CredentialError> {
+        if let Some(dir) = dir {
+            self.bundle_dir = Some(BundleDir::open(dir, state_dir)?);
+            self.refresh_bundle(true);
+        }
+        Ok(self)
+    }
+
+    /// Writes this agent's keys to the bundle directory (when `own_changed`), reads the
+    /// others', and tells bundle watchers when the union changed.
+    pub fn refresh_bundle(&self, own_changed: bool) {
+        let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut changed = own_changed;
+        if let Some(dir) = &self.bundle_dir {
+            if own_changed && let Err(e) = dir.publish(&ring.own_jwks()) {
+                warn!(error = %e, "cannot write this agent's keys to the trust bundle directory");
+            }
+            changed |= ring.set_foreign(dir.others());
+        }
+        if changed {
+            self.bundle.send_replace(ring.jwks());
+        }
     }
 
     /// Who is told of each request's outcome (one observer; a second call replaces it).
@@ -147,20 +181,17 @@ impl CredentialService {
             .unwrap_or_default();
         let rotation = {
             let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
-            let rotation = ring.rotate(longest)?;
-            self.bundle.send_replace(ring.jwks());
-            rotation
+            ring.rotate(longest)?
         };
+        self.refresh_bundle(true);
         info!(kid = %rotation.kid, retired = %rotation.retired, retired_until = rotation.retired_until, "signing key rotated");
         Ok(rotation)
     }
 
     /// Stops publishing retired keys whose tokens have all expired.
     pub fn prune_keys(&self) {
-        let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        if ring.prune() {
-            self.bundle.send_replace(ring.jwks());
-        }
+        let pruned = self.keys.write().unwrap_or_else(|e| e.into_inner()).prune();
+        self.refresh_bundle(pruned);
     }
 
     /// How long ago the current key was made (its file's age; zero when unknown).
