@@ -29,10 +29,10 @@ fn run(attempt: Attempt) -> Option<AttemptResult> {
         .run(attempt)
         .unwrap_or_else(|e| panic!("{attempt}: {e}"));
     if result.status == Status::Skipped {
-        eprintln!(
-            "skipped: {attempt}: {}",
+        tessera_agent::testkit::skip(&format!(
+            "{attempt}: {}",
             result.note.clone().unwrap_or_default()
-        );
+        ));
         return None;
     }
     Some(result)
@@ -66,11 +66,13 @@ fn assert_as_expected(attempt: Attempt) {
         }
     }
     if let Outcome::Refused(how) = expected.result {
-        // The hooks refuse with EPERM; a packet socket is refused by killing the asker.
-        let want = if attempt == Attempt::PacketSocket {
-            "SIGKILL"
-        } else {
-            "EPERM"
+        // The hooks refuse with EPERM; a packet socket is refused by killing the asker; an
+        // open connection is ended by the agent (a TCP abort, a UDP disconnect).
+        let want = match attempt {
+            Attempt::PacketSocket => "SIGKILL",
+            Attempt::RevokeOpenConnection => "ECONNABORTED",
+            Attempt::RevokeConnectedUdp => "EDESTADDRREQ",
+            _ => "EPERM",
         };
         assert_eq!(how, want, "{attempt}");
     }
@@ -133,8 +135,8 @@ attempts! {
     moving_to_a_cgroup_of_no_workload_is_refused => CgroupMoveNoWorkload,
     moving_out_of_the_enforced_subtree_gets_through_as_documented => CgroupMoveOutside,
     a_new_network_namespace_is_refused => NetnsVeth,
-    revocation_keeps_open_connections_as_documented => RevokeOpenConnection,
-    revocation_keeps_connected_udp_as_documented => RevokeConnectedUdp,
+    revocation_ends_an_open_connection => RevokeOpenConnection,
+    revocation_ends_a_connected_udp_socket => RevokeConnectedUdp,
     raw_ipv4_socket_is_refused => RawSocket4,
     raw_ipv6_socket_is_refused => RawSocket6,
     packet_socket_kills_the_asker => PacketSocket,

@@ -535,6 +535,84 @@ fn idle_connections_from_one_uid_cannot_starve_the_api() {
     let _ = flooder.wait();
 }
 
+/// One workload asking as fast as it can gets 429 with `Retry-After` past its limit; another
+/// workload is served meanwhile; the metrics count the refusals (issue 15 #3, rate).
+#[test]
+fn a_flooding_workload_is_rate_limited_and_another_is_not() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("ratelimit");
+    let (app, _) = cg.child("app");
+    let (other, _) = cg.child("other");
+    let servers = Servers::start();
+    let policy = standard_policy(&cg.rel, servers.tcp_port, extra_tcp_server(), "enforce").replace(
+        "workloads: [app]\n      endpoints: [vault, dns]",
+        "workloads: [app, other]\n      endpoints: [vault, dns]",
+    );
+    assert!(policy.contains("[app, other]"), "{policy}");
+    let agent = Agent::start(
+        &policy,
+        &cg.path,
+        &[
+            "--rate-limit",
+            "10/s",
+            "--rate-limit-burst",
+            "20",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut flooder = Workload::spawn(&app, &agent.api);
+    let started = std::time::Instant::now();
+    let out =
+        flooder.send(serde_json::json!({"op": "ask_burst", "audience": "vault", "count": 200}));
+    let took = started.elapsed().as_secs_f64();
+    let ok = out["statuses"]["200"].as_u64().unwrap_or(0);
+    let limited = out["statuses"]["429"].as_u64().unwrap_or(0);
+    assert_eq!(ok + limited, 200, "only 200s and 429s: {out}");
+    // The burst, then 10 a second while it asked.
+    let most = 20.0 + 10.0 * took + 1.0;
+    assert!(
+        ok >= 20 && (ok as f64) <= most,
+        "{ok} issued in {took:.2} s: {out}"
+    );
+    assert!(limited >= 100, "{out}");
+    assert_eq!(out["retry_after"], "1", "{out}");
+    assert_eq!(out["refusal"]["reason"], "rate_limited", "{out}");
+    let error = out["refusal"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("spiffe://test.tessera.dev/app") && error.contains("10/s (burst 20)"),
+        "{error}"
+    );
+    // Another workload is not affected, while the flooder still is.
+    let mut calm = Workload::spawn(&other, &agent.api);
+    for _ in 0..15 {
+        let (status, body) = calm.token("vault", Some(60));
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(calm.connect4(servers.tcp_port), "ok");
+    // Its bucket refilled meanwhile, but never past the burst of 20.
+    let again =
+        flooder.send(serde_json::json!({"op": "ask_burst", "audience": "vault", "count": 40}));
+    assert!(
+        again["statuses"]["429"].as_u64().unwrap_or(0) >= 15,
+        "{again}"
+    );
+    let limited = limited + again["statuses"]["429"].as_u64().unwrap_or(0);
+    // Each refusal is counted.
+    let (code, metrics) = agent.http_get("/metrics");
+    assert_eq!(code, 200);
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("tessera_credentials_refused_total") && l.contains("rate_limited"))
+        .unwrap_or_else(|| panic!("no rate_limited refusals in the metrics:\n{metrics}"));
+    let counted: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(counted, limited, "{line}");
+    flooder.exit();
+    calm.exit();
+}
+
 #[test]
 fn a_recycled_pid_never_inherits_a_grant() {
     if !privileged() {

@@ -382,10 +382,11 @@ fn a_caller_exiting_mid_request_leaves_no_grant_for_its_pid() {
     let (app, _) = cg.child("app");
     let servers = Servers::start();
     let port = servers.tcp_port;
+    // A thousand requests as fast as they go: not what the rate limit is tested with.
     let agent = Agent::start(
         &support::standard_policy(&cg.rel, port, port + 1, "enforce"),
         &cg.path,
-        &[],
+        &["--rate-limit", "off"],
     );
     let mut w = Workload::spawn(&app, &agent.api);
     support::assert_exit_race_leaves_nothing(&agent, &mut w, "vault", port, 1000);

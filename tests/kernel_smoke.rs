@@ -215,6 +215,7 @@ fn rule(name: &str, endpoints: Vec<u32>, credential: bool, mode: Mode) -> Rule {
             max_ttl: Duration::from_secs(300),
             bind: Bind::Process,
             keep_on_exec: false,
+            connections: Default::default(),
         }),
         mode,
     }
@@ -271,11 +272,11 @@ static CGROUP_SEQ: AtomicU32 = AtomicU32::new(0);
 #[test]
 fn kernel_decisions_on_a_test_cgroup() {
     if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: loading eBPF programs and creating cgroups needs root");
+        tessera_agent::testkit::skip("loading eBPF programs and creating cgroups needs root");
         return;
     }
     let Some(python) = python() else {
-        println!("skipped: the client needs python3");
+        tessera_agent::testkit::skip("the client needs python3");
         return;
     };
     let root = cgroup2_root().expect("cgroup v2 root");

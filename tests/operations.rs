@@ -198,6 +198,25 @@ fn status_and_logs_show_what_happened() {
     let (code, out, _) = agent.cli(&["status", "--admin-socket", admin]);
     assert_eq!(code, 0);
     assert!(out.contains("policy revision:  sha256:"), "{out}");
+    // Root in another pid namespace (a container that reaches the socket) is not the admin:
+    // its revocation is refused and changes nothing.
+    let out = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            TESSERA,
+            "revoke",
+            "--admin-socket",
+            admin,
+        ])
+        .args(["--workload", "spiffe://ops.tessera.dev/jobs/batch"])
+        .output()
+        .expect("unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("pid namespace"), "{err}");
+    assert_eq!(agent.status_json()["grants"]["active"], 1);
+    assert_eq!(w.connect4(port), "ok");
 
     let log = agent.log.to_str().expect("utf-8");
     let (code, out, _) = agent.cli(&["logs", "--verdict", "deny", "-o", "json", log]);

@@ -49,8 +49,8 @@ fn have_unshare() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!(
-            "skipped: needs unshare(1) (util-linux) to start the agent in a cgroup namespace"
+        tessera_agent::testkit::skip(
+            "needs unshare(1) (util-linux) to start the agent in a cgroup namespace",
         );
     }
     ok
@@ -424,7 +424,7 @@ fn host_fails_clearly_when_the_host_namespace_cannot_be_entered() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_setpriv {
-        eprintln!("skipped: needs setpriv(1) to drop CAP_SYS_ADMIN");
+        tessera_agent::testkit::skip("needs setpriv(1) to drop CAP_SYS_ADMIN");
         return;
     }
     let cg = TestCgroup::new("cgns-fail");

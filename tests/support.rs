@@ -23,7 +23,7 @@ pub const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 /// Returns false (and says why) when the test cannot run here.
 pub fn privileged() -> bool {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to load eBPF programs and create cgroups");
+        tessera_agent::testkit::skip("needs root to load eBPF programs and create cgroups");
         return false;
     }
     true
@@ -826,7 +826,9 @@ pub fn spawn_on_pid(pid: u32, cgroup: &Path, api: &Path) -> Option<Workload> {
             return Some(w);
         }
     }
-    eprintln!("skipped: could not get pid {pid} reused (the machine is too busy)");
+    tessera_agent::testkit::skip_busy(&format!(
+        "could not get pid {pid} reused (the machine is too busy)"
+    ));
     None
 }
 

@@ -27,6 +27,15 @@ line with one JSON line on stdout. Commands:
                                   then a successor is forked onto the child's pid (ns_last_pid,
                                   needs root) and connects to P:
                                   {"rounds", "reused", "results": {result: count}} of successors
+  {"op": "ask_burst", "audience": A, "count": N}
+                                  N credential requests back to back: {"statuses": {code: count},
+                                  "retry_after": the first 429's Retry-After, "refusal": its body}
+  {"op": "open", "proto": "tcp"|"udp", "family": 4|6, "host": H, "port": P}
+                                  a connected socket kept open: {"result", "id"}
+  {"op": "keep_writing", "id": N, "interval_ms": I?}  a thread sends one byte every I ms
+                                  (default 2) until a send fails
+  {"op": "conn_status", "id": N}  {"error": errno name or null, "failed_at", "now"}
+                                  (CLOCK_MONOTONIC seconds), "writes"
   {"op": "exit"}
 A process already in CGROUP_DIR (started there, or exec'd again) does not move itself.
 Network answers: {"result": "ok"} or {"result": "EPERM"} / {"result": "<errno name>"}.
@@ -37,6 +46,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 
 
@@ -108,6 +118,23 @@ def flood(cmd):
                 key = errname(err)
             results[key] = results.get(key, 0) + 1
     return {"results": results}
+
+
+def ask_burst(cmd, api_socket):
+    body = json.dumps({"audience": cmd["audience"], "ttl_seconds": 60})
+    statuses, retry_after, refusal = {}, None, None
+    for _ in range(cmd["count"]):
+        conn = UnixHTTPConnection(api_socket)
+        conn.request("POST", "/v1/credentials", body=body,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
+        if resp.status == 429 and refusal is None:
+            retry_after = resp.getheader("Retry-After")
+            refusal = json.loads(raw)
+        conn.close()
+    return {"statuses": statuses, "retry_after": retry_after, "refusal": refusal}
 
 
 def exit_race(cmd, api_socket):
@@ -237,6 +264,53 @@ def to_child(cmd):
     return json.loads(line) if line else {"error": f"child {pid} exited"}
 
 
+# Sockets made by "open": id -> state.
+OPEN = {}
+
+
+def open_conn(cmd):
+    kind = socket.SOCK_DGRAM if cmd.get("proto") == "udp" else socket.SOCK_STREAM
+    s = socket.socket(family(cmd), kind)
+    try:
+        s.settimeout(5)
+        s.connect((cmd["host"], cmd["port"]))
+    except OSError as err:
+        s.close()
+        return {"result": errname(err)}
+    n = len(OPEN) + 1
+    OPEN[n] = {"sock": s, "error": None, "failed_at": None, "writes": 0}
+    return {"result": "ok", "id": n}
+
+
+def keep_writing(cmd):
+    state = OPEN[cmd["id"]]
+    interval = cmd.get("interval_ms", 2) / 1000.0
+
+    def write():
+        while True:
+            try:
+                state["sock"].send(b"x")
+                state["writes"] += 1
+            except OSError as err:
+                state["failed_at"] = time.monotonic()
+                state["error"] = errname(err)
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=write, daemon=True).start()
+    return {"result": "ok"}
+
+
+def conn_status(cmd):
+    state = OPEN[cmd["id"]]
+    return {
+        "error": state["error"],
+        "failed_at": state["failed_at"],
+        "writes": state["writes"],
+        "now": time.monotonic(),
+    }
+
+
 def dispatch(cmd, api_socket, cgroup):
     op = cmd["op"]
     if op == "token":
@@ -253,6 +327,8 @@ def dispatch(cmd, api_socket, cgroup):
         return flood(cmd)
     if op == "exit_race":
         return exit_race(cmd, api_socket)
+    if op == "ask_burst":
+        return ask_burst(cmd, api_socket)
     if op == "setuid":
         return set_ids(cmd)
     if op == "whoami":
@@ -272,6 +348,12 @@ def dispatch(cmd, api_socket, cgroup):
             return {"result": "ok"}
         except OSError as err:
             return {"result": errname(err)}
+    if op == "open":
+        return open_conn(cmd)
+    if op == "keep_writing":
+        return keep_writing(cmd)
+    if op == "conn_status":
+        return conn_status(cmd)
     if op == "fork":
         return fork()
     if op == "child":

@@ -24,6 +24,7 @@ pub mod map_names {
     pub const ATTACHED_CGROUP: &str = "ATTACHED_CGROUP";
     pub const WORKLOAD_CGROUPS: &str = "WORKLOAD_CGROUPS";
     pub const WORKLOAD_CGROUP_IDS: &str = "WORKLOAD_CGROUP_IDS";
+    pub const CONNECTIONS: &str = "CONNECTIONS";
 }
 
 /// Program names (the Rust function names in `tessera-ebpf`).
@@ -49,6 +50,8 @@ pub mod capacity {
     pub const PROCESS_GRANTS: u32 = 65_536;
     pub const WORKLOAD_GRANTS: u32 = 65_536;
     pub const SOCKET_TAGS: u32 = 131_072;
+    /// Sockets connected under a credential (`CONNECTIONS`).
+    pub const CONNECTIONS: u32 = 65_536;
     /// Attested processes (and, briefly, threads: see `ProcessIdentity`).
     pub const PROCESS_IDENTITY: u32 = 131_072;
     /// Instance markers: attested processes, their children, and threads (as identities).
@@ -151,6 +154,9 @@ pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_SOCK_CREATE: u8 = 5;
 /// The syscalls/sys_enter_socket tracepoint: a packet socket (no destination either).
 pub const HOOK_SOCKET_SYSCALL: u8 = 6;
+/// Not a kernel hook: the agent ended a connection whose credential was revoked or expired
+/// (decision records only; no event has it).
+pub const HOOK_CONNECTION: u8 = 7;
 
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
@@ -339,6 +345,27 @@ pub struct SocketTag {
     pub _pad: u32,
 }
 
+/// `CONNECTIONS` value, keyed by socket cookie (`u64`): a socket that connect4/connect6 let
+/// connect under a valid credential, and the holder it counts on. Written by the kernel at the
+/// connect (`decision_id` zero), completed by the agent with the decision's id, deleted at
+/// sock_release or when the agent ends the connection. The agent ends it once the holder
+/// (process `tgid`, or workload `workload_id` for a `bind: workload` grant) no longer holds a
+/// valid grant for `endpoint_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnectionRecord {
+    /// Kernel boot clock of the connect.
+    pub connected_at_ns: u64,
+    /// The credential the connect was allowed under.
+    pub credential_id: u64,
+    pub tgid: u32,
+    pub workload_id: u32,
+    pub endpoint_id: u32,
+    pub rule_id: u32,
+    /// The connect's decision id (UUID bytes), written by the agent; zero until then.
+    pub decision_id: [u8; 16],
+}
+
 /// One decision, sent through the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -441,6 +468,7 @@ mod pod {
     unsafe impl aya::Pod for DecisionEvent {}
     unsafe impl aya::Pod for LostDenyKey {}
     unsafe impl aya::Pod for LostDenies {}
+    unsafe impl aya::Pod for ConnectionRecord {}
 }
 
 #[cfg(test)]
@@ -472,5 +500,6 @@ mod tests {
         );
         assert_eq!(size_of::<LostDenyKey>(), 8 + 7 * 4 + 2 + 6 + 16 + 4);
         assert_eq!(size_of::<LostDenies>(), 4 * 8);
+        assert_eq!(size_of::<ConnectionRecord>(), 2 * 8 + 4 * 4 + 16);
     }
 }

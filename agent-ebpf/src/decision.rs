@@ -12,20 +12,21 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tessera_common::{
-    ANY_PORT, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST, DecisionEvent, EndpointCidrKey,
-    EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS, GrantSlot, LostDenies,
-    LostDenyKey, MODE_AUDIT, MODE_ENFORCE, MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, NONE_ID,
-    REASON_ALLOWLISTED, REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED,
-    REASON_CREDENTIAL_VALID, REASON_EGRESS_NOT_ALLOWLISTED, REASON_IDENTITY_PENDING,
-    REASON_NO_CREDENTIAL, REASON_UNKNOWN_WORKLOAD, REASON_WORKLOAD_NOT_ALLOWED,
-    RULE_CREDENTIAL_REQUIRED, RuleKey, VERDICT_ALLOW, VERDICT_DENY, WORKLOAD_EGRESS_ALLOWLIST,
-    WORKLOAD_MODE_AUDIT, WorkloadGrantKey, WorkloadValue, capacity,
+    ANY_PORT, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST, ConnectionRecord, DecisionEvent,
+    EndpointCidrKey, EndpointKey, EndpointValue, GRANT_ACTIVE, GRANT_REVOKED, GRANT_SLOTS,
+    GrantSlot, HOOK_CONNECT4, HOOK_CONNECT6, LostDenies, LostDenyKey, MODE_AUDIT, MODE_ENFORCE,
+    MODE_OVERRIDE_AUDIT, MODE_OVERRIDE_ENFORCE, NONE_ID, REASON_ALLOWLISTED,
+    REASON_CREDENTIAL_EXPIRED, REASON_CREDENTIAL_REVOKED, REASON_CREDENTIAL_VALID,
+    REASON_EGRESS_NOT_ALLOWLISTED, REASON_IDENTITY_PENDING, REASON_NO_CREDENTIAL,
+    REASON_UNKNOWN_WORKLOAD, REASON_WORKLOAD_NOT_ALLOWED, RULE_CREDENTIAL_REQUIRED, RuleKey,
+    VERDICT_ALLOW, VERDICT_DENY, WORKLOAD_EGRESS_ALLOWLIST, WORKLOAD_MODE_AUDIT, WorkloadGrantKey,
+    WorkloadValue, capacity,
 };
 
 use crate::identity::{Caller, find_workload};
 use crate::maps::{
-    CONFIG, DENY_LOSSES, ENDPOINTS_CIDR, ENDPOINTS_EXACT, EVENT_DROPS, EVENTS, PROCESS_GRANTS,
-    PROCESS_INSTANCE, RULES, SOCKET_TAGS, WORKLOAD_GRANTS,
+    CONFIG, CONNECTIONS, DENY_LOSSES, ENDPOINTS_CIDR, ENDPOINTS_EXACT, EVENT_DROPS, EVENTS,
+    PROCESS_GRANTS, PROCESS_INSTANCE, RULES, SOCKET_TAGS, WORKLOAD_GRANTS,
 };
 
 /// Return values of a cgroup sock_addr program.
@@ -66,6 +67,10 @@ pub fn decide(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i32 {
 
     let enforced = v.verdict == VERDICT_DENY && !is_audit(v.mode);
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Before `emit`, whose branches would each walk it again in the verifier.
+    if (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && v.reason == REASON_CREDENTIAL_VALID {
+        record_connection(socket_cookie, tgid, endpoint.endpoint_id, &v);
+    }
     emit(
         hook,
         dest,
@@ -78,6 +83,23 @@ pub fn decide(ctx: &SockAddrContext, hook: u8, dest: &Destination) -> i32 {
         enforced,
     );
     if enforced { DENY } else { ALLOW }
+}
+
+/// Remembers that the socket connects under `v`'s credential (a connected UDP socket too): the
+/// agent ends it when the holder no longer holds a valid one.
+#[inline(always)]
+fn record_connection(socket_cookie: u64, tgid: u32, endpoint_id: u32, v: &Verdict) {
+    let record = ConnectionRecord {
+        connected_at_ns: unsafe { bpf_ktime_get_boot_ns() },
+        credential_id: v.credential_id,
+        tgid,
+        workload_id: v.workload_id,
+        endpoint_id,
+        rule_id: v.rule_id,
+        decision_id: [0; 16],
+    };
+    // A full map evicts the oldest record: that connection then outlives its credential.
+    let _ = CONNECTIONS.insert(&socket_cookie, &record, 0);
 }
 
 /// A destination no endpoint covers: allowed, unless the caller's workload has an egress

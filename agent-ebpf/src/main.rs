@@ -25,7 +25,7 @@ use tessera_common::{
 
 use crate::{
     decision::{ALLOW, Destination, decide},
-    maps::SOCKET_TAGS,
+    maps::{CONNECTIONS, SOCKET_TAGS},
 };
 
 #[cgroup_sock(sock_create)]
@@ -44,6 +44,7 @@ pub fn tessera_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Absent when the socket was created before the agent attached.
     let _ = SOCKET_TAGS.remove(&cookie);
+    let _ = CONNECTIONS.remove(&cookie);
     1
 }
 

@@ -8,9 +8,9 @@ use aya_ebpf::{
     },
 };
 use tessera_common::{
-    Config, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, LostDenies, LostDenyKey,
-    ProcessGrants, ProcessIdentity, RuleKey, RuleValue, SocketTag, WorkloadGrantKey, WorkloadKey,
-    WorkloadValue, capacity, map_names,
+    Config, ConnectionRecord, EndpointCidrKey, EndpointKey, EndpointValue, GrantSlot, LostDenies,
+    LostDenyKey, ProcessGrants, ProcessIdentity, RuleKey, RuleValue, SocketTag, WorkloadGrantKey,
+    WorkloadKey, WorkloadValue, capacity, map_names,
 };
 
 #[map]
@@ -59,6 +59,13 @@ pub static DENY_LOSSES: LruPerCpuHashMap<LostDenyKey, LostDenies> =
 #[map]
 pub static SOCKET_TAGS: LruHashMap<u64, SocketTag> =
     LruHashMap::with_max_entries(capacity::SOCKET_TAGS, 0);
+
+/// Keyed by socket cookie: the sockets connected under a credential, and the holder each counts
+/// on (the agent ends them when that holder's credential is revoked or expires). LRU, like
+/// `SOCKET_TAGS`: a release we miss must not pin an entry.
+#[map]
+pub static CONNECTIONS: LruHashMap<u64, ConnectionRecord> =
+    LruHashMap::with_max_entries(capacity::CONNECTIONS, 0);
 
 /// Keyed by tgid (and briefly by a new thread's id: see `identity::process_fork`).
 #[map]
@@ -112,4 +119,5 @@ const _: () = {
     assert!(same(map_names::WORKLOAD_CGROUP_IDS, "WORKLOAD_CGROUP_IDS"));
     assert!(same(map_names::PROCESS_EVENTS, "PROCESS_EVENTS"));
     assert!(same(map_names::DENY_LOSSES, "DENY_LOSSES"));
+    assert!(same(map_names::CONNECTIONS, "CONNECTIONS"));
 };

@@ -42,6 +42,8 @@ struct RawConfig {
     log_format: Option<S<String>>,
     fail_open: Option<S<bool>>,
     metrics: Option<S<RawMetrics>>,
+    rate_limit: Option<S<String>>,
+    rate_limit_burst: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +93,10 @@ pub struct FileConfig {
     pub fail_open: Option<bool>,
     /// `Some(None)`: metrics switched off (`listen: off`).
     pub metrics_listen: Option<Option<SocketAddr>>,
+    /// Credential requests a workload may make (`rateLimit`; `Some(None)`: off).
+    pub rate_limit: Option<crate::credential::RateLimitSetting>,
+    /// Their burst (`rateLimitBurst`).
+    pub rate_limit_burst: Option<u32>,
     /// The file it came from (relative policy paths are relative to its directory).
     pub source: Option<PathBuf>,
 }

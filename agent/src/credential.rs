@@ -12,6 +12,7 @@ mod http;
 mod jwt;
 mod keyring;
 mod keys;
+mod limit;
 mod registry;
 mod service;
 #[cfg(test)]
@@ -26,6 +27,7 @@ pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
 pub use jwt::Claims;
 pub use keyring::{RETIRED_FILE, Rotation};
 pub use keys::{ES256_KEY_FILE, KEY_FILE, SigningAlgorithm};
+pub use limit::{RateLimit, RateLimitSetting};
 pub use registry::{CredentialInfo, RevokeTarget};
 pub use service::{CredentialObserver, CredentialService};
 /// Connections each API serves at once.

@@ -27,6 +27,7 @@ use crate::{
 mod adapters;
 mod attestation;
 pub mod cgroupns;
+mod connections;
 mod losses;
 mod reload;
 mod state_dir;
@@ -59,6 +60,8 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Where endpoint `hosts:` are resolved; `None`: the system's resolver configuration.
     pub dns_server: Option<SocketAddr>,
+    /// Credential requests per workload (`None`: no limit).
+    pub rate_limit: Option<crate::credential::RateLimit>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +146,15 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         "enforcing (pinned)"
     );
     let grants = enforcer.grants();
+    let connection_records = enforcer.connections();
+    // How this kernel lets us end a connection whose credential ended: probed once.
+    let end_mechanism = kernel::probe_mechanism();
+    if end_mechanism == kernel::EndMechanism::Unavailable {
+        warn!(
+            "this kernel cannot end sockets from outside (SOCK_DESTROY needs \
+             CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN): connections outlive their credentials"
+        );
+    }
     // Every selector, checked in user space; the answers go to the kernel's identities.
     let attestor = Arc::new(
         Attestor::new(
@@ -163,6 +175,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             Arc::new(KernelGrants(grants.clone())),
         )?
         .with_attestor(attestor.clone())
+        .with_rate_limit(config.rate_limit)
         .with_trust_bundle_dir(config.trust_bundle_dir.as_deref(), &config.state_dir)?,
     );
     service.set_observer(metrics.clone());
@@ -221,6 +234,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         grants.clone(),
         counters.clone(),
     );
+    let grants_for_reaper = grants.clone();
     let grants_for_metrics = grants;
     let metrics_listen = metrics_server.as_ref().map(MetricsServer::local_addr);
     let status = metrics::extend_status(status, metrics.clone(), metrics_listen);
@@ -228,6 +242,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // How the Workload API proves its callers: probed once, for the API and the status.
     let method = crate::identity::peer::Method::from_environment();
     let status = status::with_workload_api(status, &method);
+    let status = status::with_connection_end(status, end_mechanism);
     if let Err(why) = &method {
         // Enforcing, but no credential can be issued: readiness says so.
         metrics.set_unready_because(Some(format!(
@@ -271,6 +286,22 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         status,
         stopped(stop_rx.clone()),
     ));
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Without a way to end sockets the records stay until their sockets close.
+    let reaper_task = (end_mechanism != kernel::EndMechanism::Unavailable).then(|| {
+        tokio::spawn(
+            connections::Reaper {
+                connections: connection_records.clone(),
+                grants: grants_for_reaper,
+                ender: kernel::SocketEnder {
+                    mechanism: end_mechanism,
+                },
+                policy: current_policy.clone(),
+                revocations: service.revocations(),
+            }
+            .run(ended_tx, stop_rx.clone()),
+        )
+    });
     let metrics_task = metrics_server
         .map(|server| tokio::spawn(server.serve(metrics.clone(), stopped(stop_rx.clone()))));
     info!(api = %config.api_socket.display(), admin = %config.admin_socket.display(), "ready");
@@ -302,10 +333,16 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                     if event.reason == tessera_common::REASON_IDENTITY_PENDING {
                         attest.pending(event.tgid);
                     }
-                    write_decision(&reloader, &mut sink, &counters, &metrics, &event);
+                    let id = write_decision(&reloader, &mut sink, &counters, &metrics, &event);
+                    note_connection(&connection_records, &event, &id);
                 }
                 None => { warn!("the kernel event stream ended"); break; }
             },
+            Some(ended) = ended_rx.recv() => {
+                for e in ended {
+                    write_ended(&reloader, &mut sink, &counters, &metrics, &e);
+                }
+            }
             // Reloads run on a blocking thread: events keep being read meanwhile.
             _ = sighup.recv() => reloader.request("SIGHUP"),
             _ = policy_poll.tick() => {
@@ -411,6 +448,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // deadline, and whatever has not ended by then is cancelled.
     let deadline = deadline + STOP_TASKS;
     let _ = join_by(deadline, attest_task, "attestation").await;
+    if let Some(task) = reaper_task {
+        let _ = join_by(deadline, task, "connection reaper").await;
+    }
     if let Some(task) = metrics_task {
         let _ = join_by(deadline, task, "metrics server").await;
     }
@@ -475,22 +515,69 @@ async fn join_by<T>(
     }
 }
 
+/// Writes the event's decision record; returns its decision id.
 fn write_decision(
     enricher: &reload::Reloader,
     sink: &mut DecisionSink,
     counters: &Counters,
     metrics: &Metrics,
     event: &tessera_common::DecisionEvent,
-) {
+) -> String {
     let record: DecisionRecord = enricher.enrich(event);
     counters.record(event);
-    let written = sink.write(&record);
-    metrics.decision(&record, written.is_ok());
+    write_record(sink, counters, metrics, &record);
+    record.decision_id
+}
+
+fn write_record(
+    sink: &mut DecisionSink,
+    counters: &Counters,
+    metrics: &Metrics,
+    record: &DecisionRecord,
+) {
+    let written = sink.write(record);
+    metrics.decision(record, written.is_ok());
     if let Err(e) = written {
         // Losing a decision must be loud: count it and say so every time.
         counters.sink_errors.fetch_add(1, Ordering::Relaxed);
         warn!(error = %e, decision_id = %record.decision_id, "cannot write a decision record");
     }
+}
+
+/// A connect allowed under a credential: its decision id goes into the kernel's record of the
+/// socket, for the record written when the connection is ended.
+fn note_connection(
+    records: &kernel::ConnectionMaps,
+    event: &tessera_common::DecisionEvent,
+    decision_id: &str,
+) {
+    use tessera_common::{HOOK_CONNECT4, HOOK_CONNECT6, REASON_CREDENTIAL_VALID};
+    if event.reason != REASON_CREDENTIAL_VALID
+        || !matches!(event.hook, HOOK_CONNECT4 | HOOK_CONNECT6)
+    {
+        return;
+    }
+    let Ok(id) = uuid::Uuid::parse_str(decision_id) else {
+        return;
+    };
+    if let Err(e) = records.set_decision_id(event.socket_cookie, id.into_bytes()) {
+        warn!(error = %e, "cannot note a connection's decision id");
+    }
+}
+
+/// The decision record of a connection ended with its credential (hook `connection`).
+fn write_ended(
+    enricher: &reload::Reloader,
+    sink: &mut DecisionSink,
+    counters: &Counters,
+    metrics: &Metrics,
+    ended: &connections::EndedConnection,
+) {
+    let event = connections::ended_event(ended, reload::policy_generation());
+    let mut record: DecisionRecord = enricher.enrich(&event);
+    connections::complete(&mut record, ended);
+    counters.record(&event);
+    write_record(sink, counters, metrics, &record);
 }
 
 /// The denies the kernel counted in `DENY_LOSSES` since the last look: their events did not fit

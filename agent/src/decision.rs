@@ -12,8 +12,8 @@ pub use enrich::{CredentialLookup, CredentialRef, Enricher, EvidenceSource, NoCr
 pub use filter::RecordFilter;
 pub use follow::{FollowError, LogFollower, LogLine};
 pub use record::{
-    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PodRecord, PolicyRecord,
-    ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
+    ConnectionRef, CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PodRecord,
+    PolicyRecord, ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
 pub use sink::{DecisionSink, JOURNAL_SOCKET, Lost, SinkError, SinkOptions};
 

@@ -27,6 +27,7 @@ use tracing::{debug, info};
 use crate::policy::PolicySet;
 
 mod compile;
+mod connections;
 mod dynamic;
 mod events;
 mod grants;
@@ -41,6 +42,10 @@ mod system;
 mod tracefs;
 
 pub use compile::{CompiledPolicy, SyncWarning, compile, workload_flags};
+pub use connections::{
+    ConnectionMaps, EndMechanism, EndedSocket, Lapse, LapsedConnection, SocketEnder, Survey,
+    probe_mechanism,
+};
 pub use dynamic::{EndpointEntries, HeldEntry, kernel_endpoint_id};
 pub use events::{EventReader, RingReader};
 pub use grants::GrantMaps;
@@ -185,6 +190,7 @@ pub struct Enforcer {
     drops: PerCpuArray<MapData, u64>,
     deny_losses: PerCpuHashMap<MapData, LostDenyKey, LostDenies>,
     grants: GrantMaps,
+    connections: ConnectionMaps,
     identities: Identities,
     events: Option<RingBuf<MapData>>,
     process_events: Option<RingBuf<MapData>>,
@@ -236,6 +242,7 @@ impl Enforcer {
             take_map(&mut ebpf, map_names::PROCESS_GRANTS)?,
             take_map(&mut ebpf, map_names::WORKLOAD_GRANTS)?,
         );
+        let connections = ConnectionMaps::new(take_map(&mut ebpf, map_names::CONNECTIONS)?);
         let drops = take_map(&mut ebpf, map_names::EVENT_DROPS)?;
         let deny_losses = take_map(&mut ebpf, map_names::DENY_LOSSES)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
@@ -251,6 +258,7 @@ impl Enforcer {
             drops,
             deny_losses,
             grants,
+            connections,
             identities,
             events,
             process_events,
@@ -389,6 +397,11 @@ impl Enforcer {
     /// The run-time endpoint entries (resolved `hosts`), next to the synced policy.
     pub fn endpoint_entries(&self) -> EndpointEntries {
         EndpointEntries::new(self.policy.clone())
+    }
+
+    /// The kernel's record of the sockets connected under a credential.
+    pub fn connections(&self) -> ConnectionMaps {
+        self.connections.clone()
     }
 
     pub fn grants(&self) -> GrantMaps {

@@ -16,3 +16,5 @@ pub mod policy;
 pub mod resolve;
 pub mod selftest;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testkit;

@@ -169,6 +169,20 @@ pub struct CredentialPolicy {
     /// `keepOnExec: true`: a `bind: process` grant survives an exec of a different executable
     /// (otherwise it ends there). Always false for other binds.
     pub keep_on_exec: bool,
+    /// The rule's `connections:`: what becomes of a connection when its credential ends.
+    pub connections: ConnectionLifetime,
+}
+
+/// A rule's `connections:`, for the sockets connected under one of its credentials.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectionLifetime {
+    /// The agent ends the socket once its holder holds no valid credential for the endpoint
+    /// (revoked or expired; a renewal before expiry keeps it).
+    #[default]
+    EndWithCredential,
+    /// The socket stays open (for clients that cannot reconnect).
+    Outlive,
 }
 
 /// What a credential's kernel grant is bound to.

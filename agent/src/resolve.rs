@@ -203,10 +203,11 @@ impl ResolvedHosts {
                             .filter(|h| h.ip == a.ip && endpoints.contains(&h.endpoint))
                             .map(|h| {
                                 format!(
-                                    "{} ({} port {})",
+                                    "{} ({} port {}{})",
                                     endpoint_name(&policy, h.holder),
                                     h.protocol,
-                                    h.port
+                                    h.port,
+                                    if h.contested { ", contested: denied to all" } else { "" }
                                 )
                             })
                             .collect();

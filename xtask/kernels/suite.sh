@@ -162,6 +162,15 @@ else
   fail verifier-budget "$over of ${count:-0} programs over $BUDGET processed instructions"
 fi
 
+# --- how this kernel ends a connection whose credential ended (the self-test's
+# revoke_open_connection and revoke_connected_udp exercise it) ---
+mech=$(tessera status --json --admin-socket "$ADMIN" 2>/dev/null | tr -d ' \n' | sed -n 's/.*"connection_end":"\([a-z_]*\)".*/\1/p')
+echo "KTEST NOTE connection_end=${mech:-missing}"
+case "$mech" in
+  sock_diag_destroy) pass connection-end "$mech (SOCK_DESTROY over sock_diag)" ;;
+  *) fail connection-end "kernel.connection_end=${mech:-missing}" ;;
+esac
+
 # --- denies without a credential ---
 deny() { # NAME OP FAMILY PORT HOOK (a pattern)
   out=$(inapp probe "$2" "$3" "$4")

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 mod debian;
-mod initramfs;
+pub mod initramfs;
 mod outcome;
 mod qemu;
 

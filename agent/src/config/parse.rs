@@ -10,7 +10,7 @@ use super::{ConfigError, FileConfig, RawConfig, S};
 use crate::daemon::cgroupns::CgroupNamespace;
 
 const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
-                      signingAlgorithm, keyRotation, trustBundleDir, dnsServer, logFormat, failOpen, metrics";
+                      signingAlgorithm, keyRotation, trustBundleDir, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
     let mut out = FileConfig {
@@ -136,6 +136,28 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
                 l.referenced,
                 e,
                 "write IP:PORT (e.g. 127.0.0.1:9477), or off to serve no metrics",
+            )),
+        }
+    }
+    if let Some(r) = raw.rate_limit {
+        match r.value.parse() {
+            Ok(limit) => out.rate_limit = Some(limit),
+            Err(e) => errors.push(err(
+                r.referenced,
+                e,
+                "write how many credential requests a workload may make, e.g. 200/s or 600/m, \
+                 or off for no limit",
+            )),
+        }
+    }
+    if let Some(b) = raw.rate_limit_burst {
+        match u32::try_from(b.value) {
+            Ok(n) if n >= 1 => out.rate_limit_burst = Some(n),
+            _ => errors.push(err(
+                b.referenced,
+                format!("rateLimitBurst must be at least 1, found {}", b.value),
+                "write how many requests a workload may make at once, e.g. 400, or remove the \
+                 key for twice the rate",
             )),
         }
     }

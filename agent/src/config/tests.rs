@@ -53,6 +53,13 @@ fn the_shipped_default_is_valid_and_complete() {
         Some(Some("127.0.0.1:9477".parse().unwrap()))
     );
     assert_eq!(c.fail_open, Some(false));
+    assert_eq!(
+        c.rate_limit,
+        Some(crate::credential::RateLimitSetting(Some(
+            crate::credential::RateLimit::DEFAULT
+        )))
+    );
+    assert_eq!(c.rate_limit_burst, Some(400));
 }
 
 #[test]
@@ -244,4 +251,54 @@ fn the_cgroup_namespace_comes_from_flag_file_or_default() {
         "{e:?}"
     );
     assert!(e[0].contains("write host"), "{e:?}");
+}
+
+#[test]
+fn the_rate_limit_comes_from_flag_file_or_default() {
+    use crate::credential::RateLimit;
+    let second = Duration::from_secs(1);
+    let (c, _) = resolve(&run_args(&[]), &FileConfig::default());
+    assert_eq!(c.rate_limit, Some(RateLimit::DEFAULT));
+    let file = load("rateLimit: 600/m\nrateLimitBurst: 50\n").unwrap();
+    let (c, _) = resolve(&run_args(&[]), &file);
+    assert_eq!(
+        c.rate_limit,
+        Some(RateLimit {
+            count: 600,
+            per: Duration::from_secs(60),
+            burst: 50
+        })
+    );
+    // The flag's rate with the file's burst; without a burst, twice the rate.
+    let (c, _) = resolve(&run_args(&["--rate-limit", "5/s"]), &file);
+    assert_eq!(
+        c.rate_limit,
+        Some(RateLimit {
+            count: 5,
+            per: second,
+            burst: 50
+        })
+    );
+    let (c, _) = resolve(&run_args(&["--rate-limit", "5/s"]), &FileConfig::default());
+    assert_eq!(c.rate_limit.map(|l| l.burst), Some(10));
+    for off in ["off", "0"] {
+        let (c, _) = resolve(&run_args(&["--rate-limit", off]), &file);
+        assert_eq!(c.rate_limit, None, "{off}");
+    }
+    let file = load("rateLimit: off\n").unwrap();
+    assert_eq!(resolve(&run_args(&[]), &file).0.rate_limit, None);
+
+    let e = errors("rateLimit: fast\nrateLimitBurst: 0\n");
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e[0].starts_with("/etc/tessera/config.yaml:1:12: `fast` is not a rate"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("200/s"), "{e:?}");
+    assert!(
+        e[1].starts_with("/etc/tessera/config.yaml:2:17: rateLimitBurst must be at least 1"),
+        "{e:?}"
+    );
+    let bad = crate::cli::Cli::try_parse_from(["tessera", "run", "--rate-limit", "lots"]);
+    assert!(bad.is_err());
 }

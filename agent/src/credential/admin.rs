@@ -21,7 +21,8 @@ pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 const REVOKE_SHAPE: &str = r#"one of {"jti": ID}, {"workload": SPIFFE_ID}, {"pid": PID}"#;
 
 /// Serves the admin API until `shutdown` resolves. Besides the socket's mode, only root and the
-/// agent's own uid are served.
+/// agent's own uid are served, and only from the agent's own pid namespace: a root process in a
+/// container (its own pid namespace) that reaches the socket is refused.
 pub async fn serve_admin_api(
     listener: UnixListener,
     svc: Arc<CredentialService>,
@@ -29,9 +30,13 @@ pub async fn serve_admin_api(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CredentialError> {
     let own_uid = nix::unistd::geteuid().as_raw();
+    let own_pidns = std::fs::read_link("/proc/self/ns/pid").ok();
     http::accept_loop(listener, shutdown, "admin", move |stream| {
         let allowed = match getsockopt(&stream, PeerCredentials) {
-            Ok(cred) => cred.uid() == 0 || cred.uid() == own_uid,
+            Ok(cred) => {
+                (cred.uid() == 0 || cred.uid() == own_uid)
+                    && same_pid_namespace(cred.pid(), own_pidns.as_deref())
+            }
             Err(e) => {
                 warn!(error = %e, "cannot read the admin caller's credentials");
                 false
@@ -46,7 +51,9 @@ pub async fn serve_admin_api(
                 if !allowed {
                     return http::refusal(&Refusal::Forbidden {
                         reason: "not_admin",
-                        error: "only root or the agent's user may use the admin API".to_owned(),
+                        error: "only root or the agent's user, in the agent's own pid namespace, \
+                                may use the admin API"
+                            .to_owned(),
                     });
                 }
                 route(&svc, &status, req).await
@@ -54,6 +61,20 @@ pub async fn serve_admin_api(
         });
     })
     .await
+}
+
+/// Whether the peer `pid` (as this process sees it) lives in the agent's pid namespace. A peer
+/// in a namespace the agent cannot see has pid 0 here; one in a child namespace (a container)
+/// has a pid here but another namespace.
+fn same_pid_namespace(pid: i32, own: Option<&std::path::Path>) -> bool {
+    let Some(own) = own else {
+        warn!("cannot read the agent's own pid namespace: the admin API refuses every caller");
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|ns| ns == own)
 }
 
 async fn route(svc: &CredentialService, status: &StatusFn, req: Request<Incoming>) -> HttpResponse {

@@ -134,6 +134,10 @@ fn status(refused: &Refused) -> Status {
         }
         Refused::Refusal(Refusal::NotFound(m)) => Status::not_found(m.clone()),
         Refused::Refusal(Refusal::Internal(m)) => Status::internal(m.clone()),
+        // gRPC's status for a rate limit; the delay is in the message.
+        Refused::Refusal(Refusal::TooManyRequests { error, .. }) => {
+            Status::resource_exhausted(format!("rate_limited: {error}"))
+        }
         Refused::Unavailable(m) => Status::unavailable(m.clone()),
     }
 }

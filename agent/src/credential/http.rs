@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -476,6 +476,17 @@ pub(crate) fn refusal(r: &Refusal) -> HttpResponse {
             StatusCode::INTERNAL_SERVER_ERROR,
             &serde_json::json!({ "error": error }),
         ),
+        Refusal::TooManyRequests { retry_after, error } => {
+            let mut resp = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                &serde_json::json!({ "error": error, "reason": "rate_limited" }),
+            );
+            // Whole seconds (RFC 9110), rounded up: never 0.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            resp
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keyring::{KeyRing, Rotation};
 use super::keys::SigningAlgorithm;
+use super::limit::{LimitKey, Limiter, RateLimit};
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
 use crate::identity::attestor::{Attested, Attestor};
 use crate::identity::evidence::EvidenceReader;
@@ -31,10 +32,13 @@ pub struct CredentialService {
     registry: Registry,
     attestor: Arc<Attestor>,
     observer: RwLock<Option<Arc<dyn CredentialObserver>>>,
+    limiter: Limiter,
     /// The public keys served (JWKS, `FetchJWTBundles`): a new value on every change.
     bundle: tokio::sync::watch::Sender<serde_json::Value>,
     /// Where this agent publishes its keys and finds the trust domain's others.
     bundle_dir: Option<BundleDir>,
+    /// Notified after every revocation: the connections counting on it are then ended.
+    revocations: Arc<tokio::sync::Notify>,
 }
 
 /// Told of every credential request's outcome and how long it took (metrics).
@@ -55,6 +59,12 @@ pub(crate) enum Refusal {
     NotFound(String),
     /// 500; the message is for the caller, details are logged.
     Internal(String),
+    /// 429 `{"error", "reason": "rate_limited"}` with `Retry-After`: the workload asks faster
+    /// than its rate limit.
+    TooManyRequests {
+        retry_after: Duration,
+        error: String,
+    },
 }
 
 impl Refusal {
@@ -90,6 +100,8 @@ impl CredentialService {
             grants,
             registry: Registry::open(state_dir),
             observer: RwLock::new(None),
+            limiter: Limiter::new(Some(RateLimit::DEFAULT)),
+            revocations: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -123,9 +135,24 @@ impl CredentialService {
         }
     }
 
+    /// Limits each workload's credential requests to `limit` (`None`: no limit).
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.limiter = Limiter::new(limit);
+        self
+    }
+
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.limiter.limit()
+    }
+
     /// Who is told of each request's outcome (one observer; a second call replaces it).
     pub fn set_observer(&self, observer: Arc<dyn CredentialObserver>) {
         *self.observer.write().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    }
+
+    /// Notified after every revocation (`tessera revoke`, `DELETE /v1/credentials/{jti}`).
+    pub fn revocations(&self) -> Arc<tokio::sync::Notify> {
+        self.revocations.clone()
     }
 
     /// Attests callers with `attestor` (which writes their identities to the kernel) instead
@@ -245,6 +272,9 @@ impl CredentialService {
             info!(jti = %c.jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = c.pid, "credential revoked");
             revoked.push(c.jti);
         }
+        if !revoked.is_empty() {
+            self.revocations.notify_one();
+        }
         Ok(revoked)
     }
 
@@ -259,6 +289,35 @@ impl CredentialService {
                 .grants
                 .revoke_workload_grant(workload_key(c), c.credential_id),
         }
+    }
+
+    /// Takes one request from the caller's workload's bucket (its uid's when it is none).
+    fn within_rate_limit(&self, caller: &Attested) -> Result<(), Refusal> {
+        let key = match caller.workload {
+            Some(wid) => LimitKey::Workload(caller.policy.workload(wid).spiffe_id.clone()),
+            None => LimitKey::Uid(caller.evidence.uid.real),
+        };
+        self.limiter
+            .take(&key, std::time::Instant::now())
+            .map_err(|retry_after| {
+                let limit = self
+                    .limiter
+                    .limit()
+                    .map(|l| l.to_string())
+                    .unwrap_or_default();
+                let who = match &key {
+                    LimitKey::Workload(id) => format!("workload {id}"),
+                    LimitKey::Uid(uid) => format!("uid {uid}"),
+                };
+                Refusal::TooManyRequests {
+                    retry_after,
+                    error: format!(
+                        "{who} asks for credentials faster than the agent's limit of {limit}; \
+                         retry after {} ms",
+                        retry_after.as_millis().max(1)
+                    ),
+                }
+            })
     }
 
     /// `POST /v1/credentials`: decide, sign, write the grant, then make sure the caller is
@@ -284,6 +343,7 @@ impl CredentialService {
                 Err(Refusal::BadRequest(_)) => observer.refused("bad_request", elapsed),
                 Err(Refusal::NotFound(_)) => observer.refused("not_found", elapsed),
                 Err(Refusal::Internal(_)) => observer.refused("internal", elapsed),
+                Err(Refusal::TooManyRequests { .. }) => observer.refused("rate_limited", elapsed),
             }
         }
         result
@@ -295,10 +355,11 @@ impl CredentialService {
         req: &TokenRequest,
         still_alive: &dyn Fn() -> bool,
     ) -> Result<TokenResponse, Refusal> {
-        let task = req.validate()?;
         // The policy the caller was attested under: its ids go with it.
         let policy = caller.policy.clone();
         let ev = &caller.evidence;
+        self.within_rate_limit(caller)?;
+        let task = req.validate()?;
         let Some(wid) = caller.workload else {
             return Err(Refusal::forbidden(
                 "unknown_workload",
@@ -509,6 +570,7 @@ impl CredentialService {
             })?;
             self.registry.mark_revoked(jti);
             info!(jti, workload = %c.spiffe_id, endpoint = %c.audience, pid = caller.evidence.pid, "credential ended by its holder");
+            self.revocations.notify_one();
         }
         Ok(c.jti)
     }

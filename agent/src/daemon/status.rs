@@ -1,4 +1,5 @@
 //! What `tessera status` shows: built on demand from the kernel, the grants and the counters.
+use crate::kernel::EndMechanism;
 use std::{
     path::PathBuf,
     sync::{
@@ -129,6 +130,18 @@ pub fn with_workload_api(
         if let Value::Object(fields) = &mut value {
             fields.insert("workload_api".to_owned(), field.clone());
             fields.insert("kernel".to_owned(), kernel.clone());
+        }
+        value
+    })
+}
+
+/// Adds `kernel.connection_end`: how connections whose credential ended are ended here
+/// (`sock_diag_destroy`, or `unavailable`: they outlive their credentials).
+pub fn with_connection_end(status: StatusProvider, mechanism: EndMechanism) -> StatusProvider {
+    Arc::new(move || {
+        let mut value = status();
+        if let Some(Value::Object(kernel)) = value.get_mut("kernel") {
+            kernel.insert("connection_end".to_owned(), Value::from(mechanism.as_str()));
         }
         value
     })

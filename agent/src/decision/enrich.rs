@@ -227,6 +227,7 @@ impl Enricher {
                 revision: policy.revision.clone(),
                 rule: rule.map(|r| r.name.clone()),
             },
+            connection: None,
         }
     }
 

@@ -34,6 +34,19 @@ pub struct DecisionRecord {
     pub workload: Option<WorkloadRecord>,
     pub credential: Option<CredentialRecord>,
     pub policy: PolicyRecord,
+    /// Hook `connection` only: the connection that was ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<ConnectionRef>,
+}
+
+/// A connection ended because its credential was revoked or expired: the decision that let
+/// it connect (its `decision_id`; absent when the agent did not see that decision) and when.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_id: Option<String>,
+    /// The connection's own address (the destination is the record's `destination`).
+    pub source: std::net::SocketAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -162,6 +175,8 @@ pub enum Hook {
     SockCreate,
     /// The syscalls/sys_enter_socket tracepoint (packet sockets).
     SocketSyscall,
+    /// Not a kernel hook: the agent ended a connection whose credential was revoked or expired.
+    Connection,
     #[serde(other)]
     Unknown,
 }
@@ -282,6 +297,7 @@ impl Hook {
             common::HOOK_SENDMSG6 => Self::Sendmsg6,
             common::HOOK_SOCK_CREATE => Self::SockCreate,
             common::HOOK_SOCKET_SYSCALL => Self::SocketSyscall,
+            common::HOOK_CONNECTION => Self::Connection,
             _ => Self::Unknown,
         }
     }
@@ -294,6 +310,7 @@ impl Hook {
             Self::Sendmsg6 => "sendmsg6",
             Self::SockCreate => "sock_create",
             Self::SocketSyscall => "socket_syscall",
+            Self::Connection => "connection",
             Self::Unknown => "unknown",
         }
     }

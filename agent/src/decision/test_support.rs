@@ -47,6 +47,7 @@ pub(crate) fn example_record() -> DecisionRecord {
             revision: "sha256:0123abcd".to_owned(),
             rule: Some("payments-to-vault".to_owned()),
         },
+        connection: None,
     }
 }
 

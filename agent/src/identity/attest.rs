@@ -227,7 +227,7 @@ mod tests {
             .stderr(Stdio::null())
             .spawn();
         let Ok(mut child) = child else {
-            eprintln!("skipped: curl is not installed");
+            crate::testkit::skip("curl is not installed");
             return;
         };
         let (conn, _) = listener.accept().expect("accept");

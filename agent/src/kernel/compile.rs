@@ -415,6 +415,7 @@ mod tests {
                         max_ttl: Duration::from_secs(60),
                         bind: Bind::Process,
                         keep_on_exec: false,
+                        connections: Default::default(),
                     }),
                     mode: Mode::Enforce,
                 },

@@ -7,11 +7,16 @@
 //!   already decides that destination (same key, the same address on every port, or a CIDR
 //!   that contains it), because the kernel looks exact keys up before CIDRs and a specific
 //!   port before every port, and the claim would take the destination over;
-//! - between claims, the older wins: a key that would take over a destination another
-//!   endpoint's claim holds waits, and is written when that claim is removed.
+//! - between claims of different endpoints, neither wins: a destination that two endpoints'
+//!   names resolve to (a name that moved onto another's address) is *contested*, written with
+//!   [`CONTESTED_ENDPOINT_ID`], which no rule names: every connect there is denied
+//!   (`workload_not_allowed`), enforced if either endpoint enforces, until one of the claims
+//!   goes. Keeping the older claim's rule would let the callers that endpoint allows reach the
+//!   other endpoint's server without its credential; the kernel decides a destination by one
+//!   endpoint, so "a credential for both" cannot be asked, and a deny is the answer that never
+//!   opens.
 //!
-//! A key held back this way is a [`HeldEntry`]: the destination keeps the holder's rule (it
-//! stays protected, by the other endpoint), and the caller logs it.
+//! A key held back or contested this way is a [`HeldEntry`]; the caller logs it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -37,8 +42,12 @@ pub struct EndpointEntries {
     epoch: u64,
 }
 
+/// The endpoint id of a destination two endpoints' resolved addresses claim: no rule names it,
+/// so the kernel denies every connect there. Kernel ids are handed out from 0 and never reach it.
+pub const CONTESTED_ENDPOINT_ID: u32 = u32::MAX - 1;
+
 /// A resolved address's key that is not written because another endpoint decides that
-/// destination.
+/// destination, or that is written contested.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldEntry {
     /// The endpoint whose resolved address this is.
@@ -52,6 +61,8 @@ pub struct HeldEntry {
     pub holder: u32,
     /// Whether the holder's entry is from the policy file (else it is another host's address).
     pub holder_is_static: bool,
+    /// The destination is denied to everyone while both claim it (the holder is a claim).
+    pub contested: bool,
 }
 
 /// The claims and what they put in the map. Pure bookkeeping: `apply` and `merge` write.
@@ -207,33 +218,62 @@ impl DynamicEntries {
         }
     }
 
-    /// The entries the claims should have in the map, and the keys held back.
+    /// The entries the claims should have in the map, and the keys held back or contested.
     fn effective(&self) -> (HashMap<EndpointKey, EndpointValue>, Vec<HeldEntry>) {
-        let mut accepted = HashMap::new();
+        let mut accepted: HashMap<EndpointKey, EndpointValue> = HashMap::new();
         let mut held = Vec::new();
         for claim in self.claims.values() {
             for key in &claim.keys {
-                match self.holder(key, claim.value.endpoint_id, &accepted) {
+                let holder = self.holder(key, claim.value.endpoint_id, &accepted);
+                let (holder, is_static) = match holder {
                     Holder::Nobody => {
                         accepted.insert(*key, claim.value);
+                        // Every port of an address hides nothing looked up first (a specific
+                        // port of it another claim holds), but both claim that destination.
+                        if key.port == ANY_PORT {
+                            for (k, v) in accepted.iter_mut() {
+                                if k.port != ANY_PORT
+                                    && k.addr == key.addr
+                                    && k.protocol == key.protocol
+                                    && v.endpoint_id != claim.value.endpoint_id
+                                {
+                                    *v = contested(v, &claim.value);
+                                }
+                            }
+                        }
+                        continue;
                     }
-                    Holder::Itself => {}
+                    Holder::Itself => continue,
                     Holder::Other {
                         endpoint_id,
                         is_static,
-                    } => held.push(HeldEntry {
-                        endpoint: claim.endpoint,
-                        ip: claim.ip,
-                        port: key.port,
-                        protocol: if key.protocol == PROTO_TCP {
-                            "tcp"
-                        } else {
-                            "udp"
-                        },
-                        holder: endpoint_id,
-                        holder_is_static: is_static,
-                    }),
+                    } => (endpoint_id, is_static),
+                };
+                if !is_static {
+                    let any = EndpointKey {
+                        port: ANY_PORT,
+                        ..*key
+                    };
+                    let theirs = accepted
+                        .get(key)
+                        .or_else(|| accepted.get(&any))
+                        .copied()
+                        .unwrap_or(claim.value);
+                    accepted.insert(*key, contested(&theirs, &claim.value));
                 }
+                held.push(HeldEntry {
+                    endpoint: claim.endpoint,
+                    ip: claim.ip,
+                    port: key.port,
+                    protocol: if key.protocol == PROTO_TCP {
+                        "tcp"
+                    } else {
+                        "udp"
+                    },
+                    holder,
+                    holder_is_static: is_static,
+                    contested: !is_static,
+                });
             }
         }
         (accepted, held)
@@ -360,6 +400,19 @@ impl DynamicEntries {
 /// kernel id of its name (`KernelIds`), as `compile` numbers endpoints.
 pub fn kernel_endpoint_id(endpoint: &Endpoint, id: EndpointId) -> u32 {
     super::ids::endpoint_by_name(&endpoint.name, id)
+}
+
+/// The entry of a destination claimed by `a` and `b`: denied to every workload, enforced
+/// unless both are audited.
+fn contested(a: &EndpointValue, b: &EndpointValue) -> EndpointValue {
+    EndpointValue {
+        endpoint_id: CONTESTED_ENDPOINT_ID,
+        mode: if a.mode == MODE_AUDIT && b.mode == MODE_AUDIT {
+            MODE_AUDIT
+        } else {
+            MODE_ENFORCE
+        },
+    }
 }
 
 fn other(endpoint_id: u32, is_static: bool) -> Holder {

@@ -225,6 +225,12 @@ impl GrantMaps {
         Ok(())
     }
 
+    /// The `bind: workload` grant of `key` as the kernel sees it (empty when there is none).
+    pub fn workload_grant(&self, key: WorkloadGrantKey) -> Result<GrantSlot, KernelError> {
+        let map = lock(&self.inner.workload)?;
+        get_or_default(&map, &key, map_names::WORKLOAD_GRANTS)
+    }
+
     /// The process's slots as the kernel sees them (all empty when it has none).
     pub fn process_grants(&self, tgid: u32) -> Result<ProcessGrants, KernelError> {
         let map = lock(&self.inner.process)?;

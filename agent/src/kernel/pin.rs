@@ -4,7 +4,8 @@
 //! ```text
 //! /sys/fs/bpf/tessera/<cgroup, escaped>/
 //!     maps/{PROCESS_GRANTS,WORKLOAD_GRANTS,EVENTS,EVENT_DROPS,SOCKET_TAGS,
-//!           PROCESS_IDENTITY,PROCESS_EVENTS,DENY_LOSSES,PROCESS_INSTANCE}   shared by every set
+//!           PROCESS_IDENTITY,PROCESS_EVENTS,DENY_LOSSES,PROCESS_INSTANCE,
+//!           CONNECTIONS}                                                     shared by every set
 //!     g<generation>-<revision, escaped>/                                    one program set
 //!         {ENDPOINTS_EXACT,ENDPOINTS_CIDR,WORKLOADS,RULES,CONFIG,           its policy maps
 //!          ATTACHED_CGROUP,WORKLOAD_CGROUPS,WORKLOAD_CGROUP_IDS}
@@ -49,7 +50,7 @@ pub const PINNED_FLOOR: (u32, u32) = (5, 15);
 
 /// Maps every program set shares: grants and socket tags must not reset on a reload, and the
 /// events of the old set must reach the same reader.
-const SHARED_MAPS: [&str; 9] = [
+const SHARED_MAPS: [&str; 10] = [
     map_names::PROCESS_GRANTS,
     map_names::WORKLOAD_GRANTS,
     map_names::EVENTS,
@@ -59,6 +60,7 @@ const SHARED_MAPS: [&str; 9] = [
     map_names::PROCESS_EVENTS,
     map_names::DENY_LOSSES,
     map_names::PROCESS_INSTANCE,
+    map_names::CONNECTIONS,
 ];
 
 /// Maps each program set has its own of (a new per-policy map belongs here).
@@ -180,6 +182,7 @@ impl Enforcer {
                 take_map(&mut ebpf, map_names::PROCESS_GRANTS)?,
                 take_map(&mut ebpf, map_names::WORKLOAD_GRANTS)?,
             ),
+            connections: super::ConnectionMaps::new(take_map(&mut ebpf, map_names::CONNECTIONS)?),
             drops: take_map(&mut ebpf, map_names::EVENT_DROPS)?,
             deny_losses: take_map(&mut ebpf, map_names::DENY_LOSSES)?,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
@@ -373,6 +376,7 @@ fn layout(name: &str) -> Option<(u32, u32)> {
             size(size_of::<LostDenies>()),
         ),
         map_names::PROCESS_INSTANCE => (4, 8),
+        map_names::CONNECTIONS => (8, size(size_of::<ConnectionRecord>())),
         map_names::ENDPOINTS_EXACT => (
             size(size_of::<EndpointKey>()),
             size(size_of::<EndpointValue>()),

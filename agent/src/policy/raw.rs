@@ -96,6 +96,7 @@ pub(super) struct RawRule {
     pub endpoints: Option<S<Vec<S<String>>>>,
     pub credential: Option<S<RawCredential>>,
     pub mode: Option<S<String>>,
+    pub connections: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,7 +178,14 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
     },
     FieldSet {
         context: "rule",
-        fields: &["name", "workloads", "endpoints", "credential", "mode"],
+        fields: &[
+            "name",
+            "workloads",
+            "endpoints",
+            "credential",
+            "mode",
+            "connections",
+        ],
         unsupported: &[],
     },
     FieldSet {

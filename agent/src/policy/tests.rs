@@ -109,6 +109,7 @@ fn valid_policy_round_trip() {
                     max_ttl: Duration::from_secs(600),
                     bind: Bind::Process,
                     keep_on_exec: false,
+                    connections: Default::default(),
                 }),
                 mode: Mode::Enforce,
             },
@@ -127,6 +128,7 @@ fn valid_policy_round_trip() {
                     max_ttl: Duration::from_secs(5400),
                     bind: Bind::Workload,
                     keep_on_exec: false,
+                    connections: Default::default(),
                 }),
                 mode: Mode::Audit,
             },
@@ -354,6 +356,7 @@ fn demo_policy_is_what_the_demo_expects() {
             max_ttl: Duration::from_secs(300),
             bind: Bind::Process,
             keep_on_exec: false,
+            connections: Default::default(),
         })
     );
     assert!(set.rule_for(intruder, vault).is_none());

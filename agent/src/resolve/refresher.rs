@@ -132,7 +132,18 @@ fn protect(
         let endpoint = policy.endpoint(id);
         match entries.add_host_address(id, endpoint, ip) {
             Ok(held) if new => {
-                for h in held {
+                for h in held.iter().filter(|h| h.contested) {
+                    warn!(
+                        host = %host,
+                        endpoint = %endpoint.name,
+                        ip = %ip,
+                        port = h.port,
+                        protocol = h.protocol,
+                        also_claimed_by = %super::endpoint_name(policy, h.holder),
+                        "resolved address is another endpoint's resolved address too: every connect there is denied while both names resolve to it"
+                    );
+                }
+                for h in held.iter().filter(|h| !h.contested) {
                     warn!(
                         host = %host,
                         endpoint = %endpoint.name,

@@ -134,7 +134,7 @@ fn pad4(out: &mut Vec<u8>) {
 }
 
 /// The libraries (and the loader) that ldd lists for `exe`; none for a static executable.
-fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+pub fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd")
         .arg(exe)
         .output()

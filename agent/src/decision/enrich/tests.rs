@@ -322,7 +322,7 @@ fn cgroup2_root() -> Option<PathBuf> {
 #[test]
 fn a_live_process_gets_its_exe_and_cgroup() {
     let Some(root) = cgroup2_root() else {
-        eprintln!("skipped: no cgroup v2 mount");
+        crate::testkit::skip("no cgroup v2 mount");
         return;
     };
     let own = unified_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap())
@@ -330,7 +330,7 @@ fn a_live_process_gets_its_exe_and_cgroup() {
         .to_owned();
     let dir = root.join(own.trim_start_matches('/'));
     let Ok(meta) = fs::metadata(&dir) else {
-        eprintln!("skipped: {} is not visible", dir.display());
+        crate::testkit::skip(&format!("{} is not visible", dir.display()));
         return;
     };
     let fx = Fixture::new();
@@ -581,14 +581,14 @@ mod evidence {
     #[test]
     fn a_live_process_checked_against_its_real_cgroup() {
         let Some(root) = cgroup2_root() else {
-            eprintln!("skipped: no cgroup v2 mount");
+            crate::testkit::skip("no cgroup v2 mount");
             return;
         };
         let own = unified_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap())
             .unwrap()
             .to_owned();
         let Ok(meta) = fs::metadata(root.join(own.trim_start_matches('/'))) else {
-            eprintln!("skipped: own cgroup not visible");
+            crate::testkit::skip("own cgroup not visible");
             return;
         };
         let fx = Fixture::new();

@@ -113,6 +113,7 @@ fn hook_protocol_and_verdict_codes() {
         (common::HOOK_SENDMSG6, "sendmsg6"),
         (common::HOOK_SOCK_CREATE, "sock_create"),
         (common::HOOK_SOCKET_SYSCALL, "socket_syscall"),
+        (common::HOOK_CONNECTION, "connection"),
     ] {
         assert_eq!(
             serde_json::to_value(Hook::from_code(code)).unwrap(),

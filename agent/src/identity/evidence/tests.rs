@@ -154,12 +154,12 @@ fn large_executables_are_not_hashed() {
 #[test]
 fn other_ids_and_groups() {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to start a process as another user");
+        crate::testkit::skip("needs root to start a process as another user");
         return;
     }
     // setpriv execs sleep in the same process; std cannot set groups on stable.
     if Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("skipped: setpriv (util-linux) is not installed");
+        crate::testkit::skip("setpriv (util-linux) is not installed");
         return;
     }
     let mut cmd = Command::new("setpriv");

@@ -278,7 +278,7 @@ fn outside_a_cluster_it_never_matches() {
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
         || std::env::var_os("KUBECONFIG").is_some()
     {
-        eprintln!("skipped: running inside a Kubernetes cluster, or KUBECONFIG is set");
+        crate::testkit::skip("running inside a Kubernetes cluster, or KUBECONFIG is set");
         return;
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -93,7 +93,7 @@ fn a_caller_that_exited_is_not_proven() {
         .stdout(Stdio::piped())
         .spawn()
     else {
-        eprintln!("skipped: python3 is not installed");
+        crate::testkit::skip("python3 is not installed");
         return;
     };
     let (server, _) = listener.accept().expect("accept");

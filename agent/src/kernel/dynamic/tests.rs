@@ -116,17 +116,65 @@ fn static_entries_win_over_a_rebind() {
 }
 
 #[test]
-fn the_older_claim_keeps_a_destination_until_released() {
+fn a_destination_two_names_claim_is_denied_to_everyone_until_one_goes() {
+    // Issue 15 #2: `api` port 443 resolves onto 127.0.0.5, which `web` (every port) holds.
+    // Before, `web`'s rule stayed in force at 127.0.0.5:443 and `api` was open there to
+    // whoever `web` lets in.
     let (p, mut d) = entries();
     d.claim(EndpointId(3), &p.endpoints[3], ip("127.0.0.5"));
-    // `api` port 443 would take 127.0.0.5:443 from `web`'s every-port entry.
     d.claim(EndpointId(2), &p.endpoints[2], ip("127.0.0.5"));
+    assert_eq!(owner(&d, "127.0.0.5", 443), Some(CONTESTED_ENDPOINT_ID));
+    assert_eq!(owner(&d, "127.0.0.5", ANY_PORT), Some(3));
+    let held = d.held();
+    assert_eq!(held.len(), 1);
+    assert!(held[0].contested && !held[0].holder_is_static);
+    assert_eq!(
+        (held[0].endpoint.0, held[0].holder, held[0].port),
+        (2, 3, 443)
+    );
+    // The moved name leaves: `web`'s rule again at 443.
+    d.release(EndpointId(2), ip("127.0.0.5"));
     assert_eq!(owner(&d, "127.0.0.5", 443), None);
     assert_eq!(owner(&d, "127.0.0.5", ANY_PORT), Some(3));
-    assert_eq!(d.held().len(), 1);
-    d.release(EndpointId(3), ip("127.0.0.5"));
-    assert_eq!(owner(&d, "127.0.0.5", 443), Some(2));
     assert!(d.held().is_empty());
+    // The other order: `web` arrives on `api`'s address; its every-port key hides nothing
+    // looked up first, but port 443 is contested all the same.
+    d.release(EndpointId(3), ip("127.0.0.5"));
+    d.claim(EndpointId(2), &p.endpoints[2], ip("127.0.0.5"));
+    d.claim(EndpointId(3), &p.endpoints[3], ip("127.0.0.5"));
+    assert_eq!(owner(&d, "127.0.0.5", 443), Some(CONTESTED_ENDPOINT_ID));
+    assert_eq!(owner(&d, "127.0.0.5", ANY_PORT), Some(3));
+    // The first holder leaves: the destination is `web`'s alone.
+    d.release(EndpointId(2), ip("127.0.0.5"));
+    assert_eq!(owner(&d, "127.0.0.5", 443), None);
+    assert_eq!(owner(&d, "127.0.0.5", ANY_PORT), Some(3));
+}
+
+#[test]
+fn a_contested_destination_is_enforced_unless_both_audit() {
+    let mut p = policy();
+    p.endpoints[3].mode = Mode::Audit;
+    let compiled = compile(&p, |_| Ok(1));
+    let mut d = DynamicEntries::default();
+    d.merge(&compiled);
+    d.claim(EndpointId(3), &p.endpoints[3], ip("127.0.0.5"));
+    d.claim(EndpointId(2), &p.endpoints[2], ip("127.0.0.5"));
+    let (wanted, _) = d.effective();
+    assert_eq!(
+        wanted.get(&key("127.0.0.5", 443)).map(|v| v.mode),
+        Some(MODE_ENFORCE)
+    );
+    p.endpoints[2].mode = Mode::Audit;
+    let compiled = compile(&p, |_| Ok(1));
+    let mut d = DynamicEntries::default();
+    d.merge(&compiled);
+    d.claim(EndpointId(3), &p.endpoints[3], ip("127.0.0.5"));
+    d.claim(EndpointId(2), &p.endpoints[2], ip("127.0.0.5"));
+    let (wanted, _) = d.effective();
+    assert_eq!(
+        wanted.get(&key("127.0.0.5", 443)).map(|v| v.mode),
+        Some(MODE_AUDIT)
+    );
 }
 
 #[test]

@@ -9,7 +9,9 @@ use serde_saphyr::{Location, Spanned};
 
 use super::{Ctx, LocalNames, Origin, check_name, parse_mode};
 use crate::policy::raw::{RawCredential, RawRule, S};
-use crate::policy::{Bind, CredentialPolicy, EndpointId, Mode, Rule, WorkloadId};
+use crate::policy::{
+    Bind, ConnectionLifetime, CredentialPolicy, EndpointId, Mode, Rule, WorkloadId,
+};
 
 /// The longest credential lifetime a rule may allow.
 const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -55,6 +57,12 @@ pub(super) fn check(
     let credential = match &raw.credential {
         None => Some(None),
         Some(c) => check_credential(ctx, c),
+    };
+    let connections = check_connections(ctx, raw.connections.as_ref(), &credential);
+    let credential = match (credential, connections) {
+        (Some(Some(c)), Some(connections)) => Some(Some(CredentialPolicy { connections, ..c })),
+        (Some(None), Some(_)) => Some(None),
+        _ => None,
     };
     let mode = match &raw.mode {
         None => Some(document_mode),
@@ -219,7 +227,42 @@ fn check_credential(
         max_ttl: max_ttl?,
         bind: bind?,
         keep_on_exec: keep_on_exec?,
+        connections: ConnectionLifetime::default(),
     }))
+}
+
+/// The rule's `connections:` (default `end-with-credential`); only a rule that requires a
+/// credential may name it. `credential` is what `check_credential` made of the rule's.
+fn check_connections(
+    ctx: &mut Ctx<'_, '_>,
+    raw: Option<&S<String>>,
+    credential: &Option<Option<CredentialPolicy>>,
+) -> Option<ConnectionLifetime> {
+    let Some(raw) = raw else {
+        return Some(ConnectionLifetime::default());
+    };
+    let lifetime = match raw.value.as_str() {
+        "end-with-credential" => ConnectionLifetime::EndWithCredential,
+        "outlive" => ConnectionLifetime::Outlive,
+        other => {
+            ctx.error(
+                raw.referenced,
+                format!("unknown connections `{other}`"),
+                "use end-with-credential (the default: a connection ends with its credential) \
+                 or outlive",
+            );
+            return None;
+        }
+    };
+    if matches!(credential, Some(None)) {
+        ctx.error(
+            raw.referenced,
+            "`connections` has no effect on a rule that requires no credential".into(),
+            "remove connections, or set credential: {required: true, maxTtl: ...}",
+        );
+        return None;
+    }
+    Some(lifetime)
 }
 
 fn check_ttl(ctx: &mut Ctx<'_, '_>, raw: &S<String>) -> Option<Duration> {

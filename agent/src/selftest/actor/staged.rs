@@ -147,7 +147,7 @@ impl Actor {
         let jti = self.token("vault").await?;
         let fd = self.must_connect("holder connects")?;
         self.revoke(&jti).await?;
-        let write = net::write_fd(fd.as_raw_fd());
+        let write = write_until_refused(fd.as_raw_fd()).await;
         self.step("write on the open connection after revocation", &write);
         let again = net::connect_new(&self.v4(), false, SockFlag::empty()).map(drop);
         self.step("new connect after revocation", &again);
@@ -172,7 +172,21 @@ impl Actor {
         self.step("holder connects a UDP socket", &shown);
         let fd = fd.map_err(|e| format!("UDP connect with a credential failed: {e:?}"))?;
         self.revoke(&jti).await?;
-        let r = net::write_fd(fd.as_raw_fd());
+        let r = write_until_refused(fd.as_raw_fd()).await;
         Ok(self.done(r))
+    }
+}
+
+/// Writes on a connection every few milliseconds until a write fails or `REFUSAL_WITHIN`
+/// passes: the agent ends the connection just after the revocation, not within its response.
+async fn write_until_refused(fd: std::os::fd::RawFd) -> Result<(), Errno> {
+    const REFUSAL_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
+    let deadline = tokio::time::Instant::now() + REFUSAL_WITHIN;
+    loop {
+        let r = net::write_fd(fd);
+        if r.is_err() || tokio::time::Instant::now() >= deadline {
+            return r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

@@ -182,16 +182,16 @@ impl Attempt {
                 "the agent resolves hosts: and writes each address into ENDPOINTS_EXACT; cgroup/connect4",
             ),
             RevokeOpenConnection => Expected {
-                result: Outcome::Allowed,
-                record: deny("credential_revoked", "connect4"),
-                stopped_by: "new connects: the PROCESS_GRANTS slot is marked revoked (credential_revoked); the open connection keeps working",
-                gap: Some("a connection open when its credential is revoked stays open"),
+                result: Outcome::Refused("ECONNABORTED"),
+                record: deny("credential_revoked", "connection"),
+                stopped_by: "CONNECTIONS (recorded by cgroup/connect4) checked against the grants after the revocation; the agent destroys the socket (SOCK_DESTROY over sock_diag, a TCP reset); new connects: credential_revoked",
+                gap: None,
             },
             RevokeConnectedUdp => Expected {
-                result: Outcome::Allowed,
-                record: allow("connect4"),
-                stopped_by: "nothing: a send without an address on a connected UDP socket reaches no hook",
-                gap: Some("a UDP socket connected before revocation keeps sending"),
+                result: Outcome::Refused("EDESTADDRREQ"),
+                record: deny("credential_revoked", "connection"),
+                stopped_by: "CONNECTIONS (recorded by cgroup/connect4) checked against the grants after the revocation; the agent destroys the socket (SOCK_DESTROY over sock_diag disconnects it)",
+                gap: None,
             },
         }
     }

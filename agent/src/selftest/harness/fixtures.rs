@@ -46,7 +46,13 @@ pub(super) fn start_servers() -> std::io::Result<u16> {
         for l in [v4, v6] {
             std::thread::spawn(move || {
                 for mut c in l.incoming().flatten() {
-                    let _ = c.write_all(b"hello\n");
+                    // Held open until the client's end goes: an attempt that writes on an open
+                    // connection sees what the agent does to it, not a peer that left.
+                    std::thread::spawn(move || {
+                        let _ = c.write_all(b"hello\n");
+                        let mut buf = [0u8; 512];
+                        while matches!(std::io::Read::read(&mut c, &mut buf), Ok(n) if n > 0) {}
+                    });
                 }
             });
         }

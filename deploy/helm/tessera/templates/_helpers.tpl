@@ -1,3 +1,19 @@
+{{/* The objects' name: the release's, with the chart's appended unless the release already
+says it (release "tessera" → "tessera", not "tessera-tessera"). */}}
+{{- define "tessera.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tessera.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "tessera.fullname" .) -}}
+{{- end -}}
+
 {{/* Labels shared by every object of the release. */}}
 {{- define "tessera.labels" -}}
 app.kubernetes.io/name: tessera

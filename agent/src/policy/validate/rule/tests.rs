@@ -175,3 +175,47 @@ fn overlapping_rules_and_duplicate_rule_names() {
         ],
     );
 }
+
+#[test]
+fn connections_default_outlive_and_errors() {
+    use crate::policy::{ConnectionLifetime, PolicySet};
+    let yaml = with_head(
+        "  workloads: [{name: w, match: {uid: 1}}]
+  endpoints: [{name: e, addresses: [10.0.0.1]}, {name: f, addresses: [10.0.0.2]}]
+  rules:
+    - {name: r1, workloads: [w], endpoints: [e], credential: {required: true, maxTtl: 1m}}
+    - name: r2
+      workloads: [w]
+      endpoints: [f]
+      credential: {required: true, maxTtl: 1m}
+      connections: outlive
+",
+    );
+    let set = PolicySet::from_str(std::path::Path::new("p.yaml"), &yaml).expect("valid");
+    let lifetimes: Vec<_> = set
+        .rules
+        .iter()
+        .map(|r| r.credential.expect("credential").connections)
+        .collect();
+    assert_eq!(
+        lifetimes,
+        [
+            ConnectionLifetime::EndWithCredential,
+            ConnectionLifetime::Outlive
+        ]
+    );
+    assert_errors(
+        &with_head(
+            "  workloads: [{name: w, match: {uid: 1}}]
+  endpoints: [{name: e, addresses: [10.0.0.1]}, {name: f, addresses: [10.0.0.2]}]
+  rules:
+    - {name: r1, workloads: [w], endpoints: [e], credential: {required: true, maxTtl: 1m}, connections: forever}
+    - {name: r2, workloads: [w], endpoints: [f], connections: outlive}
+",
+        ),
+        &[
+            "p.yaml:9:105: unknown connections `forever` — use end-with-credential (the default: a connection ends with its credential) or outlive",
+            "p.yaml:10:63: `connections` has no effect on a rule that requires no credential — remove connections, or set credential: {required: true, maxTtl: ...}",
+        ],
+    );
+}

@@ -1,0 +1,438 @@
+//! A connection lives only while its holder holds a valid credential (issue 11): an open TCP
+//! connection or connected UDP socket that keeps writing is ended when its credential is
+//! revoked (within 100 ms) or expires (within 1 s), survives a renewal, a restart of the
+//! agent keeps the record of it, and `connections: outlive` keeps today's behaviour.
+//!
+//! Real kernel, real agent, real sockets: the holder is tests/workload.py in a test cgroup, the
+//! servers are loopback listeners of this test that read until the connection ends.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test panics with context"
+)]
+
+mod support;
+
+use std::io::Read as _;
+use std::net::{TcpListener, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::{thread, time::Duration};
+
+use serde_json::{Value, json};
+use support::{Agent, TestCgroup, Workload, privileged};
+
+/// A TCP server that reads each connection until it ends, remembering how it ended, and a
+/// UDP server that reads datagrams.
+struct HoldingServers {
+    tcp_port: u16,
+    udp_port: u16,
+    /// How each accepted connection ended: "eof", an errno name, in accept order.
+    endings: Arc<Mutex<Vec<String>>>,
+}
+
+impl HoldingServers {
+    fn start() -> Self {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let endings = Arc::new(Mutex::new(Vec::new()));
+        let seen = endings.clone();
+        let tcp_port = tcp.local_addr().unwrap().port();
+        let udp_port = udp.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for mut c in tcp.incoming().flatten() {
+                let seen = seen.clone();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let ending = loop {
+                        match c.read(&mut buf) {
+                            Ok(0) => break "eof".to_owned(),
+                            Ok(_) => {}
+                            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                                break "ECONNRESET".to_owned();
+                            }
+                            Err(e) => break e.to_string(),
+                        }
+                    };
+                    seen.lock().unwrap().push(ending);
+                });
+            }
+        });
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while udp.recv_from(&mut buf).is_ok() {}
+        });
+        HoldingServers {
+            tcp_port,
+            udp_port,
+            endings,
+        }
+    }
+
+    fn wait_ending(&self) -> String {
+        for _ in 0..100 {
+            if let Some(e) = self.endings.lock().unwrap().first() {
+                return e.clone();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the server never saw its connection end");
+    }
+}
+
+fn policy(cgroup_rel: &str, tcp_port: u16, udp_port: u16) -> String {
+    format!(
+        r#"apiVersion: tessera.dev/v1alpha1
+kind: Policy
+metadata:
+  name: connections
+spec:
+  trustDomain: test.tessera.dev
+  workloads:
+    - name: app
+      match:
+        cgroup: {cgroup_rel}/app
+    - name: legacy
+      match:
+        cgroup: {cgroup_rel}/legacy
+  endpoints:
+    - name: vault
+      addresses: ["127.0.0.1/32"]
+      ports: [{tcp_port}]
+      protocol: tcp
+    - name: dns
+      addresses: ["127.0.0.1/32"]
+      ports: [{udp_port}]
+      protocol: udp
+  rules:
+    - name: app-to-vault
+      workloads: [app]
+      endpoints: [vault, dns]
+      credential: {{ required: true, maxTtl: 10m }}
+    - name: legacy-to-vault
+      workloads: [legacy]
+      endpoints: [vault, dns]
+      credential: {{ required: true, maxTtl: 10m }}
+      connections: outlive
+"#
+    )
+}
+
+struct Setup {
+    agent: Agent,
+    servers: HoldingServers,
+    app: std::path::PathBuf,
+    legacy: std::path::PathBuf,
+    _cg: TestCgroup,
+}
+
+fn setup(name: &str) -> Setup {
+    let cg = TestCgroup::new(name);
+    let (app, _) = cg.child("app");
+    let (legacy, _) = cg.child("legacy");
+    let servers = HoldingServers::start();
+    let agent = Agent::start(
+        &policy(&cg.rel, servers.tcp_port, servers.udp_port),
+        &cg.path,
+        &[],
+    );
+    Setup {
+        agent,
+        servers,
+        app,
+        legacy,
+        _cg: cg,
+    }
+}
+
+/// CLOCK_MONOTONIC in seconds: the clock of the workload's `failed_at`.
+fn monotonic() -> f64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
+}
+
+/// Opens a connected socket to `port` and starts writing on it; returns its id.
+fn open_writing(w: &mut Workload, proto: &str, port: u16) -> u64 {
+    let out = w.send(
+        json!({"op": "open", "proto": proto, "family": 4, "host": "127.0.0.1", "port": port}),
+    );
+    assert_eq!(out["result"], "ok", "open {proto}: {out}");
+    let id = out["id"].as_u64().expect("id");
+    let out = w.send(json!({"op": "keep_writing", "id": id}));
+    assert_eq!(out["result"], "ok", "{out}");
+    id
+}
+
+fn status(w: &mut Workload, id: u64) -> Value {
+    w.send(json!({"op": "conn_status", "id": id}))
+}
+
+/// Waits up to `within` for the socket's writes to fail; returns the status.
+fn wait_failed(w: &mut Workload, id: u64, within: Duration) -> Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let s = status(w, id);
+        if !s["error"].is_null() {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection still writes after {within:?}: {s}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn assert_alive(w: &mut Workload, id: u64, what: &str) {
+    let s = status(w, id);
+    assert!(s["error"].is_null(), "{what}: the connection ended: {s}");
+    assert!(
+        s["writes"].as_u64().unwrap() > 0,
+        "{what}: no write went out: {s}"
+    );
+}
+
+fn revoke(agent: &Agent, jti: &str) {
+    let admin = agent.admin.to_str().expect("utf-8");
+    let (code, out, err) = agent.cli(&["revoke", "--jti", jti, "--admin-socket", admin]);
+    assert_eq!(code, 0, "tessera revoke: {out} {err}");
+}
+
+fn connect_allow(agent: &Agent, pid: u32, port: u16) -> Value {
+    agent.wait_decision("the connect's allow", |d| {
+        d["process"]["tgid"] == pid
+            && d["reason"] == "credential_valid"
+            && d["destination"]["port"] == port
+    })
+}
+
+fn ended(agent: &Agent, pid: u32, reason: &str, protocol: &str) -> Value {
+    agent.wait_decision("the connection's end", |d| {
+        d["process"]["tgid"] == pid
+            && d["hook"] == "connection"
+            && d["reason"] == reason
+            && d["protocol"] == protocol
+    })
+}
+
+#[test]
+fn revocation_ends_open_tcp_and_connected_udp_within_100ms() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("conn-revoke");
+    let status_json = s.agent.status_json();
+    let mechanism = &status_json["kernel"]["connection_end"];
+    if mechanism == "unavailable" {
+        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        return;
+    }
+    assert_eq!(mechanism, "sock_diag_destroy", "{status_json}");
+    for p in status_json["programs"].as_array().expect("programs") {
+        eprintln!("verified_insns {}: {}", p["name"], p["verified_insns"]);
+    }
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    let tcp_jti = w.must_token("vault", Some(60));
+    let udp_jti = w.must_token("dns", Some(60));
+    let tcp = open_writing(&mut w, "tcp", s.servers.tcp_port);
+    let udp = open_writing(&mut w, "udp", s.servers.udp_port);
+    thread::sleep(Duration::from_millis(200));
+    assert_alive(&mut w, tcp, "before revocation");
+    assert_alive(&mut w, udp, "before revocation");
+
+    // The TCP connection's credential: only the TCP connection ends.
+    let before = monotonic();
+    revoke(&s.agent, &tcp_jti);
+    let failed = wait_failed(&mut w, tcp, Duration::from_secs(2));
+    let latency = failed["failed_at"].as_f64().unwrap() - before;
+    assert_eq!(failed["error"], "ECONNABORTED", "{failed}");
+    assert!(
+        latency < 0.1,
+        "the write failed {latency:.3} s after the revocation"
+    );
+    assert_eq!(
+        s.servers.wait_ending(),
+        "ECONNRESET",
+        "the server saw no reset"
+    );
+    assert_alive(&mut w, udp, "another credential's socket");
+
+    let allow = connect_allow(&s.agent, w.pid, s.servers.tcp_port);
+    let end = ended(&s.agent, w.pid, "credential_revoked", "tcp");
+    assert_eq!(end["verdict"], "deny");
+    assert_eq!(end["enforced"], true);
+    assert_eq!(end["destination"]["endpoint"], "vault");
+    assert_eq!(end["destination"]["port"], s.servers.tcp_port);
+    assert_eq!(end["credential"]["jti"], tcp_jti.as_str());
+    assert_eq!(end["policy"]["rule"], "app-to-vault");
+    assert_eq!(end["workload"]["name"], "app");
+    assert_eq!(
+        end["connection"]["decision_id"], allow["decision_id"],
+        "the end names the connect's decision"
+    );
+
+    // The connected UDP socket: refused from then on.
+    let before = monotonic();
+    revoke(&s.agent, &udp_jti);
+    let failed = wait_failed(&mut w, udp, Duration::from_secs(2));
+    let latency = failed["failed_at"].as_f64().unwrap() - before;
+    // Disconnected by the kernel: a send has no destination any more.
+    assert_eq!(failed["error"], "EDESTADDRREQ", "{failed}");
+    assert!(
+        latency < 0.1,
+        "the send failed {latency:.3} s after the revocation"
+    );
+    ended(&s.agent, w.pid, "credential_revoked", "udp");
+    // A new connect is refused too.
+    assert_eq!(w.connect4(s.servers.tcp_port), "EPERM");
+}
+
+/// The credential's `expires_at` on CLOCK_MONOTONIC (the token's `exp` is whole seconds,
+/// and so is its grant's expiry).
+fn expiry_monotonic(body: &Value) -> f64 {
+    let at = humantime::parse_rfc3339(body["expires_at"].as_str().expect("expires_at"))
+        .expect("RFC 3339");
+    let wall = std::time::SystemTime::now();
+    let ahead = match at.duration_since(wall) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    };
+    monotonic() + ahead
+}
+
+#[test]
+fn expiry_ends_the_connection_within_a_second_and_renewal_keeps_it() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("conn-expiry");
+    if s.agent.status_json()["kernel"]["connection_end"] == "unavailable" {
+        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        return;
+    }
+    // Expiry: a 2 s credential.
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    let (status, body) = w.token("vault", Some(2));
+    assert_eq!(status, 200, "{body}");
+    let expires = expiry_monotonic(&body);
+    let tcp = open_writing(&mut w, "tcp", s.servers.tcp_port);
+
+    // Renewal: a holder that asks again before expiry keeps its connection.
+    let mut r = Workload::spawn(&s.app, &s.agent.api);
+    let (status, body) = r.token("vault", Some(3));
+    assert_eq!(status, 200, "{body}");
+    let first_expiry = expiry_monotonic(&body);
+    let renewed = open_writing(&mut r, "tcp", s.servers.tcp_port);
+    let (status, body) = r.token("vault", Some(5));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        monotonic() < first_expiry - 0.5,
+        "the renewal came too late for this test"
+    );
+
+    let failed = wait_failed(&mut w, tcp, Duration::from_secs(4));
+    let after_expiry = failed["failed_at"].as_f64().unwrap() - expires;
+    assert_eq!(failed["error"], "ECONNABORTED", "{failed}");
+    assert!(
+        (0.0..1.0).contains(&after_expiry),
+        "the write failed {after_expiry:.3} s after the expiry"
+    );
+    ended(&s.agent, w.pid, "credential_expired", "tcp");
+
+    let past_first = first_expiry + 0.5 - monotonic();
+    if past_first > 0.0 {
+        thread::sleep(Duration::from_secs_f64(past_first));
+    }
+    assert_alive(
+        &mut r,
+        renewed,
+        "renewed before expiry, past the first expiry",
+    );
+    // The renewal's own expiry ends it.
+    let failed = wait_failed(&mut r, renewed, Duration::from_secs(6));
+    assert_eq!(failed["error"], "ECONNABORTED", "{failed}");
+    let after_expiry = failed["failed_at"].as_f64().unwrap() - expiry_monotonic(&body);
+    assert!(
+        (0.0..1.0).contains(&after_expiry),
+        "the renewed connection ended {after_expiry:.3} s after its expiry"
+    );
+    ended(&s.agent, r.pid, "credential_expired", "tcp");
+}
+
+#[test]
+fn outlive_keeps_connections_and_a_restart_keeps_the_record() {
+    if !privileged() {
+        return;
+    }
+    let mut s = setup("conn-outlive");
+    if s.agent.status_json()["kernel"]["connection_end"] == "unavailable" {
+        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        return;
+    }
+    let mut legacy = Workload::spawn(&s.legacy, &s.agent.api);
+    let legacy_jti = legacy.must_token("vault", Some(60));
+    let legacy_udp_jti = legacy.must_token("dns", Some(60));
+    let kept = open_writing(&mut legacy, "tcp", s.servers.tcp_port);
+    let kept_udp = open_writing(&mut legacy, "udp", s.servers.udp_port);
+
+    let mut app = Workload::spawn(&s.app, &s.agent.api);
+    let app_jti = app.must_token("vault", Some(60));
+    let cut = open_writing(&mut app, "tcp", s.servers.tcp_port);
+
+    // The record lives in the kernel, pinned: an agent restarted meanwhile still ends it.
+    assert!(s.agent.stop(), "the agent did not stop cleanly");
+    s.agent.restart();
+
+    revoke(&s.agent, &legacy_jti);
+    revoke(&s.agent, &legacy_udp_jti);
+    revoke(&s.agent, &app_jti);
+    wait_failed(&mut app, cut, Duration::from_secs(2));
+    ended(&s.agent, app.pid, "credential_revoked", "tcp");
+    thread::sleep(Duration::from_millis(500));
+    assert_alive(&mut legacy, kept, "connections: outlive");
+    assert_alive(&mut legacy, kept_udp, "connections: outlive");
+    assert!(
+        !s.agent
+            .decisions()
+            .iter()
+            .any(|d| d["hook"] == "connection" && d["process"]["tgid"] == legacy.pid),
+        "an outlive connection was logged as ended"
+    );
+    // New connects still need a credential.
+    assert_eq!(legacy.connect4(s.servers.tcp_port), "EPERM");
+}
+
+/// The revocation-to-failed-write latency over 100 revocations (p50, p99), from the start of
+/// `tessera revoke` (a process of its own) to the holder's first failed write. A measurement,
+/// not a check of CI timing: `cargo test --test connections -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run it with --ignored"]
+fn revocation_latency_over_100_revocations() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("conn-latency");
+    if s.agent.status_json()["kernel"]["connection_end"] == "unavailable" {
+        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        return;
+    }
+    let mut w = Workload::spawn(&s.app, &s.agent.api);
+    let mut latencies = Vec::with_capacity(100);
+    for _ in 0..100 {
+        let jti = w.must_token("vault", Some(60));
+        let tcp = open_writing(&mut w, "tcp", s.servers.tcp_port);
+        thread::sleep(Duration::from_millis(20));
+        assert_alive(&mut w, tcp, "before revocation");
+        let before = monotonic();
+        revoke(&s.agent, &jti);
+        let failed = wait_failed(&mut w, tcp, Duration::from_secs(2));
+        latencies.push(failed["failed_at"].as_f64().unwrap() - before);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p50 = latencies[49] * 1e3;
+    let p99 = latencies[98] * 1e3;
+    eprintln!(
+        "revocation -> failed write over 100 revocations: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
+        latencies[99] * 1e3
+    );
+    assert!(p99 < 100.0, "p99 {p99:.1} ms");
+}
