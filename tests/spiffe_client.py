@@ -7,6 +7,7 @@ Prints one JSON object on stdout. MODE:
   full      fetch_jwt_svid, fetch_jwt_bundles, JwtSvid.parse_and_validate, validate_jwt_svid,
             JwtSource; then connects to 127.0.0.1:PORT
   refused   fetch_jwt_svid, expecting a refusal: {"error"}; then connects
+  validate  validate_jwt_svid of the token read from stdin: {"validated"} or {"error"}
   no-header FetchJWTSVID through the generated stub without `workload.spiffe.io`: {"code",
             "details"}; then connects
 """
@@ -77,6 +78,13 @@ def main():
             with WorkloadApiClient() as client:
                 client.fetch_jwt_svid(audience={audience})
             out["error"] = None
+        except Exception as e:
+            out["error"] = str(e)
+    elif mode == "validate":
+        token = sys.stdin.read().strip()
+        try:
+            with WorkloadApiClient() as client:
+                out["validated"] = str(client.validate_jwt_svid(token, audience).spiffe_id)
         except Exception as e:
             out["error"] = str(e)
     elif mode == "no-header":

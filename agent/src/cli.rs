@@ -5,6 +5,7 @@ pub mod check;
 pub mod exec;
 pub mod logs;
 pub mod revoke;
+pub mod rotate_key;
 pub mod run;
 pub mod selftest;
 pub mod status;
@@ -43,6 +44,8 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// Revoke credentials now.
     Revoke(revoke::RevokeArgs),
+    /// Sign with a new key from now on; the old one verifies until its tokens expire.
+    RotateKey(rotate_key::RotateKeyArgs),
     /// Read or follow the decision log.
     Logs(logs::LogsArgs),
     /// Show what the running agent enforces, and its counters.

@@ -36,6 +36,8 @@ struct RawConfig {
     admin_socket: Option<S<String>>,
     state_dir: Option<S<String>>,
     signing_algorithm: Option<S<String>>,
+    key_rotation: Option<S<String>>,
+    trust_bundle_dir: Option<S<String>>,
     dns_server: Option<S<String>>,
     log_format: Option<S<String>>,
     fail_open: Option<S<bool>>,
@@ -80,6 +82,10 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// `ES256` (the default) or `EdDSA`.
     pub signing_algorithm: Option<crate::credential::SigningAlgorithm>,
+    /// Rotate the signing key once it is this old.
+    pub key_rotation: Option<Duration>,
+    /// `--trust-bundle-dir`.
+    pub trust_bundle_dir: Option<PathBuf>,
     pub dns_server: Option<SocketAddr>,
     /// `plain` or `json`.
     pub log_format: Option<String>,

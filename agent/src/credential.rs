@@ -3,12 +3,14 @@
 
 mod admin;
 mod api;
+mod bundle_dir;
 mod client;
 mod errors;
 mod grpc;
 mod h2_authority;
 mod http;
 mod jwt;
+mod keyring;
 mod keys;
 mod limit;
 mod registry;
@@ -20,9 +22,10 @@ mod tests;
 
 pub use admin::{StatusFn, serve_admin_api};
 pub use api::{TokenRequest, TokenResponse, bind_socket, serve_workload_api};
-pub use client::{admin_revoke, admin_status, end_credential, request_token};
+pub use client::{admin_revoke, admin_rotate_key, admin_status, end_credential, request_token};
 pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
 pub use jwt::Claims;
+pub use keyring::{RETIRED_FILE, Rotation};
 pub use keys::{ES256_KEY_FILE, KEY_FILE, SigningAlgorithm};
 pub use limit::{RateLimit, RateLimitSetting};
 pub use registry::{CredentialInfo, RevokeTarget};

@@ -48,6 +48,10 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// How tokens are signed (each algorithm has its own key in the state directory).
     pub signing_algorithm: crate::credential::SigningAlgorithm,
+    /// Rotate the signing key once it is this old; `None`: only on command.
+    pub key_rotation: Option<std::time::Duration>,
+    /// Each agent's JWKS is written here; the union is served (`--trust-bundle-dir`).
+    pub trust_bundle_dir: Option<PathBuf>,
     /// Detach on shutdown (`--fail-open`); by default the pinned programs keep enforcing.
     pub fail_open: bool,
     /// Rotation and aggregation of the decision log.
@@ -171,7 +175,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             Arc::new(KernelGrants(grants.clone())),
         )?
         .with_attestor(attestor.clone())
-        .with_rate_limit(config.rate_limit),
+        .with_rate_limit(config.rate_limit)
+        .with_trust_bundle_dir(config.trust_bundle_dir.as_deref(), &config.state_dir)?,
     );
     service.set_observer(metrics.clone());
     let sink = DecisionSink::open_with(
@@ -263,6 +268,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     .await;
     // Endpoint hosts: one task per name, resolving and protecting until stop.
     let mut hosts = resolve::spawn(config.dns_server, &resolved, stop_rx.clone()).await?;
+    // The signing key's schedule; retired keys unpublished once their tokens have expired.
+    tokio::spawn(key_schedule(
+        service.clone(),
+        config.key_rotation,
+        stopped(stop_rx.clone()),
+    ));
     let api_task = tokio::spawn(credential::serve_workload_api(
         api,
         service.clone(),
@@ -673,6 +684,34 @@ fn resolve_cgroup(arg: Option<&Path>, root: &Path) -> Result<PathBuf, DaemonErro
 fn relative_cgroup(cgroup: &Path, root: &Path) -> String {
     let relative = cgroup.strip_prefix(root).unwrap_or(cgroup);
     format!("/{}", relative.display()).replace("//", "/")
+}
+
+/// Rotates the signing key once it is `every` old, and prunes retired keys, until `stop`.
+async fn key_schedule(
+    service: Arc<CredentialService>,
+    every: Option<std::time::Duration>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use std::time::Duration;
+    tokio::pin!(stop);
+    // Short enough that another agent's new key (--trust-bundle-dir) is served soon.
+    let tick = every.map_or(Duration::from_secs(5), |e| {
+        e.clamp(Duration::from_secs(1), Duration::from_secs(5))
+    });
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+        // Also reads the other agents' keys from --trust-bundle-dir.
+        service.prune_keys();
+        if let Some(every) = every
+            && service.key_age() >= every
+            && let Err(e) = service.rotate_key()
+        {
+            warn!(error = %e, "scheduled key rotation failed; the current key keeps signing");
+        }
+    }
 }
 
 /// The issuer's trust domain: the policy's, when every document shares one.

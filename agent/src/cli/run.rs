@@ -78,6 +78,14 @@ pub struct RunArgs {
     /// [default: ES256]
     #[arg(long, env = "TESSERA_SIGNING_ALGORITHM")]
     pub signing_algorithm: Option<crate::credential::SigningAlgorithm>,
+    /// Rotate the signing key once it is this old (e.g. 24h); `tessera rotate-key` rotates
+    /// at once. [default: never]
+    #[arg(long, env = "TESSERA_KEY_ROTATION", value_parser = humantime::parse_duration)]
+    pub key_rotation: Option<Duration>,
+    /// A directory shared by the trust domain's agents: each writes its public keys there
+    /// (atomically, its own file) and serves the union of all. [default: none]
+    #[arg(long, env = "TESSERA_TRUST_BUNDLE_DIR")]
+    pub trust_bundle_dir: Option<PathBuf>,
     /// DNS server (IP:PORT) that resolves endpoint `hosts:`. [default: the system's resolver
     /// configuration, /etc/resolv.conf]
     #[arg(long, env = "TESSERA_DNS_SERVER")]
@@ -266,6 +274,14 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
             .signing_algorithm
             .or(file.signing_algorithm)
             .unwrap_or_default(),
+        key_rotation: args
+            .key_rotation
+            .or(file.key_rotation)
+            .filter(|d| !d.is_zero()),
+        trust_bundle_dir: args
+            .trust_bundle_dir
+            .clone()
+            .or_else(|| file.trust_bundle_dir.clone()),
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
         rate_limit: rate_limit(args, file),
@@ -304,6 +320,8 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "adminSocket": c.admin_socket.display().to_string(),
         "stateDir": c.state_dir.display().to_string(),
         "signingAlgorithm": c.signing_algorithm.as_str(),
+        "trustBundleDir": c.trust_bundle_dir.as_ref().map(|p| p.display().to_string()),
+        "keyRotation": c.key_rotation.map(|d| humantime::format_duration(d).to_string()),
         "dnsServer": c.dns_server.map(|a| a.to_string()),
         "failOpen": c.fail_open,
         "logFormat": match log_format { LogFormatArg::Plain => "plain", LogFormatArg::Json => "json" },

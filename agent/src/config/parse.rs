@@ -10,7 +10,7 @@ use super::{ConfigError, FileConfig, RawConfig, S};
 use crate::daemon::cgroupns::CgroupNamespace;
 
 const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
-                      signingAlgorithm, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
+                      signingAlgorithm, keyRotation, trustBundleDir, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
     let mut out = FileConfig {
@@ -100,6 +100,19 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
                 a.referenced,
                 e,
                 "ES256 is what SPIFFE clients accept; EdDSA only for servers that ask for it",
+            )),
+        }
+    }
+    if let Some(d) = raw.trust_bundle_dir {
+        out.trust_bundle_dir = path(&d, "trustBundleDir", errors);
+    }
+    if let Some(k) = raw.key_rotation {
+        match humantime::parse_duration(&k.value) {
+            Ok(d) => out.key_rotation = Some(d),
+            Err(e) => errors.push(err(
+                k.referenced,
+                format!("keyRotation `{}` is not a duration: {e}", k.value),
+                "write a duration like 24h or 7d, or remove the key to rotate only on command",
             )),
         }
     }

@@ -1,4 +1,5 @@
-//! The admin API (socket mode 0600): `POST /v1/admin/revoke`, `GET /v1/admin/status`.
+//! The admin API (socket mode 0600): `POST /v1/admin/revoke`, `POST /v1/admin/rotate-key`,
+//! `GET /v1/admin/status`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -95,6 +96,14 @@ async fn route(svc: &CredentialService, status: &StatusFn, req: Request<Incoming
             }
         }
         ("/v1/admin/revoke", _) => http::method_not_allowed("POST"),
+        ("/v1/admin/rotate-key", &Method::POST) => match svc.rotate_key() {
+            Ok(rotation) => http::json(StatusCode::OK, &rotation),
+            Err(e) => {
+                warn!(error = %e, source = ?std::error::Error::source(&e), "key rotation failed");
+                http::refusal(&Refusal::Internal(format!("key rotation failed: {e}")))
+            }
+        },
+        ("/v1/admin/rotate-key", _) => http::method_not_allowed("POST"),
         ("/v1/admin/status", &Method::GET) => http::json(StatusCode::OK, &status()),
         ("/v1/admin/status", _) => http::method_not_allowed("GET"),
         (p, _) => http::not_found(p),

@@ -50,6 +50,17 @@ pub async fn admin_revoke(
     Ok(r.revoked)
 }
 
+/// A new signing key now (`POST /v1/admin/rotate-key`): `{"kid", "retired", "retired_until"}`.
+pub async fn admin_rotate_key(socket: &Path) -> Result<serde_json::Value, ClientError> {
+    call(
+        socket,
+        Method::POST,
+        "/v1/admin/rotate-key",
+        Some(b"{}".to_vec()),
+    )
+    .await
+}
+
 /// The agent's status document (`GET /v1/admin/status`).
 pub async fn admin_status(socket: &Path) -> Result<serde_json::Value, ClientError> {
     call(socket, Method::GET, "/v1/admin/status", None).await

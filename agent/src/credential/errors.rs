@@ -41,6 +41,12 @@ pub enum CredentialError {
     },
     #[error("cannot generate a signing key: {message}")]
     KeyGenerate { message: String },
+    #[error("cannot create the trust bundle directory {path}")]
+    BundleDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot bind the socket {path}")]
     Bind {
         path: PathBuf,

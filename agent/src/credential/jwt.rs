@@ -2,11 +2,11 @@
 //! thumbprint). Every token is a JWT-SVID: `sub` the SPIFFE ID, one `aud`, `exp`.
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Header, Validation};
+use jsonwebtoken::{DecodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::TokenError;
-use super::keys::SigningKeys;
+use super::keys::{SigningAlgorithm, SigningKeys};
 use crate::identity::spiffe::SpiffeId;
 
 /// Seconds of clock skew tolerated when checking `exp` and `nbf`.
@@ -35,49 +35,83 @@ impl SigningKeys {
         jsonwebtoken::encode(&header, claims, &self.encoding).map_err(TokenError::Sign)
     }
 
-    /// Verifies signature, key id, issuer, audience, `exp` and `nbf`.
+    /// Verifies signature, key id, issuer, audience, `exp` and `nbf` (the service verifies
+    /// through its key ring, which knows retired keys too).
+    #[cfg(test)]
     pub(crate) fn verify(
         &self,
         token: &str,
         issuer: &str,
         audience: &str,
     ) -> Result<Claims, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(TokenError::Malformed)?;
-        if header.alg != self.algorithm.jose() || header.kid.as_deref() != Some(self.kid.as_str()) {
-            return Err(TokenError::UnknownKey { kid: header.kid });
-        }
-        let mut validation = Validation::new(self.algorithm.jose());
-        validation.leeway = LEEWAY_SECONDS;
-        validation.validate_nbf = true;
-        validation.set_audience(&[audience]);
-        validation.set_issuer(&[issuer]);
-        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "sub", "aud"]);
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
-            .map(|data| data.claims)
-            .map_err(classify)
+        self.verifier(token)?.claims(token, issuer, audience)
     }
-}
 
-impl SigningKeys {
     /// Verifies a JWT-SVID signed by this key for `audience`: signature, `aud`, `exp`, `nbf`,
     /// and `sub` a SPIFFE ID. The issuer is not checked (JWT-SVID does not require one).
+    #[cfg(test)]
     pub(crate) fn verify_svid(
         &self,
         token: &str,
         audience: &str,
     ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
+        self.verifier(token)?.svid(token, audience)
+    }
+
+    #[cfg(test)]
+    fn verifier(&self, token: &str) -> Result<Verifier<'_>, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(TokenError::Malformed)?;
         if header.alg != self.algorithm.jose() || header.kid.as_deref() != Some(self.kid.as_str()) {
             return Err(TokenError::UnknownKey { kid: header.kid });
         }
+        Ok(Verifier {
+            algorithm: self.algorithm,
+            decoding: &self.decoding,
+        })
+    }
+}
+
+/// A public key that a token's header named (its `kid` and `alg` already checked).
+pub(crate) struct Verifier<'a> {
+    pub(crate) algorithm: SigningAlgorithm,
+    pub(crate) decoding: &'a DecodingKey,
+}
+
+impl Verifier<'_> {
+    fn validation(&self, audience: &str) -> Validation {
         let mut validation = Validation::new(self.algorithm.jose());
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
         validation.set_audience(&[audience]);
+        validation
+    }
+
+    /// A Tessera credential: issuer too, and every claim Tessera writes.
+    pub(crate) fn claims(
+        &self,
+        token: &str,
+        issuer: &str,
+        audience: &str,
+    ) -> Result<Claims, TokenError> {
+        let mut validation = self.validation(audience);
+        validation.set_issuer(&[issuer]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "sub", "aud"]);
+        jsonwebtoken::decode::<Claims>(token, self.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(classify)
+    }
+
+    /// A JWT-SVID: `sub` a SPIFFE ID, `aud`, `exp`; its claims as they are.
+    pub(crate) fn svid(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
+        let mut validation = self.validation(audience);
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token,
-            &self.decoding,
+            self.decoding,
             &validation,
         )
         .map(|data| data.claims)
@@ -108,7 +142,6 @@ fn classify(e: jsonwebtoken::errors::Error) -> TokenError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credential::keys::SigningAlgorithm;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use jsonwebtoken::Algorithm;

@@ -93,6 +93,8 @@ pub struct SigningKeys {
     /// RFC 7638 thumbprint of the public JWK.
     pub(crate) kid: String,
     public: PublicJwk,
+    /// When the key was made (its file's mtime).
+    pub(crate) created: std::time::SystemTime,
 }
 
 impl SigningKeys {
@@ -110,11 +112,31 @@ impl SigningKeys {
                 source,
             })?;
         let path = state_dir.join(algorithm.key_file());
-        let der = match fs::symlink_metadata(&path) {
-            Ok(meta) => read_key(&path, &meta)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => generate_key(&path, algorithm)?,
+        let (der, created) = match fs::symlink_metadata(&path) {
+            Ok(meta) => (
+                read_key(&path, &meta)?,
+                meta.modified()
+                    .unwrap_or_else(|_| std::time::SystemTime::now()),
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (
+                generate_key(&path, algorithm)?,
+                std::time::SystemTime::now(),
+            ),
             Err(source) => return Err(CredentialError::KeyRead { path, source }),
         };
+        let mut keys = SigningKeys::from_pkcs8(algorithm, &der, &path)?;
+        keys.created = created;
+        Ok(keys)
+    }
+
+    /// A new key of `algorithm` in place of the current one (the old file is replaced
+    /// atomically).
+    pub(crate) fn regenerate(
+        state_dir: &Path,
+        algorithm: SigningAlgorithm,
+    ) -> Result<SigningKeys, CredentialError> {
+        let path = state_dir.join(algorithm.key_file());
+        let der = generate_key(&path, algorithm)?;
         SigningKeys::from_pkcs8(algorithm, &der, &path)
     }
 
@@ -164,6 +186,7 @@ impl SigningKeys {
             decoding,
             kid: thumbprint(&public),
             public,
+            created: std::time::SystemTime::now(),
         })
     }
 
@@ -183,7 +206,8 @@ impl SigningKeys {
         jwk
     }
 
-    /// The JWKS document (`GET /v1/jwks`).
+    /// A JWKS of this key alone (the service publishes its key ring's).
+    #[cfg(test)]
     pub fn jwks(&self) -> serde_json::Value {
         serde_json::json!({ "keys": [self.jwk()] })
     }

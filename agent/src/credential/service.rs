@@ -10,9 +10,11 @@ use tracing::{info, warn};
 
 use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
+use super::bundle_dir::BundleDir;
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
-use super::keys::{SigningAlgorithm, SigningKeys};
+use super::keyring::{KeyRing, Rotation};
+use super::keys::SigningAlgorithm;
 use super::limit::{LimitKey, Limiter, RateLimit};
 use super::registry::{CredentialInfo, Registry, RevokeTarget};
 use crate::identity::attestor::{Attested, Attestor};
@@ -24,7 +26,7 @@ use crate::policy::{Bind, EndpointId, PolicySet, WorkloadId};
 
 /// Issues credentials to attested callers and keeps the kernel grants in step.
 pub struct CredentialService {
-    keys: SigningKeys,
+    keys: RwLock<KeyRing>,
     issuer: String,
     grants: Arc<dyn GrantStore>,
     registry: Registry,
@@ -33,6 +35,8 @@ pub struct CredentialService {
     limiter: Limiter,
     /// The public keys served (JWKS, `FetchJWTBundles`): a new value on every change.
     bundle: tokio::sync::watch::Sender<serde_json::Value>,
+    /// Where this agent publishes its keys and finds the trust domain's others.
+    bundle_dir: Option<BundleDir>,
     /// Notified after every revocation: the connections counting on it are then ended.
     revocations: Arc<tokio::sync::Notify>,
 }
@@ -81,11 +85,12 @@ impl CredentialService {
         policy: Arc<PolicySet>,
         grants: Arc<dyn GrantStore>,
     ) -> Result<Self, CredentialError> {
-        let keys = SigningKeys::load_or_generate(state_dir, algorithm)?;
+        let keys = KeyRing::load(state_dir, algorithm)?;
         let (bundle, _) = tokio::sync::watch::channel(keys.jwks());
         Ok(CredentialService {
             bundle,
-            keys,
+            keys: RwLock::new(keys),
+            bundle_dir: None,
             issuer,
             attestor: Arc::new(Attestor::new(
                 EvidenceReader::default(),
@@ -98,6 +103,36 @@ impl CredentialService {
             limiter: Limiter::new(Some(RateLimit::DEFAULT)),
             revocations: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Publishes this agent's keys in `dir` and serves the union of every agent's there
+    /// (`--trust-bundle-dir`).
+    pub fn with_trust_bundle_dir(
+        mut self,
+        dir: Option<&Path>,
+        state_dir: &Path,
+    ) -> Result<Self, CredentialError> {
+        if let Some(dir) = dir {
+            self.bundle_dir = Some(BundleDir::open(dir, state_dir)?);
+            self.refresh_bundle(true);
+        }
+        Ok(self)
+    }
+
+    /// Writes this agent's keys to the bundle directory (when `own_changed`), reads the
+    /// others', and tells bundle watchers when the union changed.
+    pub fn refresh_bundle(&self, own_changed: bool) {
+        let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut changed = own_changed;
+        if let Some(dir) = &self.bundle_dir {
+            if own_changed && let Err(e) = dir.publish(&ring.own_jwks()) {
+                warn!(error = %e, "cannot write this agent's keys to the trust bundle directory");
+            }
+            changed |= ring.set_foreign(dir.others());
+        }
+        if changed {
+            self.bundle.send_replace(ring.jwks());
+        }
     }
 
     /// Limits each workload's credential requests to `limit` (`None`: no limit).
@@ -152,8 +187,43 @@ impl CredentialService {
     }
 
     /// The signing key's id (the `kid` of tokens, RFC 7638 thumbprint).
-    pub fn key_id(&self) -> &str {
-        self.keys.kid()
+    pub fn key_id(&self) -> String {
+        self.ring().current().kid().to_owned()
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new signing key now (`tessera rotate-key`, the schedule); the old public key stays
+    /// published until every token it signed has expired. Bundle watchers are told.
+    pub fn rotate_key(&self) -> Result<Rotation, CredentialError> {
+        let longest = self
+            .attestor
+            .policy()
+            .rules
+            .iter()
+            .filter_map(|r| r.credential.map(|c| c.max_ttl))
+            .max()
+            .unwrap_or_default();
+        let rotation = {
+            let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            ring.rotate(longest)?
+        };
+        self.refresh_bundle(true);
+        info!(kid = %rotation.kid, retired = %rotation.retired, retired_until = rotation.retired_until, "signing key rotated");
+        Ok(rotation)
+    }
+
+    /// Stops publishing retired keys whose tokens have all expired.
+    pub fn prune_keys(&self) {
+        let pruned = self.keys.write().unwrap_or_else(|e| e.into_inner()).prune();
+        self.refresh_bundle(pruned);
+    }
+
+    /// How long ago the current key was made (its file's age; zero when unknown).
+    pub fn key_age(&self) -> Duration {
+        self.ring().current().created.elapsed().unwrap_or_default()
     }
 
     pub fn issuer(&self) -> &str {
@@ -167,7 +237,7 @@ impl CredentialService {
         token: &str,
         audience: &str,
     ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), TokenError> {
-        self.keys.verify_svid(token, audience)
+        self.ring().verify_svid(token, audience)
     }
 
     /// The JWKS now, and each one after it (`FetchJWTBundles` streams them).
@@ -190,7 +260,7 @@ impl CredentialService {
 
     /// Verifies a token this agent issued, for `audience`.
     pub fn verify(&self, token: &str, audience: &str) -> Result<Claims, TokenError> {
-        self.keys.verify(token, &self.issuer, audience)
+        self.ring().verify(token, &self.issuer, audience)
     }
 
     /// Marks the kernel grants of the targeted credentials revoked; returns their jtis.
@@ -358,7 +428,15 @@ impl CredentialService {
             jti: jti.clone(),
             task: task.unwrap_or_else(|| jti.clone()),
         };
-        let token = self.keys.sign(&claims).map_err(|e| {
+        let signed = {
+            let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let signed = ring.current().sign(&claims);
+            if signed.is_ok() {
+                ring.signed(exp);
+            }
+            signed
+        };
+        let token = signed.map_err(|e| {
             warn!(error = %e, "cannot sign a token");
             Refusal::Internal("the agent could not sign the token".to_owned())
         })?;

@@ -1,0 +1,160 @@
+//! `--trust-bundle-dir`: two agents on one machine (two cgroups, two state directories, one
+//! bundle directory); a token one issued validates through the other, and after a rotation
+//! on the first, its old and new tokens both do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test panics with context"
+)]
+
+mod support;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Agent, Servers, TestCgroup, Workload, privileged, real_python, standard_policy};
+
+fn kid(token: &str) -> String {
+    jsonwebtoken::decode_header(token)
+        .expect("header")
+        .kid
+        .expect("kid")
+}
+
+/// ValidateJWTSVID through `agent`, by py-spiffe (None: py-spiffe is not installed).
+fn validate_through(agent: &Agent, cgroup: &Path, token: &str) -> Option<Value> {
+    let ok = Command::new(real_python())
+        .args(["-c", "import spiffe"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "ValidateJWTSVID not checked: py-spiffe is not installed (python3 -m pip install spiffe)"
+        );
+        return None;
+    }
+    let mut child = Command::new(real_python())
+        .env_clear()
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", agent.api.display()),
+        )
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/spiffe_client.py"))
+        .arg(cgroup)
+        .args(["validate", "vault", "test.tessera.dev", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run py-spiffe");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(token.as_bytes())
+        .expect("write token");
+    let out = child.wait_with_output().expect("py-spiffe");
+    Some(serde_json::from_slice(&out.stdout).expect("client JSON"))
+}
+
+/// Waits until `agent`'s JWKS lists `kid`.
+fn wait_published(agent: &Agent, w: &mut Workload, kid: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, jwks) = w.raw("GET", "/v1/jwks", None);
+        if jwks["keys"]
+            .as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k["kid"] == kid))
+        {
+            return jwks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kid {kid} never published by the other agent: {jwks}\n{}",
+            agent.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_token_of_one_agent_validates_through_the_other() {
+    if !privileged() {
+        return;
+    }
+    let servers = Servers::start();
+    let bundles = tempfile::tempdir().expect("bundle dir");
+    let dir = bundles.path().to_str().expect("utf-8").to_owned();
+    let (cg_a, cg_b) = (TestCgroup::new("bundle-a"), TestCgroup::new("bundle-b"));
+    let mut agents = Vec::new();
+    let mut apps = Vec::new();
+    for cg in [&cg_a, &cg_b] {
+        let (app, _) = cg.child("app");
+        let _ = cg.child("other");
+        agents.push(Agent::start(
+            &standard_policy(&cg.rel, servers.tcp_port, servers.tcp_port, "enforce"),
+            &cg.path,
+            &["--trust-bundle-dir", &dir],
+        ));
+        apps.push(app);
+    }
+    let (a, b) = (&agents[0], &agents[1]);
+    let files = std::fs::read_dir(bundles.path())
+        .expect("bundle dir")
+        .count();
+    assert_eq!(files, 2, "one JWKS file per agent");
+
+    let mut on_a = Workload::spawn(&apps[0], &a.api);
+    let mut on_b = Workload::spawn(&apps[1], &b.api);
+    let (status, body) = on_a.token("vault", Some(120));
+    assert_eq!(status, 200, "{body}");
+    let old = body["token"].as_str().expect("token").to_owned();
+    wait_published(b, &mut on_b, &kid(&old));
+    if let Some(v) = validate_through(b, &apps[1], &old) {
+        assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
+    }
+
+    // A rotates: B serves both of A's keys, so old and new tokens both validate through B.
+    let admin = a.admin.to_str().expect("utf-8").to_owned();
+    let (code, out, err) = a.cli(&["rotate-key", "--admin-socket", &admin]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (status, body) = on_a.token("vault", Some(120));
+    assert_eq!(status, 200, "{body}");
+    let new = body["token"].as_str().expect("token").to_owned();
+    assert_ne!(kid(&new), kid(&old));
+    let jwks = wait_published(b, &mut on_b, &kid(&new));
+    assert!(
+        jwks["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .any(|k| k["kid"] == kid(&old).as_str()),
+        "the retired key left B's bundle: {jwks}"
+    );
+    for token in [&old, &new] {
+        if let Some(v) = validate_through(b, &apps[1], token) {
+            assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
+        }
+    }
+    // B's own tokens still validate through B, and not a forged one.
+    let (status, body) = on_b.token("vault", Some(120));
+    assert_eq!(status, 200, "{body}");
+    let mine = body["token"].as_str().expect("token").to_owned();
+    if let Some(v) = validate_through(b, &apps[1], &mine) {
+        assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
+        // One character in the middle of the signature changed.
+        let mut forged: Vec<char> = mine.chars().collect();
+        let at = forged.len() - 20;
+        forged[at] = if forged[at] == 'A' { 'B' } else { 'A' };
+        let forged: String = forged.into_iter().collect();
+        let v = validate_through(b, &apps[1], &forged).expect("py-spiffe");
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("INVALID_ARGUMENT")),
+            "{v}"
+        );
+    }
+}
