@@ -223,7 +223,9 @@ fn revocation_ends_open_tcp_and_connected_udp_within_100ms() {
     let status_json = s.agent.status_json();
     let mechanism = &status_json["kernel"]["connection_end"];
     if mechanism == "unavailable" {
-        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        tessera_agent::testkit::skip(
+            "this kernel cannot end sockets (kernel.connection_end unavailable)",
+        );
         return;
     }
     assert_eq!(mechanism, "sock_diag_destroy", "{status_json}");
@@ -306,7 +308,9 @@ fn expiry_ends_the_connection_within_a_second_and_renewal_keeps_it() {
     }
     let s = setup("conn-expiry");
     if s.agent.status_json()["kernel"]["connection_end"] == "unavailable" {
-        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        tessera_agent::testkit::skip(
+            "this kernel cannot end sockets (kernel.connection_end unavailable)",
+        );
         return;
     }
     // Expiry: a 2 s credential.
@@ -365,7 +369,9 @@ fn outlive_keeps_connections_and_a_restart_keeps_the_record() {
     }
     let mut s = setup("conn-outlive");
     if s.agent.status_json()["kernel"]["connection_end"] == "unavailable" {
-        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        tessera_agent::testkit::skip(
+            "this kernel cannot end sockets (kernel.connection_end unavailable)",
+        );
         return;
     }
     let mut legacy = Workload::spawn(&s.legacy, &s.agent.api);
@@ -412,7 +418,9 @@ fn revocation_latency_over_100_revocations() {
     }
     let s = setup("conn-latency");
     if s.agent.status_json()["kernel"]["connection_end"] == "unavailable" {
-        eprintln!("skipped: this kernel cannot end sockets (kernel.connection_end unavailable)");
+        tessera_agent::testkit::skip(
+            "this kernel cannot end sockets (kernel.connection_end unavailable)",
+        );
         return;
     }
     let mut w = Workload::spawn(&s.app, &s.agent.api);

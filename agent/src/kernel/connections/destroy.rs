@@ -231,7 +231,7 @@ mod tests {
     fn available() -> bool {
         let m = probe_mechanism();
         if m == EndMechanism::Unavailable {
-            eprintln!("skipped: SOCK_DESTROY is unavailable (kernel or CAP_NET_ADMIN)");
+            crate::testkit::skip("SOCK_DESTROY is unavailable (kernel or CAP_NET_ADMIN)");
         }
         m == EndMechanism::SockDiagDestroy
     }
