@@ -24,6 +24,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use tessera_agent::kernel;
+use tessera_common::program_names;
 
 /// The agent measured: this build's, or the binary `TESSERA_BENCH_AGENT` names (to compare
 /// two builds on the same machine in the same conditions).
@@ -106,12 +107,16 @@ fn main() -> Result<()> {
             let programs1 = agent.programs()?;
             match side {
                 1 => {
-                    connect4_ns.push(per_run(&programs0, &programs1, "connect4"));
+                    connect4_ns.push(per_run(&programs0, &programs1, program_names::CONNECT4));
                     let decided = agent.wait_decisions(decided0 + BATCH as u64)?;
                     protected_cpu_ns += agent.cpu_ns()? - cpu0;
                     protected_decisions += decided - decided0;
                 }
-                2 => connect4_unprotected_ns.push(per_run(&programs0, &programs1, "connect4")),
+                2 => connect4_unprotected_ns.push(per_run(
+                    &programs0,
+                    &programs1,
+                    program_names::CONNECT4,
+                )),
                 3 => {
                     let (c0, t0) = floor0;
                     let (c1, t1) = floor.stats();
@@ -201,7 +206,7 @@ fn main() -> Result<()> {
             "events_dropped": dropped1 - dropped0,
             "decision_log_errors": log_errors,
             "agent_cpu_ns_per_decision": (cpu1 - cpu0) as f64 / sustained_decisions.max(1) as f64,
-            "sendmsg4_mean_ns": per_run(&programs0, &programs1, "sendmsg4"),
+            "sendmsg4_mean_ns": per_run(&programs0, &programs1, program_names::SENDMSG4),
             "rss_kib": { "start": rss_start_kib, "before": rss_before_kib, "after": rss_after_kib },
         },
     });
