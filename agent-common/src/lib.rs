@@ -63,9 +63,14 @@ pub mod capacity {
     pub const PROCESS_EVENTS_BYTES: u32 = 1 << 18;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
-    /// Backlog after which the kernel wakes the agent; below it, events are submitted without a
-    /// wakeup (the agent polls every 50 ms), which keeps a wakeup off the connect path.
+    /// Backlog at which the kernel wakes the agent: only the event whose record crosses it
+    /// forces a wakeup; every other is submitted without one (the agent polls every 50 ms and,
+    /// once awake, reads until the ring is empty). So a consumer that falls behind never makes
+    /// each event pay a wakeup (an IPI: microseconds on a VM), on the connect path.
     pub const EVENTS_WAKEUP_BYTES: u64 = 1 << 16;
+    /// The span of backlog, from `EVENTS_WAKEUP_BYTES`, in which one event's record lands as it
+    /// crosses: the record and its 8-byte ring-buffer header.
+    pub const EVENTS_WAKEUP_WINDOW: u64 = (core::mem::size_of::<super::DecisionEvent>() + 8) as u64;
     /// Backlog past which allows are no longer queued (counted as drops), so the rest of the
     /// ring is kept for denies: the last eighth.
     pub const EVENTS_ALLOW_LIMIT_BYTES: u64 = EVENTS_BYTES as u64 - (EVENTS_BYTES as u64 >> 3);

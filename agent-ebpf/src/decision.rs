@@ -396,11 +396,14 @@ pub fn emit(
         _pad: 0,
     });
     let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    entry.submit(if backlog >= capacity::EVENTS_WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    });
+    // One wakeup as the backlog crosses the threshold, not one per event above it.
+    entry.submit(
+        if backlog.wrapping_sub(capacity::EVENTS_WAKEUP_BYTES) < capacity::EVENTS_WAKEUP_WINDOW {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        },
+    );
 }
 
 #[inline(always)]

@@ -15,7 +15,7 @@ pub use record::{
     ConnectionRef, CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PodRecord,
     PolicyRecord, ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
-pub use sink::{DecisionSink, JOURNAL_SOCKET, Lost, SinkError, SinkOptions};
+pub use sink::{BatchError, DecisionSink, JOURNAL_SOCKET, Lost, SinkError, SinkOptions};
 
 #[cfg(test)]
 pub(crate) mod test_support;

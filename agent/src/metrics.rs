@@ -186,6 +186,11 @@ impl Metrics {
         }
     }
 
+    /// Records counted by [`decision`](Self::decision) as written whose batch then failed.
+    pub fn decision_log_errors(&self, records: u64) {
+        self.decision_log_errors.inc_by(records);
+    }
+
     /// The kernel's total of dropped events (a counter that only grows).
     pub fn set_ringbuf_dropped_total(&self, total: u64) {
         let now = self.ringbuf_dropped.get();

@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: runs the connect-path benchmark (agent/benches/connect.rs) as root, then
-//! the attestation benchmark (agent/benches/attest.rs).
+//! `cargo xtask bench`: runs the connect-path benchmark (agent/benches/connect.rs) as root, the
+//! attestation benchmark (agent/benches/attest.rs), then the daemon benchmark
+//! (agent/benches/daemon.rs: the release `tessera run` under load).
 use anyhow::Result;
 
 #[derive(clap::Args)]
@@ -7,10 +8,49 @@ pub struct BenchArgs {
     /// Where to write the results as JSON.
     #[arg(long, default_value = "target/bench/connect.json")]
     pub json: String,
+    /// Datagrams per second of the daemon benchmark's sustained part.
+    #[arg(long, default_value_t = 100_000)]
+    pub rate: u64,
+    /// Seconds of the daemon benchmark's sustained part.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Run only the daemon benchmark.
+    #[arg(long)]
+    pub daemon_only: bool,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     crate::setup::run()?;
+    if !args.daemon_only {
+        program_benches(args)?;
+    }
+    // The real daemon under load (agent/benches/daemon.rs).
+    let daemon_json = absolute("target/bench/daemon.json")?;
+    crate::setup::cargo(&[
+        "bench",
+        "--package",
+        "tessera-agent",
+        "--bench",
+        "daemon",
+        "--",
+        "--json",
+        &daemon_json,
+        "--rate",
+        &args.rate.to_string(),
+        "--seconds",
+        &args.seconds.to_string(),
+    ])
+}
+
+fn absolute(relative: &str) -> Result<String> {
+    crate::workspace_root()
+        .join(relative)
+        .to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("the workspace path is not UTF-8"))
+}
+
+fn program_benches(args: &BenchArgs) -> Result<()> {
     // cargo runs the benchmark in agent/: hand it an absolute path.
     let json = crate::workspace_root().join(&args.json);
     let json = json

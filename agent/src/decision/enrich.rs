@@ -91,8 +91,32 @@ pub struct Enricher {
     /// Attested evidence (exe hash, pod metadata); without it, records carry what /proc and the
     /// cgroup path tell.
     evidence: Option<Arc<dyn EvidenceSource>>,
-    /// cgroup id → path, learnt from processes still alive, for those that are not.
-    cgroup_paths: Mutex<HashMap<u64, String>>,
+    /// cgroup id → its path and what the path tells, learnt once per cgroup: a cgroup v2
+    /// directory cannot be renamed and its id (the inode number) is never reused, so the entry
+    /// stays true for as long as the id is seen, and no event reads /proc or stats a directory
+    /// for a cgroup already known.
+    cgroup_paths: Mutex<HashMap<u64, Arc<KnownCgroup>>>,
+}
+
+/// A cgroup whose path was checked against its id, and the facts its path tells.
+#[derive(Debug)]
+struct KnownCgroup {
+    path: String,
+    systemd_unit: Option<String>,
+    container: Option<String>,
+    pod_uid: Option<String>,
+}
+
+impl KnownCgroup {
+    fn new(path: String) -> Self {
+        let facts = cgroup::parse(&path);
+        KnownCgroup {
+            systemd_unit: facts.innermost_unit().map(|u| u.name.clone()),
+            container: facts.container.map(|c| c.id),
+            pod_uid: facts.pod.map(|p| p.uid),
+            path,
+        }
+    }
 }
 
 /// Bound on the cgroup path cache; it is cleared when full (cgroups are few on a host).
@@ -232,10 +256,12 @@ impl Enricher {
     }
 
     fn process(&self, ev: &DecisionEvent, workload_cgroup: Option<&str>) -> ProcessRecord {
-        let cgroup = self.cgroup_path(ev.tgid, ev.cgroup_id, workload_cgroup);
-        let attested = self.attested(ev.tgid, cgroup.as_deref());
-        // A readlink, not a read: the one /proc look-up records always made.
-        let live_exe = fs::read_link(format!("/proc/{}/exe", ev.tgid))
+        let known = self.cgroup(ev.tgid, ev.cgroup_id, workload_cgroup);
+        let cgroup = known.as_deref().map(|k| k.path.as_str());
+        let attested = self.attested(ev.tgid, cgroup);
+        // A readlink, not a read: the one /proc look-up records make (the executable changes
+        // on exec, which the event does not tell).
+        let live_exe = fs::read_link(ProcPath::new(ev.tgid, "exe").as_path())
             .ok()
             .map(|p| p.to_string_lossy().into_owned());
         // Evidence from before an exec the source has not caught up with names another file.
@@ -247,22 +273,22 @@ impl Enricher {
                     .as_deref()
                     .is_none_or(|live| same_file_name(live, e))
             });
-        let facts = cgroup.as_deref().map(cgroup::parse).unwrap_or_default();
-        let systemd_unit = facts.innermost_unit().map(|u| u.name.clone());
-        let container = facts.container.map(|c| c.id);
-        let pod = facts.pod.map(|p| {
-            // Metadata only for the pod the cgroup path names.
-            let meta = attested
-                .as_deref()
-                .and_then(|e| e.kubernetes.as_ref())
-                .filter(|m| m.uid == p.uid);
-            PodRecord {
-                namespace: meta.map(|m| m.namespace.clone()),
-                name: meta.map(|m| m.name.clone()),
-                service_account: meta.map(|m| m.service_account.clone()),
-                uid: p.uid,
-            }
-        });
+        let pod = known
+            .as_deref()
+            .and_then(|k| k.pod_uid.as_ref())
+            .map(|uid| {
+                // Metadata only for the pod the cgroup path names.
+                let meta = attested
+                    .as_deref()
+                    .and_then(|e| e.kubernetes.as_ref())
+                    .filter(|m| &m.uid == uid);
+                PodRecord {
+                    namespace: meta.map(|m| m.namespace.clone()),
+                    name: meta.map(|m| m.name.clone()),
+                    service_account: meta.map(|m| m.service_account.clone()),
+                    uid: uid.clone(),
+                }
+            });
         ProcessRecord {
             pid: ev.pid,
             tgid: ev.tgid,
@@ -271,10 +297,10 @@ impl Enricher {
             comm: comm_string(&ev.comm),
             exe: live_exe.or_else(|| attested_exe.map(exe_text)),
             exe_sha256: attested_exe.and_then(|e| e.hash.sha256().map(str::to_owned)),
-            systemd_unit,
-            container,
+            systemd_unit: known.as_deref().and_then(|k| k.systemd_unit.clone()),
+            container: known.as_deref().and_then(|k| k.container.clone()),
             pod,
-            cgroup,
+            cgroup: cgroup.map(str::to_owned),
         }
     }
 
@@ -288,39 +314,65 @@ impl Enricher {
             .filter(|e| e.pid == tgid && e.cgroup == cgroup)
     }
 
-    /// The cgroup (relative to the root) whose id the kernel saw. Trusted only when the
+    /// The cgroup (relative to the root) whose id the kernel saw: known already, or learnt
+    /// now from /proc/PID/cgroup (or the workload's cgroup) and trusted only when the
     /// directory's inode is that id: the process may have moved or exited, its pid reused.
-    fn cgroup_path(
+    fn cgroup(
         &self,
         tgid: u32,
         cgroup_id: u64,
         workload_cgroup: Option<&str>,
-    ) -> Option<String> {
+    ) -> Option<Arc<KnownCgroup>> {
         if cgroup_id == 0 {
             return None;
         }
-        let from_proc = fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+        if let Some(known) = self.cgroup_paths.lock().ok()?.get(&cgroup_id) {
+            return Some(Arc::clone(known));
+        }
+        let found = fs::read_to_string(ProcPath::new(tgid, "cgroup").as_path())
             .ok()
-            .and_then(|text| unified_cgroup(&text).map(str::to_owned));
-        let mut cache = self.cgroup_paths.lock().ok()?;
-        let found = from_proc
+            .and_then(|text| unified_cgroup(&text).map(str::to_owned))
             .filter(|p| self.cgroup_inode(p) == Some(cgroup_id))
-            .or_else(|| cache.get(&cgroup_id).cloned())
             .or_else(|| {
                 workload_cgroup
                     .filter(|p| self.cgroup_inode(p) == Some(cgroup_id))
                     .map(str::to_owned)
             })?;
+        let known = Arc::new(KnownCgroup::new(found));
+        let mut cache = self.cgroup_paths.lock().ok()?;
         if cache.len() >= CGROUP_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(cgroup_id, found.clone());
-        Some(found)
+        cache.insert(cgroup_id, Arc::clone(&known));
+        Some(known)
     }
 
     fn cgroup_inode(&self, relative: &str) -> Option<u64> {
         let dir = self.cgroup_root.join(relative.trim_start_matches('/'));
         fs::metadata(Path::new(&dir)).ok().map(|m| m.ino())
+    }
+}
+
+/// `/proc/<tgid>/<name>` built on the stack (no allocation per record).
+struct ProcPath {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl ProcPath {
+    fn new(tgid: u32, name: &str) -> Self {
+        use std::io::Write as _;
+        let mut buf = [0u8; 32];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        // 6 + 10 digits + 1 + the name (at most "cgroup") always fit in 32 bytes.
+        let _ = write!(cursor, "/proc/{tgid}/{name}");
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        ProcPath { buf, len }
+    }
+
+    fn as_path(&self) -> &Path {
+        use std::os::unix::ffi::OsStrExt as _;
+        Path::new(std::ffi::OsStr::from_bytes(&self.buf[..self.len]))
     }
 }
 

@@ -103,6 +103,25 @@ enum Output {
 pub struct DecisionSink {
     output: Output,
     aggregator: Option<Aggregator>,
+    /// The line being serialised, reused for every record (no allocation per record).
+    line: Vec<u8>,
+    /// Lines for stdout not yet written (files keep their own; journald takes one datagram a
+    /// record).
+    stdout_pending: Vec<u8>,
+    /// Records queued by [`write_batched`](Self::write_batched) and not yet written.
+    pending_records: u64,
+}
+
+/// Queued records are written once this many bytes are queued, if no flush came first.
+const BATCH_BYTES: usize = 64 << 10;
+
+/// A batch of records could not be written: `records` of them are not in the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{records} decision records not written: {source}")]
+pub struct BatchError {
+    pub records: u64,
+    #[source]
+    pub source: SinkError,
 }
 
 impl DecisionSink {
@@ -120,32 +139,83 @@ impl DecisionSink {
         } else {
             Output::File(RotatingFile::open(target, options)?)
         };
-        Ok(DecisionSink {
+        Ok(DecisionSink::with_output(
             output,
-            aggregator: options.aggregate_allows.map(Aggregator::new),
-        })
+            options.aggregate_allows.map(Aggregator::new),
+        ))
     }
 
     /// Journald at another socket (tests).
     #[cfg(test)]
     fn journald_at(socket: &Path) -> Result<Self, SinkError> {
-        Ok(DecisionSink {
-            output: Output::Journald(Journal::connect(socket)?),
-            aggregator: None,
-        })
+        Ok(DecisionSink::with_output(
+            Output::Journald(Journal::connect(socket)?),
+            None,
+        ))
+    }
+
+    fn with_output(output: Output, aggregator: Option<Aggregator>) -> Self {
+        DecisionSink {
+            output,
+            aggregator,
+            line: Vec::with_capacity(1024),
+            stdout_pending: Vec::new(),
+            pending_records: 0,
+        }
     }
 
     /// Writes one record as one line and flushes it (an aggregated allow is held until its
     /// interval ends: see [`DecisionSink::flush_due`]). An error means the record is not (or
     /// not entirely) in the log.
     pub fn write(&mut self, record: &DecisionRecord) -> Result<(), SinkError> {
+        if self.aggregated(record) {
+            return Ok(());
+        }
+        self.emit(record, None)?;
+        self.flush_queued()
+    }
+
+    /// Queues one record as one line, to be written with the others by
+    /// [`flush_batch`](Self::flush_batch) (or once 64 KiB are queued): one write(2) for many
+    /// records when they come fast. Same lines, same order, same rotation as
+    /// [`write`](Self::write). An error here is about this record only.
+    pub fn write_batched(&mut self, record: &DecisionRecord) -> Result<(), BatchError> {
+        if self.aggregated(record) {
+            return Ok(());
+        }
+        self.emit(record, None)
+            .map_err(|source| BatchError { records: 1, source })?;
+        if matches!(self.output, Output::Journald(_)) {
+            return Ok(());
+        }
+        self.pending_records += 1;
+        let queued = match &self.output {
+            Output::File(file) => file.pending_bytes(),
+            Output::Stdout => self.stdout_pending.len(),
+            Output::Journald(_) => 0,
+        };
+        if queued >= BATCH_BYTES {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the records queued by [`write_batched`](Self::write_batched).
+    pub fn flush_batch(&mut self) -> Result<(), BatchError> {
+        let records = std::mem::take(&mut self.pending_records);
+        self.flush_queued()
+            .map_err(|source| BatchError { records, source })
+    }
+
+    /// An allow the aggregator holds until its interval ends.
+    fn aggregated(&mut self, record: &DecisionRecord) -> bool {
         if record.verdict == Verdict::Allow
             && let Some(agg) = &mut self.aggregator
         {
             agg.add(record, Instant::now());
-            return Ok(());
+            return true;
         }
-        self.emit(record, None)
+        false
     }
 
     /// Writes the aggregated records whose interval has ended; call it every second or so.
@@ -166,7 +236,10 @@ impl DecisionSink {
         let mut first_error = None;
         for (record, summary) in due {
             let extra = serde_json::to_value(&summary).map_err(SinkError::Serialise)?;
-            if let Err(e) = self.emit(&record, Some(("aggregate", extra))) {
+            if let Err(e) = self
+                .emit(&record, Some(("aggregate", extra)))
+                .and_then(|()| self.flush_queued())
+            {
                 first_error.get_or_insert(e);
             }
         }
@@ -177,38 +250,62 @@ impl DecisionSink {
     /// queue (never aggregated): the record of the last of them, with a `lost` field.
     pub fn write_lost(&mut self, record: &DecisionRecord, lost: &Lost) -> Result<(), SinkError> {
         let extra = serde_json::to_value(lost).map_err(SinkError::Serialise)?;
-        self.emit(record, Some(("lost", extra)))
+        self.emit(record, Some(("lost", extra)))?;
+        self.flush_queued()
     }
 
-    /// `extra`: a field added to the record (a compatible extension of `tessera.decision/v1`).
+    /// Serialises one record as one line and queues it (journald: sends it). `extra`: a
+    /// field added to the record (a compatible extension of `tessera.decision/v1`).
     fn emit(
         &mut self,
         record: &DecisionRecord,
         extra: Option<(&'static str, serde_json::Value)>,
     ) -> Result<(), SinkError> {
-        let mut line = match extra {
-            None => serde_json::to_vec(record),
+        self.line.clear();
+        match extra {
+            None => serde_json::to_writer(&mut self.line, record),
             Some((name, value)) => serde_json::to_value(record).and_then(|mut v| {
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert(name.into(), value);
                 }
-                serde_json::to_vec(&v)
+                serde_json::to_writer(&mut self.line, &v)
             }),
         }
         .map_err(SinkError::Serialise)?;
-        line.push(b'\n');
+        self.line.push(b'\n');
         let result = match &mut self.output {
-            Output::File(file) => file.write_line(&line),
+            Output::File(file) => file.push_line(&self.line),
             Output::Stdout => {
-                let mut out = io::stdout().lock();
-                out.write_all(&line).and_then(|()| out.flush())
+                self.stdout_pending.extend_from_slice(&self.line);
+                Ok(())
             }
-            Output::Journald(journal) => journal.send(record, &line),
+            Output::Journald(journal) => journal.send(record, &self.line),
         };
-        result.map_err(|source| SinkError::Write {
+        result.map_err(|source| self.write_error(source))
+    }
+
+    /// Writes what [`emit`](Self::emit) queued.
+    fn flush_queued(&mut self) -> Result<(), SinkError> {
+        let result = match &mut self.output {
+            Output::File(file) => file.flush(),
+            Output::Stdout if !self.stdout_pending.is_empty() => {
+                let mut out = io::stdout().lock();
+                let result = out
+                    .write_all(&self.stdout_pending)
+                    .and_then(|()| out.flush());
+                self.stdout_pending.clear();
+                result
+            }
+            Output::Stdout | Output::Journald(_) => Ok(()),
+        };
+        result.map_err(|source| self.write_error(source))
+    }
+
+    fn write_error(&self, source: io::Error) -> SinkError {
+        SinkError::Write {
             target: self.describe(),
             source,
-        })
+        }
     }
 
     /// The file's path, "stdout" or "journald".
@@ -227,9 +324,17 @@ impl DecisionSink {
     /// Reopens the file at its path (after an outside log rotation moved it away); a no-op
     /// for stdout and journald.
     pub fn reopen(&mut self) -> Result<(), SinkError> {
+        self.pending_records = 0;
         if let Output::File(f) = &mut self.output {
             f.reopen()?;
         }
         Ok(())
+    }
+}
+
+impl Drop for DecisionSink {
+    /// Records queued and never flushed still reach the log.
+    fn drop(&mut self) {
+        let _ = self.flush_queued();
     }
 }

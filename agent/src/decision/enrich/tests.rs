@@ -454,7 +454,7 @@ mod evidence {
             .cgroup_paths
             .lock()
             .unwrap()
-            .insert(CGROUP_ID, path.to_owned());
+            .insert(CGROUP_ID, Arc::new(KnownCgroup::new(path.to_owned())));
         enricher
     }
 

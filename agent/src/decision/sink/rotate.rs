@@ -20,6 +20,8 @@ pub(super) struct RotatingFile {
     max_size: u64,
     max_age: Option<Duration>,
     keep: u32,
+    /// Whole lines not yet written: written with one write(2) by [`flush`](Self::flush).
+    pending: Vec<u8>,
 }
 
 impl RotatingFile {
@@ -45,6 +47,7 @@ impl RotatingFile {
             max_size: options.max_size,
             max_age: options.max_age,
             keep: options.keep.max(1),
+            pending: Vec::new(),
         })
     }
 
@@ -52,23 +55,42 @@ impl RotatingFile {
         &self.path
     }
 
-    /// One write(2) on an O_APPEND file: concurrent readers never see half a line
-    /// interleaved with another writer's. Rotates first when the line would not fit.
-    pub(super) fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+    /// Queues one whole line for the next [`flush`](Self::flush); rotates first (writing what
+    /// is queued to the old file) when the line would not fit, so a file never grows past
+    /// `max_size` because lines were batched.
+    pub(super) fn push_line(&mut self, line: &[u8]) -> io::Result<()> {
         if self.due(line.len() as u64, SystemTime::now()) {
             self.rotate()?;
         }
-        self.file.write_all(line)?;
-        self.file.flush()?;
-        self.size += line.len() as u64;
+        self.pending.extend_from_slice(line);
         Ok(())
     }
 
+    /// Bytes queued and not yet written.
+    pub(super) fn pending_bytes(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes the queued lines with one write(2) on the O_APPEND file (whole lines only, so
+    /// concurrent readers never see half a line interleaved with another writer's). On an error the queued lines are dropped: the caller reports them lost.
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = self.file.write_all(&self.pending);
+        if result.is_ok() {
+            self.size += self.pending.len() as u64;
+        }
+        self.pending.clear();
+        result
+    }
+
     fn due(&self, incoming: u64, now: SystemTime) -> bool {
-        if self.size == 0 {
+        let size = self.size + self.pending.len() as u64;
+        if size == 0 {
             return false;
         }
-        let too_big = self.max_size > 0 && self.size + incoming > self.max_size;
+        let too_big = self.max_size > 0 && size + incoming > self.max_size;
         let too_old = self.max_age.is_some_and(|age| {
             now.duration_since(self.started)
                 .is_ok_and(|elapsed| elapsed >= age)
@@ -79,6 +101,8 @@ impl RotatingFile {
     /// Shifts `FILE.i` to `FILE.i+1` (the oldest falls off), `FILE` to `FILE.1`, and starts
     /// a new `FILE`.
     pub(super) fn rotate(&mut self) -> io::Result<()> {
+        // What is queued belongs to the file being rotated away.
+        self.flush()?;
         let numbered = |i: u32| {
             let mut name = self.path.clone().into_os_string();
             name.push(format!(".{i}"));
@@ -109,6 +133,8 @@ impl RotatingFile {
     }
 
     pub(super) fn reopen(&mut self) -> Result<(), SinkError> {
+        // Queued lines go to the file they were queued for (moved away or not).
+        let _ = self.flush();
         let (file, size, started) = open_file(&self.path)?;
         self.file = file;
         self.size = size;
@@ -143,6 +169,10 @@ fn open_file(path: &Path) -> Result<(File, u64, SystemTime), SinkError> {
 
 #[cfg(test)]
 impl RotatingFile {
+    pub(super) fn replace_file_for_test(&mut self, file: File) {
+        self.file = file;
+    }
+
     pub(super) fn backdate(&mut self, by: Duration) {
         self.started = self.started.checked_sub(by).unwrap_or(self.started);
     }

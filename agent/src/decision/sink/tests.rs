@@ -108,6 +108,93 @@ fn rotates_by_size_and_keeps_n_files() {
 }
 
 #[test]
+fn batched_records_are_written_at_the_flush_in_order_and_rotated_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    let options = SinkOptions {
+        max_size: line_len() * 2,
+        keep: 5,
+        ..SinkOptions::default()
+    };
+    let mut sink = DecisionSink::open_with(&path, &options).unwrap();
+    let count = |p: &Path| {
+        fs::read_to_string(p)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let mut ports = Vec::new();
+    for port in 1..=5u16 {
+        let mut r = example_record();
+        r.destination.port = port;
+        sink.write_batched(&r).unwrap();
+        ports.push(port);
+    }
+    // Rotation wrote what was queued for the files rotated away; the last line waits.
+    assert_eq!(count(&path), 0, "the current file's line is still queued");
+    assert_eq!(count(&dir.path().join("decisions.jsonl.1")), 2);
+    assert_eq!(count(&dir.path().join("decisions.jsonl.2")), 2);
+    sink.flush_batch().unwrap();
+    assert_eq!(count(&path), 1);
+    // A record written the unbatched way after batched ones comes after them.
+    let mut lost = deny_record();
+    lost.destination.port = 6;
+    sink.write_lost(
+        &lost,
+        &Lost {
+            count: 2,
+            first_ts: "2026-01-01T00:00:00Z".into(),
+            last_ts: "2026-01-01T00:00:01Z".into(),
+        },
+    )
+    .unwrap();
+    ports.push(6);
+    // Queued and never flushed: dropping the sink still writes it.
+    let mut last = example_record();
+    last.destination.port = 7;
+    sink.write_batched(&last).unwrap();
+    drop(sink);
+    ports.push(7);
+    // Oldest file first: every record once, in order, across the rotated files.
+    let mut seen = Vec::new();
+    for name in [
+        "decisions.jsonl.4",
+        "decisions.jsonl.3",
+        "decisions.jsonl.2",
+        "decisions.jsonl.1",
+        "decisions.jsonl",
+    ] {
+        let Ok(text) = fs::read_to_string(dir.path().join(name)) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() <= 2, "{name} holds {} lines", lines.len());
+        for line in lines {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            seen.push(v["destination"]["port"].as_u64().unwrap() as u16);
+        }
+    }
+    assert_eq!(seen, ports);
+}
+
+#[test]
+fn a_failed_batch_reports_how_many_records_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    let mut sink = DecisionSink::open(&path).unwrap();
+    for _ in 0..3 {
+        sink.write_batched(&example_record()).unwrap();
+    }
+    // The file now refuses writes: its descriptor is replaced by a read-only one.
+    if let Output::File(file) = &mut sink.output {
+        file.replace_file_for_test(fs::File::open(&path).unwrap());
+    }
+    let err = sink.flush_batch().unwrap_err();
+    assert_eq!(err.records, 3, "{err}");
+    // Nothing is left queued to be counted twice.
+    sink.flush_batch().unwrap();
+}
+
+#[test]
 fn rotates_by_age() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("decisions.jsonl");
