@@ -5,6 +5,8 @@ mod admin;
 mod api;
 mod client;
 mod errors;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod http;
 mod jwt;
 mod keys;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb | kernels`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb | kernels | fuzz | soak`.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -6,8 +6,10 @@ mod bench;
 mod cgroup;
 mod deb;
 mod demo;
+mod fuzz;
 mod kernels;
 mod setup;
+mod soak;
 mod test;
 
 #[derive(Parser)]
@@ -41,6 +43,14 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run the in-VM suite on each.
     Kernels(kernels::KernelsArgs),
+    /// Run each cargo-fuzz target (fuzz/) for some minutes with nightly; not part of CI.
+    Fuzz(fuzz::FuzzArgs),
+    /// A million connects against the real agent with credentials, forks and execs, each
+    /// verdict checked against a model of the policy (root).
+    Soak(soak::SoakArgs),
+    /// One process of a soak workload (started by `soak`).
+    #[command(hide = true)]
+    SoakWorker(soak::worker::WorkerArgs),
 }
 
 fn main() -> Result<()> {
@@ -55,6 +65,9 @@ fn main() -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::Deb(args) => deb::run(&args),
         Task::Kernels(args) => kernels::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
+        Task::Soak(args) => soak::run(&args),
+        Task::SoakWorker(args) => soak::worker::run(&args),
     }
 }
 
