@@ -195,11 +195,13 @@ fn worker_argv(a: &WorkerArgs) -> Vec<String> {
     if a.wait {
         v.push("--wait".to_owned());
     }
+    // `--model=` form: a model line may start with `-` (no credential), which clap would
+    // take for a flag.
     if let Some(m) = &a.model {
-        v.extend(["--model".to_owned(), m.clone()]);
+        v.push(format!("--model={m}"));
     }
     if let Some(s) = &a.stats {
-        v.extend(["--stats".to_owned(), s.clone()]);
+        v.push(format!("--stats={s}"));
     }
     v
 }
