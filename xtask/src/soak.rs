@@ -28,6 +28,9 @@ pub struct SoakArgs {
     /// Seed of the workers' choices (default: the clock); the same seed replays the run.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Use the release binaries already built (target/release/tessera and xtask).
+    #[arg(long)]
+    pub no_build: bool,
 }
 
 /// The ports of vault, tree, shared, open, closed and an unprotected one: nothing listens on
@@ -38,16 +41,18 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     if !nix_is_root() {
         bail!("cargo xtask soak attaches the agent to a scratch cgroup: run it as root");
     }
-    crate::setup::run()?;
-    crate::setup::cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "tessera-agent",
-        "--bin",
-        "tessera",
-    ])?;
-    crate::setup::cargo(&["build", "--release", "--package", "xtask"])?;
+    if !args.no_build {
+        crate::setup::run()?;
+        crate::setup::cargo(&[
+            "build",
+            "--release",
+            "--package",
+            "tessera-agent",
+            "--bin",
+            "tessera",
+        ])?;
+        crate::setup::cargo(&["build", "--release", "--package", "xtask"])?;
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| crate::workspace_root().join("target"), PathBuf::from);
     let tessera = target.join("release/tessera");
