@@ -1,6 +1,7 @@
 //! Endpoint `hosts:` against the real kernel and a real DNS server on loopback: resolved
 //! addresses are protected, follow the answers as TTLs run out, and a rebind to another
-//! endpoint's address neither opens that endpoint nor removes its protection.
+//! endpoint's address neither opens that endpoint nor removes its protection, and a name moved
+//! onto another name's address is denied to everyone there.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -27,6 +28,8 @@ use serde_json::Value;
 use support::{Agent, TestCgroup, Workload, privileged};
 
 const HOST: &str = "vault.tessera.test";
+/// A second name, for the endpoint `api` of [`two_hosts_policy`].
+const OTHER: &str = "api.tessera.test";
 
 /// A UDP DNS server on 127.0.0.1 answering A and AAAA queries for `HOST` from a table the test
 /// changes
@@ -34,6 +37,8 @@ const HOST: &str = "vault.tessera.test";
 struct DnsServer {
     port: u16,
     records: Table,
+    /// `OTHER`'s records.
+    other: Table,
 }
 
 /// (address, TTL) records; `None`: fail.
@@ -44,18 +49,40 @@ impl DnsServer {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
         let port = socket.local_addr().expect("addr").port();
         let records: Table = Arc::default();
-        let table = records.clone();
+        let other: Table = Arc::new(Mutex::new(Some(Vec::new())));
+        let (table, other_table) = (records.clone(), other.clone());
         thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while let Ok((n, peer)) = socket.recv_from(&mut buf) {
                 let Ok(query) = Message::from_vec(&buf[..n]) else {
                     continue;
                 };
-                let reply = answer(&query, table.lock().unwrap().as_deref());
+                let asks_other = query.queries.first().is_some_and(|q| {
+                    q.name()
+                        .eq_case(&Name::from_ascii(format!("{OTHER}.")).unwrap())
+                });
+                let reply = if asks_other {
+                    answer(&query, OTHER, other_table.lock().unwrap().as_deref())
+                } else {
+                    answer(&query, HOST, table.lock().unwrap().as_deref())
+                };
                 let _ = socket.send_to(&reply.to_vec().expect("encode"), peer);
             }
         });
-        DnsServer { port, records }
+        DnsServer {
+            port,
+            records,
+            other,
+        }
+    }
+
+    fn set_other(&self, records: &[(&str, u32)]) {
+        *self.other.lock().unwrap() = Some(
+            records
+                .iter()
+                .map(|(ip, ttl)| (ip.parse().unwrap(), *ttl))
+                .collect(),
+        );
     }
 
     fn set(&self, records: &[(&str, u32)]) {
@@ -72,7 +99,7 @@ impl DnsServer {
     }
 }
 
-fn answer(query: &Message, records: Option<&[(IpAddr, u32)]>) -> Message {
+fn answer(query: &Message, name: &str, records: Option<&[(IpAddr, u32)]>) -> Message {
     let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
     reply.metadata.recursion_available = true;
@@ -86,7 +113,7 @@ fn answer(query: &Message, records: Option<&[(IpAddr, u32)]>) -> Message {
         reply.metadata.response_code = ResponseCode::ServFail;
         return reply;
     };
-    let host = Name::from_ascii(format!("{HOST}.")).unwrap();
+    let host = Name::from_ascii(format!("{name}.")).unwrap();
     if !q.name().eq_case(&host) {
         reply.metadata.response_code = ResponseCode::NXDomain;
         return reply;
@@ -442,4 +469,120 @@ fn a_restart_keeps_resolved_addresses_protected_while_dns_is_down() {
         "connects got through across the restart: {results}"
     );
     assert!(results["1"].as_u64().unwrap_or(0) > 100, "{results}");
+}
+
+fn two_hosts_policy(cgroup_rel: &str, port: u16) -> String {
+    format!(
+        r#"apiVersion: tessera.dev/v1alpha1
+kind: Policy
+metadata:
+  name: two-hosts
+spec:
+  trustDomain: test.tessera.dev
+  mode: enforce
+  workloads:
+    - name: app
+      match:
+        cgroup: {cgroup_rel}/app
+  endpoints:
+    - name: vault
+      kind: secret-store
+      hosts: ["{HOST}"]
+      ports: [{port}]
+    - name: api
+      kind: api
+      hosts: ["{OTHER}"]
+      ports: [{port}]
+  rules:
+    - name: app-to-vault
+      workloads: [app]
+      endpoints: [vault]
+      credential: {{ required: true, maxTtl: 10m, bind: process }}
+    - name: app-to-api
+      workloads: [app]
+      endpoints: [api]
+      credential: {{ required: true, maxTtl: 10m, bind: process }}
+"#
+    )
+}
+
+/// Issue 15 #2, the moved name: `vault`'s name moves onto the address `api`'s name holds.
+/// Before, `api`'s rule stayed in force there, so an `api` credential reached what DNS now
+/// calls vault; now the destination is contested and denied to everyone until the name
+/// leaves it.
+#[test]
+fn a_name_moved_onto_another_names_address_is_denied_to_all() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("hosts-contested");
+    let (app, _) = cg.child("app");
+    let dns = DnsServer::start();
+    dns.set(&[("127.0.0.7", 1)]);
+    dns.set_other(&[("127.0.0.8", 600)]);
+    let port = listen_on(&["127.0.0.7", "127.0.0.8"]);
+    let server = format!("127.0.0.1:{}", dns.port);
+    let agent = Agent::start(
+        &two_hosts_policy(&cg.rel, port),
+        &cg.path,
+        &["--dns-server", &server],
+    );
+    wait_host(&agent, "the first answer", |h| {
+        address(h, "127.0.0.7").is_some()
+    });
+    let mut api_holder = Workload::spawn(&app, &agent.api);
+    let mut vault_holder = Workload::spawn(&app, &agent.api);
+    api_holder.must_token("api", Some(600));
+    vault_holder.must_token("vault", Some(600));
+    // Settled: .8 is api's (the other name's status shows up through the kernel only).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api_holder.net("connect", 4, "127.0.0.8", port) != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "api's address never opened for its holder"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(vault_holder.net("connect", 4, "127.0.0.8", port), "EPERM");
+    assert_eq!(vault_holder.net("connect", 4, "127.0.0.7", port), "ok");
+
+    // vault's name moves onto .8.
+    dns.set(&[("127.0.0.8", 1)]);
+    let moved = wait_host(&agent, "the move", |h| {
+        address(h, "127.0.0.8").is_some_and(|a| a["in_answer"] == true)
+    });
+    let held = address(&moved, "127.0.0.8").unwrap()["held_by"].clone();
+    assert!(
+        held.as_array().is_some_and(|h| h.iter().any(|x| x
+            .as_str()
+            .is_some_and(|s| s.starts_with("api") && s.contains("contested")))),
+        "{moved:#}"
+    );
+    assert_eq!(
+        api_holder.net("connect", 4, "127.0.0.8", port),
+        "EPERM",
+        "an api credential must not reach what vault's name now points at"
+    );
+    assert_eq!(vault_holder.net("connect", 4, "127.0.0.8", port), "EPERM");
+    let deny = agent.wait_decision("the deny at the contested address", |d| {
+        d["process"]["tgid"] == api_holder.pid
+            && d["destination"]["ip"] == "127.0.0.8"
+            && d["verdict"] == "deny"
+    });
+    assert_eq!(deny["reason"], "workload_not_allowed", "{deny}");
+    assert!(
+        agent
+            .agent_log()
+            .contains("resolved address is another endpoint's resolved address too"),
+        "no warning"
+    );
+
+    // The name moves back: once .8's own TTL for vault has run out, it is api's alone again.
+    dns.set(&[("127.0.0.7", 1)]);
+    wait_host(&agent, ".8 leaving vault", |h| {
+        address(h, "127.0.0.8").is_none()
+    });
+    assert_eq!(api_holder.net("connect", 4, "127.0.0.8", port), "ok");
+    assert_eq!(vault_holder.net("connect", 4, "127.0.0.8", port), "EPERM");
+    assert_eq!(vault_holder.net("connect", 4, "127.0.0.7", port), "ok");
 }

@@ -8,6 +8,8 @@ mod client;
 mod errors;
 mod grpc;
 mod h2_authority;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod http;
 mod jwt;
 mod keyring;

@@ -47,7 +47,7 @@ pub use connections::{
     probe_mechanism,
 };
 pub use dynamic::{EndpointEntries, HeldEntry, kernel_endpoint_id};
-pub use events::{EventReader, RingReader};
+pub use events::{EventReader, RingReader, decode as decode_decision_event};
 pub use grants::GrantMaps;
 pub use identity::{Identities, decode_process_event};
 pub use ids::{IdsError, KernelIds};

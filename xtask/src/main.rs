@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb | kernels | helm | image`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench | deb | kernels | helm | image | fuzz | soak`.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -8,8 +8,10 @@ mod deb;
 mod demo;
 mod helm;
 mod image;
+mod fuzz;
 mod kernels;
 mod setup;
+mod soak;
 mod test;
 
 #[derive(Parser)]
@@ -47,6 +49,14 @@ enum Task {
     Helm,
     /// Assemble the agent's container image (OCI layout, no runtime or base image needed) and check it.
     Image(image::ImageArgs),
+    /// Run each cargo-fuzz target (fuzz/) for some minutes with nightly; not part of CI.
+    Fuzz(fuzz::FuzzArgs),
+    /// A million connects against the real agent with credentials, forks and execs, each
+    /// verdict checked against a model of the policy (root).
+    Soak(soak::SoakArgs),
+    /// One process of a soak workload (started by `soak`).
+    #[command(hide = true)]
+    SoakWorker(soak::worker::WorkerArgs),
 }
 
 fn main() -> Result<()> {
@@ -63,6 +73,9 @@ fn main() -> Result<()> {
         Task::Kernels(args) => kernels::run(&args),
         Task::Helm => helm::print(),
         Task::Image(args) => image::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
+        Task::Soak(args) => soak::run(&args),
+        Task::SoakWorker(args) => soak::worker::run(&args),
     }
 }
 

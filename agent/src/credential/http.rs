@@ -279,6 +279,15 @@ impl BadHead {
         }
     }
 
+    /// The HTTP status it answers with.
+    #[cfg_attr(
+        not(feature = "fuzzing"),
+        expect(dead_code, reason = "read by the fuzz targets")
+    )]
+    pub(crate) fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+
     /// A refusal worth retrying: says `reason`, and `Retry-After: 1`.
     fn with_reason(mut self, reason: &'static str) -> Self {
         self.reason = Some(reason);
@@ -362,7 +371,7 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, Strin
     Ok(found)
 }
 
-fn head_too_large(buf: &[u8]) -> BadHead {
+pub(crate) fn head_too_large(buf: &[u8]) -> BadHead {
     if buf.contains(&b'\n') {
         BadHead::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

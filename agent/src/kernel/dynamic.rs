@@ -237,6 +237,15 @@ impl DynamicEntries {
                                     && k.protocol == key.protocol
                                     && v.endpoint_id != claim.value.endpoint_id
                                 {
+                                    held.push(HeldEntry {
+                                        endpoint: claim.endpoint,
+                                        ip: claim.ip,
+                                        port: k.port,
+                                        protocol: protocol_name(k.protocol),
+                                        holder: v.endpoint_id,
+                                        holder_is_static: false,
+                                        contested: true,
+                                    });
                                     *v = contested(v, &claim.value);
                                 }
                             }
@@ -265,11 +274,7 @@ impl DynamicEntries {
                     endpoint: claim.endpoint,
                     ip: claim.ip,
                     port: key.port,
-                    protocol: if key.protocol == PROTO_TCP {
-                        "tcp"
-                    } else {
-                        "udp"
-                    },
+                    protocol: protocol_name(key.protocol),
                     holder,
                     holder_is_static: is_static,
                     contested: !is_static,
@@ -400,6 +405,10 @@ impl DynamicEntries {
 /// kernel id of its name (`KernelIds`), as `compile` numbers endpoints.
 pub fn kernel_endpoint_id(endpoint: &Endpoint, id: EndpointId) -> u32 {
     super::ids::endpoint_by_name(&endpoint.name, id)
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    if protocol == PROTO_TCP { "tcp" } else { "udp" }
 }
 
 /// The entry of a destination claimed by `a` and `b`: denied to every workload, enforced

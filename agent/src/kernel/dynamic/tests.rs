@@ -144,6 +144,13 @@ fn a_destination_two_names_claim_is_denied_to_everyone_until_one_goes() {
     d.claim(EndpointId(3), &p.endpoints[3], ip("127.0.0.5"));
     assert_eq!(owner(&d, "127.0.0.5", 443), Some(CONTESTED_ENDPOINT_ID));
     assert_eq!(owner(&d, "127.0.0.5", ANY_PORT), Some(3));
+    let held = d.held();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].contested);
+    assert_eq!(
+        (held[0].endpoint.0, held[0].holder, held[0].port),
+        (3, 2, 443)
+    );
     // The first holder leaves: the destination is `web`'s alone.
     d.release(EndpointId(2), ip("127.0.0.5"));
     assert_eq!(owner(&d, "127.0.0.5", 443), None);
