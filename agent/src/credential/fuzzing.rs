@@ -7,7 +7,8 @@ use super::api::TokenRequest;
 use super::errors::{CredentialError, TokenError};
 use super::http;
 use super::jwt::Claims;
-use super::keys::SigningKeys;
+use super::keyring::KeyRing;
+use super::keys::SigningAlgorithm;
 
 /// What the Workload API makes of the first bytes of a connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,7 +58,7 @@ pub fn workload_request(bytes: &[u8]) -> RequestOutcome {
 /// A signing key of its own (in a private directory it removes on drop), to sign and verify
 /// tokens as the agent does.
 pub struct TokenKeys {
-    keys: SigningKeys,
+    keys: KeyRing,
     dir: PathBuf,
     issuer: String,
 }
@@ -67,14 +68,14 @@ impl TokenKeys {
     pub fn new(parent: &Path, issuer: &str) -> Result<TokenKeys, CredentialError> {
         let dir = parent.join(format!("tessera-fuzz-keys-{}", std::process::id()));
         Ok(TokenKeys {
-            keys: SigningKeys::load_or_generate(&dir)?,
+            keys: KeyRing::load(&dir, SigningAlgorithm::default())?,
             dir,
             issuer: issuer.to_owned(),
         })
     }
 
     pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
-        self.keys.sign(claims)
+        self.keys.current().sign(claims)
     }
 
     pub fn verify(&self, token: &str, audience: &str) -> Result<Claims, TokenError> {
