@@ -229,6 +229,13 @@ fn revocation_ends_open_tcp_and_connected_udp_within_100ms() {
         return;
     }
     assert_eq!(mechanism, "sock_diag_destroy", "{status_json}");
+    let admin = s.agent.admin.to_str().expect("utf-8");
+    let (code, out, _) = s.agent.cli(&["status", "--admin-socket", admin]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("connections end:  with their credential (sock_diag_destroy)"),
+        "{out}"
+    );
     for p in status_json["programs"].as_array().expect("programs") {
         eprintln!("verified_insns {}: {}", p["name"], p["verified_insns"]);
     }

@@ -34,8 +34,10 @@ pub struct KernelsArgs {
 }
 
 /// Modules the suite needs that Debian builds as modules: veth (the self-test's netns attempt)
-/// and unix_diag (peer-socket lookups of the Workload API's attestation without SO_PEERPIDFD).
-const MODULES: &[&str] = &["veth", "unix_diag"];
+/// and unix_diag (peer-socket lookups of the Workload API's attestation without SO_PEERPIDFD),
+/// tcp_diag and udp_diag (the agent finds and ends connections whose credential ended over
+/// inet sock_diag; a real system loads them on demand, the VM has no modprobe).
+const MODULES: &[&str] = &["veth", "unix_diag", "tcp_diag", "udp_diag"];
 
 /// Kernel options the agent needs built in (`=y`): a `=m` or a missing one is reported before
 /// the kernel is booted.

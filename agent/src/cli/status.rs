@@ -68,6 +68,16 @@ pub async fn run(args: &StatusArgs) -> ExitCode {
             ),
         }
     }
+    match status
+        .pointer("/kernel/connection_end")
+        .and_then(|m| m.as_str())
+    {
+        Some("unavailable") => println!(
+            "connections end:  NO: this kernel cannot end sockets (connections outlive their credentials)"
+        ),
+        Some(mechanism) => println!("connections end:  with their credential ({mechanism})"),
+        None => {}
+    }
     if let Some(metrics) = status.pointer("/metrics") {
         println!(
             "metrics:          {}",

@@ -58,9 +58,17 @@ pub struct EndedSocket {
     pub destination: SocketAddr,
 }
 
-/// Asks the kernel to destroy a socket that cannot exist: a kernel with `SOCK_DESTROY` answers
-/// `ENOENT`, one without `EOPNOTSUPP`.
+/// Lists the TCP and UDP sockets (the `tcp_diag` and `udp_diag` handlers answer: without them,
+/// as without `CONFIG_INET_DIAG`, every request gets `ENOENT`), then asks the kernel to destroy
+/// a socket that cannot exist: a kernel with `SOCK_DESTROY` answers `ENOENT`, one without
+/// `EOPNOTSUPP`.
 pub fn probe_mechanism() -> EndMechanism {
+    for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+        if let Err(e) = dump(AF_INET, protocol) {
+            tracing::warn!(error = %e, protocol, "inet sock_diag does not answer (tcp_diag/udp_diag missing?)");
+            return EndMechanism::Unavailable;
+        }
+    }
     let mut id = SocketId::new_v4();
     id.cookie = [0xff; 8];
     match destroy(AF_INET, IPPROTO_TCP, id) {
