@@ -6,10 +6,10 @@ mod api;
 mod bundle_dir;
 mod client;
 mod errors;
-mod grpc;
-mod h2_authority;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod grpc;
+mod h2_authority;
 mod http;
 mod jwt;
 mod keyring;
