@@ -14,7 +14,10 @@ use std::{
     time::Instant,
 };
 
+mod common;
+
 use anyhow::{Context as _, Result, bail};
+use common::{mean_run_ns, median};
 use serde_json::{Value, json};
 use tessera_agent::{kernel, policy::PolicySet};
 use tessera_common::{GRANT_ACTIVE, GrantSlot, ProcessIdentity};
@@ -246,22 +249,7 @@ fn per_run(before: &[kernel::ProgramStats], after: &[kernel::ProgramStats], name
             .map(|p| (p.run_count, p.run_time_ns))
             .unwrap_or((0, 0))
     };
-    let (c0, t0) = find(before);
-    let (c1, t1) = find(after);
-    if c1 > c0 {
-        (t1 - t0) as f64 / (c1 - c0) as f64
-    } else {
-        f64::NAN
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
+    mean_run_ns(find(before), find(after))
 }
 
 fn print_table(results: &[Value]) {
