@@ -570,6 +570,13 @@ fn a_name_moved_onto_another_names_address_is_denied_to_all() {
             && d["verdict"] == "deny"
     });
     assert_eq!(deny["reason"], "workload_not_allowed", "{deny}");
+    // No one endpoint decides the destination; the record names both that claim it.
+    assert_eq!(deny["destination"]["endpoint"], Value::Null, "{deny}");
+    assert_eq!(
+        deny["destination"]["contested"],
+        serde_json::json!(["api", "vault"]),
+        "{deny}"
+    );
     assert!(
         agent
             .agent_log()

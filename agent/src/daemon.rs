@@ -196,7 +196,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         // Evidence the attestor read (exe hash, pod metadata) for the decision records.
         let attestor = attestor.clone();
         Arc::new(move |tgid: u32| attestor.evidence(tgid))
-    });
+    })
+    .with_claims(Arc::new(enforcer.endpoint_entries()));
 
     let api = credential::bind_socket(&config.api_socket, 0o666)?;
     let admin = credential::bind_socket(&config.admin_socket, 0o600)?;

@@ -46,7 +46,7 @@ pub use connections::{
     ConnectionMaps, EndMechanism, EndedSocket, Lapse, LapsedConnection, SocketEnder, Survey,
     probe_mechanism,
 };
-pub use dynamic::{EndpointEntries, HeldEntry, kernel_endpoint_id};
+pub use dynamic::{CONTESTED_ENDPOINT_ID, EndpointEntries, HeldEntry, kernel_endpoint_id};
 pub use events::{EventReader, RingReader, decode as decode_decision_event};
 pub use grants::GrantMaps;
 pub use identity::{Identities, decode_process_event};

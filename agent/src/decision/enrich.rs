@@ -22,7 +22,7 @@ use super::record::{
     ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
 use crate::identity::evidence::{Evidence, Exe, cgroup};
-use crate::kernel::KernelIds;
+use crate::kernel::{CONTESTED_ENDPOINT_ID, KernelIds};
 use crate::policy::{Mode, PolicySet};
 
 /// What the decision log may say about an issued credential. Never the token.
@@ -77,6 +77,18 @@ where
     }
 }
 
+/// The endpoints whose resolved addresses claim a destination (`kernel::EndpointEntries`).
+pub trait ClaimSource: Send + Sync {
+    /// Names of the endpoints claiming `ip`:`port` for `protocol` (a `PROTO_*` code).
+    fn claimants(&self, ip: IpAddr, port: u16, protocol: u8) -> Vec<String>;
+}
+
+impl ClaimSource for crate::kernel::EndpointEntries {
+    fn claimants(&self, ip: IpAddr, port: u16, protocol: u8) -> Vec<String> {
+        crate::kernel::EndpointEntries::claimants(self, ip, port, protocol)
+    }
+}
+
 /// Turns kernel events into decision records.
 pub struct Enricher {
     policy: Arc<PolicySet>,
@@ -91,6 +103,8 @@ pub struct Enricher {
     /// Attested evidence (exe hash, pod metadata); without it, records carry what /proc and the
     /// cgroup path tell.
     evidence: Option<Arc<dyn EvidenceSource>>,
+    /// Who claims a contested destination (see [`with_claims`](Self::with_claims)).
+    claims: Option<Arc<dyn ClaimSource>>,
     /// cgroup id → its path and what the path tells, learnt once per cgroup: a cgroup v2
     /// directory cannot be renamed and its id (the inode number) is never reused, so the entry
     /// stays true for as long as the id is seen, and no event reads /proc or stats a directory
@@ -138,6 +152,7 @@ impl Enricher {
             boot_to_wall_ns: measure_boot_to_wall_ns(),
             mode_override: None,
             evidence: None,
+            claims: None,
             cgroup_paths: Mutex::new(HashMap::new()),
         }
     }
@@ -152,6 +167,13 @@ impl Enricher {
     /// [`with_policy`](Self::with_policy)).
     pub fn with_evidence(mut self, source: Arc<dyn EvidenceSource>) -> Self {
         self.evidence = Some(source);
+        self
+    }
+
+    /// Where to find which endpoints contest a destination denied as contested (kept by
+    /// [`with_policy`](Self::with_policy)).
+    pub fn with_claims(mut self, source: Arc<dyn ClaimSource>) -> Self {
+        self.claims = Some(source);
         self
     }
 
@@ -170,6 +192,7 @@ impl Enricher {
             boot_to_wall_ns: self.boot_to_wall_ns,
             mode_override: self.mode_override,
             evidence: self.evidence.clone(),
+            claims: self.claims.clone(),
             cgroup_paths: Mutex::new(cache),
         }
     }
@@ -240,6 +263,12 @@ impl Enricher {
                 ip: destination_ip(ev),
                 port: ev.port,
                 endpoint: endpoint.map(|e| e.name.clone()),
+                contested: match &self.claims {
+                    Some(claims) if ev.endpoint_id == CONTESTED_ENDPOINT_ID => {
+                        claims.claimants(destination_ip(ev), ev.port, ev.protocol)
+                    }
+                    _ => Vec::new(),
+                },
             },
             process: self.process(ev, workload_cgroup),
             workload: workload.map(|w| WorkloadRecord {

@@ -58,6 +58,12 @@ pub struct Destination {
     /// `packet_socket_refused`: `ip` is then `0.0.0.0` for an IPv4 raw socket, else `::`, and
     /// `port` 0), or when the event's endpoint id is unknown to the loaded policy.
     pub endpoint: Option<String>,
+    /// For a destination that two endpoints' resolved `hosts:` addresses claim at once (a
+    /// name that moved onto another's address): those endpoints, oldest claim first. Such a
+    /// destination is denied to everyone (`workload_not_allowed`) and `endpoint` is null,
+    /// since no one endpoint decides it. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contested: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -83,6 +83,8 @@ pub(super) struct DynamicEntries {
 #[derive(Debug)]
 struct Claim {
     endpoint: EndpointId,
+    /// The endpoint's name, for the decision records of a contested destination.
+    name: String,
     ip: IpAddr,
     keys: Vec<EndpointKey>,
     value: EndpointValue,
@@ -161,6 +163,17 @@ impl EndpointEntries {
         let maps = self.maps.lock().map_err(|_| KernelError::Poisoned)?;
         Ok(maps.dynamic.held())
     }
+
+    /// The names of the endpoints whose resolved addresses claim destination `ip`:`port`
+    /// (`protocol` a `PROTO_*` code), oldest claim first: for a contested destination, who
+    /// contests it. Any handle answers with the claims of now (names, not ids, so an answer
+    /// does not depend on the policy generation).
+    pub fn claimants(&self, ip: IpAddr, port: u16, protocol: u8) -> Vec<String> {
+        self.maps
+            .lock()
+            .map(|m| m.dynamic.claimants(ip, port, protocol))
+            .unwrap_or_default()
+    }
 }
 
 impl DynamicEntries {
@@ -204,12 +217,29 @@ impl DynamicEntries {
             seq,
             Claim {
                 endpoint: id,
+                name: endpoint.name.clone(),
                 ip,
                 keys,
                 value,
             },
         );
         self.by_address.insert((id.0, ip), seq);
+    }
+
+    fn claimants(&self, ip: IpAddr, port: u16, protocol: u8) -> Vec<String> {
+        let ip = ip.to_canonical();
+        let mut names: Vec<String> = Vec::new();
+        for claim in self.claims.values() {
+            let covers = claim.ip == ip
+                && claim
+                    .keys
+                    .iter()
+                    .any(|k| k.protocol == protocol && (k.port == port || k.port == ANY_PORT));
+            if covers && !names.contains(&claim.name) {
+                names.push(claim.name.clone());
+            }
+        }
+        names
     }
 
     fn release(&mut self, id: EndpointId, ip: IpAddr) {

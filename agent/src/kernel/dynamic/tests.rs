@@ -132,6 +132,13 @@ fn a_destination_two_names_claim_is_denied_to_everyone_until_one_goes() {
         (held[0].endpoint.0, held[0].holder, held[0].port),
         (2, 3, 443)
     );
+    // The decision records of the contested destination name both endpoints, oldest first.
+    let names = |port| d.claimants(ip("127.0.0.5"), port, PROTO_TCP);
+    assert_eq!(
+        names(443),
+        [p.endpoints[3].name.clone(), p.endpoints[2].name.clone()]
+    );
+    assert_eq!(names(80), [p.endpoints[3].name.clone()]);
     // The moved name leaves: `web`'s rule again at 443.
     d.release(EndpointId(2), ip("127.0.0.5"));
     assert_eq!(owner(&d, "127.0.0.5", 443), None);
