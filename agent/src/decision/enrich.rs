@@ -77,6 +77,20 @@ where
     }
 }
 
+/// A new decision id: a UUIDv7 (time-ordered to the millisecond) whose random bits come from
+/// the thread's user-space CSPRNG. `Uuid::now_v7` asks the kernel (`getrandom(2)`) for them on
+/// every call, a system call per record on the hot path; a decision id is a log key, not a
+/// secret, so the thread generator is enough (a credential's `jti` still uses `now_v7`).
+fn decision_id() -> String {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(ms, &random)
+        .into_uuid()
+        .to_string()
+}
+
 /// The endpoints whose resolved addresses claim a destination (`kernel::EndpointEntries`).
 pub trait ClaimSource: Send + Sync {
     /// Names of the endpoints claiming `ip`:`port` for `protocol` (a `PROTO_*` code).
@@ -252,7 +266,7 @@ impl Enricher {
         DecisionRecord {
             schema: SCHEMA.to_owned(),
             ts: self.wall_time(ev.timestamp_ns),
-            decision_id: uuid::Uuid::now_v7().to_string(),
+            decision_id: decision_id(),
             verdict,
             enforced,
             mode,

@@ -161,6 +161,31 @@ fn enforced_deny_gets_names_rule_mode_and_the_mapped_ipv4() {
 }
 
 #[test]
+fn decision_ids_are_distinct_v7_uuids_of_now() {
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let ids: std::collections::HashSet<String> = (0..10_000).map(|_| decision_id()).collect();
+    assert_eq!(ids.len(), 10_000, "a decision id repeated");
+    let after = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    for id in &ids {
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        assert_eq!(uuid.get_version_num(), 7, "{id}");
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        let (secs, nanos) = uuid.get_timestamp().unwrap().to_unix();
+        let ms = u128::from(secs) * 1000 + u128::from(nanos / 1_000_000);
+        assert!(
+            (before..=after).contains(&ms),
+            "{id}: {ms} not in {before}..={after}"
+        );
+    }
+}
+
+#[test]
 fn unenforced_deny_is_audit() {
     let fx = Fixture::new();
     let mut ev = fx.event();
