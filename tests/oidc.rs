@@ -216,7 +216,9 @@ fn pyjwt_discovers_the_keys_over_https_and_verifies_a_workload_token() {
 
     // A token through the Workload API, for the endpoint `vault`: its `iss` is the issuer.
     let mut w = Workload::spawn(&app, &agent.api);
-    let token = w.must_token("vault", Some(120));
+    let (status, body) = w.token("vault", Some(120));
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().expect("token").to_owned();
     let ca = pki.path("ca.pem");
     let ca = ca.to_str().expect("utf-8");
     let got = relying_party(&["discover", &issuer, ca, "vault"], &token);
@@ -251,7 +253,8 @@ fn pyjwt_discovers_the_keys_over_https_and_verifies_a_workload_token() {
     assert_eq!(got["wrong_audience"], "InvalidAudienceError", "{got}");
     assert_eq!(got["wrong_issuer"], "InvalidIssuerError", "{got}");
     assert!(got["untrusted_ca"].is_string(), "{got}");
-    // The listener serves the JWKS the Workload API does (the trust domain's union).
+    // The listener serves the keys the Workload API does (the trust domain's union), marked
+    // `use: sig` for OIDC relying parties (PyJWT takes no other key).
     let (_, jwks) = w.raw("GET", "/v1/jwks", None);
     let served: Vec<&str> = jwks["keys"]
         .as_array()
@@ -272,7 +275,17 @@ fn pyjwt_discovers_the_keys_over_https_and_verifies_a_workload_token() {
         serde_json::from_slice(&std::fs::read(out.path().join(rel)).expect(rel)).expect("JSON")
     };
     assert_eq!(read(".well-known/openid-configuration"), *config);
-    assert_eq!(read(".well-known/jwks.json"), jwks);
+    let exported = read(".well-known/jwks.json");
+    let kids: Vec<&str> = exported["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| {
+            assert_eq!(k["use"], "sig", "{exported}");
+            k["kid"].as_str().expect("kid")
+        })
+        .collect();
+    assert_eq!(kids, served);
     let jwks_file = out.path().join(".well-known/jwks.json");
     let from_file = relying_party(
         &["file", jwks_file.to_str().expect("utf-8"), &issuer, "vault"],

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::CredentialError;
 use super::http::{self, HttpResponse};
-use super::oidc::{Issuer, discovery_document};
+use super::oidc::{Issuer, discovery_document, oidc_jwks};
 use super::registry::RevokeTarget;
 use super::service::{CredentialService, Refusal};
 
@@ -67,7 +67,7 @@ pub async fn serve_admin_api(
 /// What `tessera bundle export` writes: the issuer, the trust domain's JWKS and, when the
 /// issuer is an https:// URL, its discovery document (`null` otherwise).
 fn oidc_documents(svc: &CredentialService) -> serde_json::Value {
-    let jwks = svc.bundle().borrow().clone();
+    let jwks = oidc_jwks(&svc.bundle().borrow());
     let discovery = svc
         .issuer()
         .parse::<Issuer>()

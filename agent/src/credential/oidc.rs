@@ -82,6 +82,24 @@ impl FromStr for Issuer {
     }
 }
 
+/// The trust domain's bundle as an OIDC JWKS: the same keys with `use: "sig"` in place of the
+/// SPIFFE bundle's `use: "jwt-svid"`. OIDC relying parties take only `sig` keys (RFC 7517
+/// §4.2; PyJWT's `PyJWKClient`, for one, skips every other key).
+pub fn oidc_jwks(bundle: &serde_json::Value) -> serde_json::Value {
+    let mut jwks = bundle.clone();
+    if let Some(keys) = jwks
+        .get_mut("keys")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for key in keys {
+            if key.get("use").and_then(serde_json::Value::as_str) == Some("jwt-svid") {
+                key["use"] = "sig".into();
+            }
+        }
+    }
+    jwks
+}
+
 /// The JOSE algorithms of a JWKS's keys (sorted, each once).
 fn algorithms(jwks: &serde_json::Value) -> Vec<String> {
     let mut algs: Vec<String> = jwks["keys"]
@@ -156,6 +174,17 @@ mod tests {
             let err = bad.parse::<Issuer>().expect_err(bad);
             assert!(err.contains("https://oidc.example.org"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_oidc_jwks_marks_the_keys_for_signatures() {
+        let bundle = serde_json::json!({"keys": [
+            {"kid": "a", "alg": "ES256", "use": "jwt-svid"}, {"kid": "b", "alg": "ES256"}
+        ]});
+        let jwks = oidc_jwks(&bundle);
+        assert_eq!(jwks["keys"][0]["use"], "sig");
+        assert_eq!(jwks["keys"][0]["kid"], "a");
+        assert!(jwks["keys"][1].get("use").is_none());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The OIDC discovery listener (`--oidc-addr`): `GET <issuer path>/.well-known/openid-configuration`
 //! and the JWKS at its `jwks_uri`, the trust domain's union of keys (what `FetchJWTBundles`
-//! sends). HTTPS from `--oidc-cert`/`--oidc-key`; plain HTTP only when asked for
+//! sends, with `use: "sig"`). HTTPS from `--oidc-cert`/`--oidc-key`; plain HTTP only when asked for
 //! (`--oidc-plain-http`) and only on a loopback address, for a reverse proxy on the same host
 //! that terminates TLS.
 
@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info};
 
 use super::tls::{CertResolver, OidcError, TlsFiles};
-use super::{DISCOVERY_PATH, Issuer, JWKS_PATH, discovery_document};
+use super::{DISCOVERY_PATH, Issuer, JWKS_PATH, discovery_document, oidc_jwks};
 
 /// Connections served at once: the listener may face the internet.
 const MAX_CONNECTIONS: usize = 256;
@@ -191,7 +191,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     peer: SocketAddr,
 ) {
     let service = service_fn(move |req: Request<Incoming>| {
-        let jwks = bundle.borrow().clone();
+        let jwks = oidc_jwks(&bundle.borrow());
         let response = route(&issuer, &jwks, req.method(), req.uri().path());
         async move { Ok::<_, Infallible>(response) }
     });
