@@ -1,6 +1,6 @@
 //! `--trust-bundle-dir`: two agents on one machine (two cgroups, two state directories, one
-//! bundle directory); a token one issued validates through the other, and after a rotation
-//! on the first, its old and new tokens both do.
+//! bundle directory); a token one issued validates through the other, after a rotation on the
+//! first its old and new tokens both do, and still do once its file leaves the directory.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -138,6 +138,33 @@ fn a_token_of_one_agent_validates_through_the_other() {
             assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
         }
     }
+    // A's file leaves the directory: B keeps A's keys (published, verifying) until the last
+    // token they could have signed expires, not a moment less.
+    for entry in std::fs::read_dir(bundles.path())
+        .expect("bundle dir")
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).expect("bundle file");
+        if text.contains(&kid(&new)) {
+            std::fs::remove_file(entry.path()).expect("remove A's file");
+        }
+    }
+    b.wait_log("a trust bundle key left the source");
+    let (_, jwks) = on_b.raw("GET", "/v1/jwks", None);
+    for token in [&old, &new] {
+        assert!(
+            jwks["keys"]
+                .as_array()
+                .expect("keys")
+                .iter()
+                .any(|k| k["kid"] == kid(token).as_str()),
+            "A's key left B's bundle with its file: {jwks}"
+        );
+        if let Some(v) = validate_through(b, &apps[1], token) {
+            assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
+        }
+    }
+
     // B's own tokens still validate through B, and not a forged one.
     let (status, body) = on_b.token("vault", Some(120));
     assert_eq!(status, 200, "{body}");
