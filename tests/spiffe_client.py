@@ -10,6 +10,8 @@ Prints one JSON object on stdout. MODE:
   validate  validate_jwt_svid of the token read from stdin: {"validated"} or {"error"}
   no-header FetchJWTSVID through the generated stub without `workload.spiffe.io`: {"code",
             "details"}; then connects
+  watch     stream_jwt_bundles: one line {"keys": [kid...]} for each bundle the stream sends,
+            until stdin is closed (no connect)
 """
 import json
 import os
@@ -38,6 +40,20 @@ def main():
     out = {"env": sorted(k for k in os.environ if k != "LC_CTYPE")}
     from spiffe import JwtBundle, JwtSource, JwtSvid, TrustDomain, WorkloadApiClient
 
+    if mode == "watch":
+        def sent(bundles):
+            bundle = bundles.get_bundle_for_trust_domain(TrustDomain(trust_domain))
+            keys = sorted(bundle.jwt_authorities.keys()) if bundle else []
+            print(json.dumps({"keys": keys}), flush=True)
+
+        def failed(e):
+            print(json.dumps({"error": str(e)}), flush=True)
+
+        with WorkloadApiClient() as client:
+            handle = client.stream_jwt_bundles(on_success=sent, on_error=failed)
+            sys.stdin.read()
+            handle.cancel()
+        return
     if mode == "full":
         with WorkloadApiClient() as client:
             svid = client.fetch_jwt_svid(audience={audience})
