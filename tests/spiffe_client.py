@@ -10,6 +10,8 @@ Prints one JSON object on stdout. MODE:
   validate  validate_jwt_svid of the token read from stdin: {"validated"} or {"error"}
   no-header FetchJWTSVID through the generated stub without `workload.spiffe.io`: {"code",
             "details"}; then connects
+  exit-race ROUNDS (a 6th argument) forked callers that send FetchJWTSVID and exit before,
+            while or after the agent answers: {"rounds", "answered"}; then connects
   watch     stream_jwt_bundles: one line {"keys": [kid...]} for each bundle the stream sends,
             until stdin is closed (no connect)
 """
@@ -54,7 +56,35 @@ def main():
             sys.stdin.read()
             handle.cancel()
         return
-    if mode == "full":
+    if mode == "exit-race":
+        import random
+        import time
+        rounds = int(sys.argv[6])
+        answered = 0
+        for i in range(rounds):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                # grpc only in the child: a channel must not cross a fork.
+                import grpc
+                from spiffe._proto import workload_pb2, workload_pb2_grpc
+                channel = grpc.insecure_channel(os.environ["SPIFFE_ENDPOINT_SOCKET"])
+                stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+                fut = stub.FetchJWTSVID.future(
+                    workload_pb2.JWTSVIDRequest(audience=[audience]),
+                    metadata=[("workload.spiffe.io", "true")], timeout=10)
+                # From at once (the request may not even be out) to well after the answer.
+                time.sleep(random.uniform(0, 0.06) if i % 4 else 0.0)
+                os.write(w, b"1" if fut.done() and fut.exception() is None else b"0")
+                os._exit(0)
+            os.close(w)
+            answered += os.read(r, 1) == b"1"
+            os.close(r)
+            os.waitpid(pid, 0)
+        out["rounds"] = rounds
+        out["answered"] = answered
+    elif mode == "full":
         with WorkloadApiClient() as client:
             svid = client.fetch_jwt_svid(audience={audience})
             out["spiffe_id"] = str(svid.spiffe_id)
