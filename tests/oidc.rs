@@ -413,3 +413,62 @@ fn bad_certificate_files_stop_the_start_with_what_to_fix() {
     let err = refused_start(&cg, &policy, &["--issuer", "http://oidc.example.org"]);
     assert!(err.contains("is not an https:// URL"), "{err}");
 }
+
+#[test]
+fn plain_http_on_loopback_serves_the_documents_for_a_tls_proxy() {
+    if !privileged() {
+        return;
+    }
+    let servers = Servers::start();
+    let cg = TestCgroup::new("oidc-plain");
+    let _ = cg.child("app");
+    let _ = cg.child("other");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(
+        &standard_policy(&cg.rel, servers.tcp_port, servers.tcp_port, "enforce"),
+        &cg.path,
+        &[
+            "--issuer",
+            "https://oidc.example.org",
+            "--oidc-addr",
+            &addr,
+            "--oidc-plain-http",
+        ],
+    );
+    agent.wait_log("OIDC discovery listening");
+    let get = |path: &str| -> (String, String) {
+        use std::io::Read as _;
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: oidc.example.org\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("head and body");
+        (head.to_owned(), body.to_owned())
+    };
+    let (head, body) = get("/.well-known/openid-configuration");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("cache-control: public, max-age=60"),
+        "{head}"
+    );
+    let doc: Value = serde_json::from_str(&body).expect("discovery JSON");
+    assert_eq!(doc["issuer"], "https://oidc.example.org");
+    assert_eq!(
+        doc["jwks_uri"],
+        "https://oidc.example.org/.well-known/jwks.json"
+    );
+    let (head, body) = get("/.well-known/jwks.json");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let jwks: Value = serde_json::from_str(&body).expect("JWKS JSON");
+    assert_eq!(jwks["keys"][0]["use"], "sig", "{jwks}");
+    assert_eq!(jwks["keys"][0]["alg"], "ES256", "{jwks}");
+    let (head, body) = get("/v1/jwks");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(body.contains("/.well-known/openid-configuration"), "{body}");
+}

@@ -62,6 +62,17 @@ impl TlsFiles {
         if chain.is_empty() {
             return Err(cert_err("no CERTIFICATE in the file".to_owned()));
         }
+        if let Ok(meta) = std::fs::metadata(&self.key) {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o007 != 0 {
+                warn!(
+                    key = %self.key.display(),
+                    mode = format!("{mode:04o}"),
+                    "the OIDC listener's private key is readable by every user: chmod o-rwx it"
+                );
+            }
+        }
         let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| OidcError::Key {
             path: self.key.clone(),
             message: pem_message(&e),
