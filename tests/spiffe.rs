@@ -206,3 +206,59 @@ fn py_spiffe_fetches_validates_and_the_grant_is_written() {
     assert_eq!(bare["x509"], "UNIMPLEMENTED", "{bare}");
     assert_eq!(bare["connect"], "errno:1", "{bare}");
 }
+
+#[test]
+fn a_grpc_caller_that_exits_before_its_answer_leaves_no_grant() {
+    if !privileged() {
+        return;
+    }
+    if let Err(why) = py_spiffe() {
+        tessera_agent::testkit::skip(&why);
+        return;
+    }
+    let servers = Servers::start();
+    let port = servers.tcp_port;
+    let cg = TestCgroup::new("spiffe-exit");
+    let (app, _) = cg.child("app");
+    let _ = cg.child("other");
+    let agent = Agent::start(&policy(&cg.rel, port), &cg.path, &[]);
+    let out = Command::new(real_python())
+        .env_clear()
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", agent.api.display()),
+        )
+        .arg(script())
+        .arg(&app)
+        .args(["exit-race", "vault", TRUST_DOMAIN, &port.to_string(), "40"])
+        .output()
+        .expect("run the py-spiffe client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit race failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_str(stdout.trim()).expect("client JSON");
+    eprintln!("exit race: {got}");
+    // Some callers were answered before they exited, some not: either way, once every caller
+    // is gone so is every grant (the agent withdrew the grant of a caller that exited, or the
+    // kernel's exit hook deleted it). A grant written for a dead caller would stay for the
+    // rule's maxTtl (5 minutes).
+    let issued = agent.agent_log().matches("credential issued").count();
+    assert!(issued > 0, "no caller was ever answered: {got}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = agent.status_json();
+        if status["grants"]["active"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "grants left for callers that exited: {status}\n{got}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The parent never asked: its connect is denied.
+    assert_eq!(got["connect"], "errno:1", "{got}");
+}

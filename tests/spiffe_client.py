@@ -10,6 +10,10 @@ Prints one JSON object on stdout. MODE:
   validate  validate_jwt_svid of the token read from stdin: {"validated"} or {"error"}
   no-header FetchJWTSVID through the generated stub without `workload.spiffe.io`: {"code",
             "details"}; then connects
+  exit-race ROUNDS (a 6th argument) forked callers that send FetchJWTSVID and exit before,
+            while or after the agent answers: {"rounds", "answered"}; then connects
+  watch     stream_jwt_bundles: one line {"keys": [kid...]} for each bundle the stream sends,
+            until stdin is closed (no connect)
 """
 import json
 import os
@@ -38,7 +42,49 @@ def main():
     out = {"env": sorted(k for k in os.environ if k != "LC_CTYPE")}
     from spiffe import JwtBundle, JwtSource, JwtSvid, TrustDomain, WorkloadApiClient
 
-    if mode == "full":
+    if mode == "watch":
+        def sent(bundles):
+            bundle = bundles.get_bundle_for_trust_domain(TrustDomain(trust_domain))
+            keys = sorted(bundle.jwt_authorities.keys()) if bundle else []
+            print(json.dumps({"keys": keys}), flush=True)
+
+        def failed(e):
+            print(json.dumps({"error": str(e)}), flush=True)
+
+        with WorkloadApiClient() as client:
+            handle = client.stream_jwt_bundles(on_success=sent, on_error=failed)
+            sys.stdin.read()
+            handle.cancel()
+        return
+    if mode == "exit-race":
+        import random
+        import time
+        rounds = int(sys.argv[6])
+        answered = 0
+        for i in range(rounds):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                # grpc only in the child: a channel must not cross a fork.
+                import grpc
+                from spiffe._proto import workload_pb2, workload_pb2_grpc
+                channel = grpc.insecure_channel(os.environ["SPIFFE_ENDPOINT_SOCKET"])
+                stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+                fut = stub.FetchJWTSVID.future(
+                    workload_pb2.JWTSVIDRequest(audience=[audience]),
+                    metadata=[("workload.spiffe.io", "true")], timeout=10)
+                # From at once (the request may not even be out) to well after the answer.
+                time.sleep(random.uniform(0, 0.06) if i % 4 else 0.0)
+                os.write(w, b"1" if fut.done() and fut.exception() is None else b"0")
+                os._exit(0)
+            os.close(w)
+            answered += os.read(r, 1) == b"1"
+            os.close(r)
+            os.waitpid(pid, 0)
+        out["rounds"] = rounds
+        out["answered"] = answered
+    elif mode == "full":
         with WorkloadApiClient() as client:
             svid = client.fetch_jwt_svid(audience={audience})
             out["spiffe_id"] = str(svid.spiffe_id)

@@ -1,6 +1,7 @@
 //! `--trust-bundle-dir`: two agents on one machine (two cgroups, two state directories, one
-//! bundle directory); a token one issued validates through the other, and after a rotation
-//! on the first, its old and new tokens both do.
+//! bundle directory); a token one issued validates through the other, after a rotation on the
+//! first its old and new tokens both do (and the other's `FetchJWTBundles` stream sends the
+//! new key), and still do once its file leaves the directory.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -57,6 +58,76 @@ fn validate_through(agent: &Agent, cgroup: &Path, token: &str) -> Option<Value> 
         .expect("write token");
     let out = child.wait_with_output().expect("py-spiffe");
     Some(serde_json::from_slice(&out.stdout).expect("client JSON"))
+}
+
+/// py-spiffe's `stream_jwt_bundles` on an agent: the kids of each bundle the stream sends.
+struct BundleWatch {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl BundleWatch {
+    /// None: py-spiffe is not installed.
+    fn start(agent: &Agent, cgroup: &Path) -> Option<BundleWatch> {
+        let ok = Command::new(real_python())
+            .args(["-c", "import spiffe"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("FetchJWTBundles not watched: py-spiffe is not installed");
+            return None;
+        }
+        let mut child = Command::new(real_python())
+            .env_clear()
+            .env(
+                "SPIFFE_ENDPOINT_SOCKET",
+                format!("unix://{}", agent.api.display()),
+            )
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/spiffe_client.py"))
+            .arg(cgroup)
+            .args(["watch", "-", "test.tessera.dev", "1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run py-spiffe");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Some(BundleWatch { child, lines })
+    }
+
+    /// The kids of the next bundle sent (panics after 30 s without one).
+    fn next(&mut self) -> Vec<String> {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("FetchJWTBundles sent nothing more in 30 s");
+        let v: Value = serde_json::from_str(&line).expect("watch JSON");
+        assert!(v.get("error").is_none(), "{v}");
+        v["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .map(|k| k.as_str().expect("kid").to_owned())
+            .collect()
+    }
+}
+
+impl Drop for BundleWatch {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
 }
 
 /// Waits until `agent`'s JWKS lists `kid`.
@@ -116,7 +187,11 @@ fn a_token_of_one_agent_validates_through_the_other() {
         assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
     }
 
-    // A rotates: B serves both of A's keys, so old and new tokens both validate through B.
+    // A rotates: B serves both of A's keys, so old and new tokens both validate through B, and
+    // B's FetchJWTBundles stream sends the bundle again with A's new key.
+    let mut watch = BundleWatch::start(b, &apps[1]);
+    // The stream's first bundle, before the rotation.
+    let first = watch.as_mut().map(BundleWatch::next);
     let admin = a.admin.to_str().expect("utf-8").to_owned();
     let (code, out, err) = a.cli(&["rotate-key", "--admin-socket", &admin]);
     assert_eq!(code, 0, "{out}{err}");
@@ -125,6 +200,11 @@ fn a_token_of_one_agent_validates_through_the_other() {
     let new = body["token"].as_str().expect("token").to_owned();
     assert_ne!(kid(&new), kid(&old));
     let jwks = wait_published(b, &mut on_b, &kid(&new));
+    if let (Some(watch), Some(first)) = (watch.as_mut(), first) {
+        assert!(first.contains(&kid(&old)), "{first:?}");
+        assert!(!first.contains(&kid(&new)), "{first:?}");
+        while !watch.next().contains(&kid(&new)) {}
+    }
     assert!(
         jwks["keys"]
             .as_array()
@@ -138,6 +218,33 @@ fn a_token_of_one_agent_validates_through_the_other() {
             assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
         }
     }
+    // A's file leaves the directory: B keeps A's keys (published, verifying) until the last
+    // token they could have signed expires, not a moment less.
+    for entry in std::fs::read_dir(bundles.path())
+        .expect("bundle dir")
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).expect("bundle file");
+        if text.contains(&kid(&new)) {
+            std::fs::remove_file(entry.path()).expect("remove A's file");
+        }
+    }
+    b.wait_log("a trust bundle key left the source");
+    let (_, jwks) = on_b.raw("GET", "/v1/jwks", None);
+    for token in [&old, &new] {
+        assert!(
+            jwks["keys"]
+                .as_array()
+                .expect("keys")
+                .iter()
+                .any(|k| k["kid"] == kid(token).as_str()),
+            "A's key left B's bundle with its file: {jwks}"
+        );
+        if let Some(v) = validate_through(b, &apps[1], token) {
+            assert_eq!(v["validated"], "spiffe://test.tessera.dev/app", "{v}");
+        }
+    }
+
     // B's own tokens still validate through B, and not a forged one.
     let (status, body) = on_b.token("vault", Some(120));
     assert_eq!(status, 200, "{body}");

@@ -1,6 +1,7 @@
 //! The `tessera` command line: one file per subcommand, each with its clap `Args` and a `run`.
 use clap::{Parser, Subcommand};
 
+pub mod bundle;
 pub mod check;
 pub mod exec;
 pub mod logs;
@@ -46,6 +47,8 @@ pub enum Command {
     Revoke(revoke::RevokeArgs),
     /// Sign with a new key from now on; the old one verifies until its tokens expire.
     RotateKey(rotate_key::RotateKeyArgs),
+    /// Export the OIDC discovery document and the trust domain's JWKS for a static host.
+    Bundle(bundle::BundleArgs),
     /// Read or follow the decision log.
     Logs(logs::LogsArgs),
     /// Show what the running agent enforces, and its counters.

@@ -38,6 +38,8 @@ struct RawConfig {
     signing_algorithm: Option<S<String>>,
     key_rotation: Option<S<String>>,
     trust_bundle_dir: Option<S<String>>,
+    issuer: Option<S<String>>,
+    oidc: Option<S<RawOidc>>,
     dns_server: Option<S<String>>,
     log_format: Option<S<String>>,
     fail_open: Option<S<bool>>,
@@ -54,6 +56,15 @@ struct RawDecisionLog {
     max_age: Option<S<String>>,
     keep: Option<S<i64>>,
     aggregate_allows: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOidc {
+    listen: Option<S<String>>,
+    cert: Option<S<String>>,
+    key: Option<S<String>>,
+    plain_http: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +97,13 @@ pub struct FileConfig {
     pub key_rotation: Option<Duration>,
     /// `--trust-bundle-dir`.
     pub trust_bundle_dir: Option<PathBuf>,
+    /// `issuer`: the `iss` of tokens, an https:// URL (OIDC discovery).
+    pub issuer: Option<crate::credential::oidc::Issuer>,
+    /// `oidc.listen`; `Some(None)`: switched off (`listen: off`).
+    pub oidc_listen: Option<Option<SocketAddr>>,
+    pub oidc_cert: Option<PathBuf>,
+    pub oidc_key: Option<PathBuf>,
+    pub oidc_plain_http: Option<bool>,
     pub dns_server: Option<SocketAddr>,
     /// `plain` or `json`.
     pub log_format: Option<String>,

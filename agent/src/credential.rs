@@ -15,6 +15,7 @@ mod jwt;
 mod keyring;
 mod keys;
 mod limit;
+pub mod oidc;
 mod registry;
 mod service;
 #[cfg(test)]
@@ -24,7 +25,9 @@ mod tests;
 
 pub use admin::{StatusFn, serve_admin_api};
 pub use api::{TokenRequest, TokenResponse, bind_socket, serve_workload_api};
-pub use client::{admin_revoke, admin_rotate_key, admin_status, end_credential, request_token};
+pub use client::{
+    admin_oidc, admin_revoke, admin_rotate_key, admin_status, end_credential, request_token,
+};
 pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
 pub use jwt::Claims;
 pub use keyring::{RETIRED_FILE, Rotation};

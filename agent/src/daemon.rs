@@ -52,6 +52,10 @@ pub struct DaemonConfig {
     pub key_rotation: Option<std::time::Duration>,
     /// Each agent's JWKS is written here; the union is served (`--trust-bundle-dir`).
     pub trust_bundle_dir: Option<PathBuf>,
+    /// The `iss` of tokens (`--issuer`); `None`: `spiffe://<trust domain>/tessera-agent`.
+    pub issuer: Option<crate::credential::oidc::Issuer>,
+    /// The OIDC discovery listener (`--oidc-addr`, `--oidc-cert`, `--oidc-key`).
+    pub oidc: crate::credential::oidc::OidcListen,
     /// Detach on shutdown (`--fail-open`); by default the pinned programs keep enforcing.
     pub fail_open: bool,
     /// Rotation and aggregation of the decision log.
@@ -78,6 +82,8 @@ pub enum DaemonError {
     NoSuchCgroup(PathBuf, PathBuf),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Oidc(#[from] credential::oidc::OidcError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
@@ -113,6 +119,13 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         Some(addr) => Some(MetricsServer::bind(addr).await?),
         None => None,
     };
+    // Likewise the OIDC listener: its settings and certificate files are checked, and its port
+    // bound, before anything is loaded.
+    let oidc_server =
+        credential::oidc::OidcServer::bind(&config.oidc, config.issuer.as_ref()).await?;
+    let oidc_cert = oidc_server
+        .as_ref()
+        .and_then(credential::oidc::OidcServer::cert_reload);
     let cgroup_root = kernel::cgroup2_root()?;
     let attach_point = resolve_cgroup(config.cgroup.as_deref(), &cgroup_root)?;
 
@@ -169,7 +182,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let service = Arc::new(
         CredentialService::new(
             &config.state_dir,
-            format!("spiffe://{}/tessera-agent", issuer_domain(&policy)),
+            config.issuer.as_ref().map_or_else(
+                || format!("spiffe://{}/tessera-agent", issuer_domain(&policy)),
+                ToString::to_string,
+            ),
             config.signing_algorithm,
             policy.clone(),
             Arc::new(KernelGrants(grants.clone())),
@@ -303,6 +319,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             .run(ended_tx, stop_rx.clone()),
         )
     });
+    let oidc_task = oidc_server
+        .map(|server| tokio::spawn(server.serve(service.bundle(), stopped(stop_rx.clone()))));
     let metrics_task = metrics_server
         .map(|server| tokio::spawn(server.serve(metrics.clone(), stopped(stop_rx.clone()))));
     info!(api = %config.api_socket.display(), admin = %config.admin_socket.display(), "ready");
@@ -354,7 +372,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
             }
             // Reloads run on a blocking thread: events keep being read meanwhile.
-            _ = sighup.recv() => reloader.request("SIGHUP"),
+            _ = sighup.recv() => {
+                reloader.request("SIGHUP");
+                if let Some(cert) = &oidc_cert {
+                    cert.reload();
+                }
+            }
             _ = policy_poll.tick() => {
                 if reloader.files_changed() {
                     reloader.request("policy files changed");
@@ -464,6 +487,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     if let Some(task) = metrics_task {
         let _ = join_by(deadline, task, "metrics server").await;
+    }
+    if let Some(task) = oidc_task
+        && let Some(Err(e)) = join_by(deadline, task, "OIDC listener").await
+    {
+        warn!(error = %e, "OIDC listener");
     }
     for (task, name) in [(api_task, "Workload API"), (admin_task, "admin API")] {
         if let Some(Err(e)) = join_by(deadline, task, name).await {

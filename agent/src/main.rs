@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             Command::Exec(args) => tessera_agent::cli::exec::run(&args).await,
             Command::Revoke(args) => tessera_agent::cli::revoke::run(&args).await,
             Command::RotateKey(args) => tessera_agent::cli::rotate_key::run(&args).await,
+            Command::Bundle(args) => tessera_agent::cli::bundle::run(&args).await,
             Command::Logs(args) => tessera_agent::cli::logs::run(&args).await,
             Command::Status(args) => tessera_agent::cli::status::run(&args).await,
             Command::Whoami(args) => tessera_agent::cli::whoami::run(&args).await,

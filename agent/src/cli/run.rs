@@ -86,6 +86,27 @@ pub struct RunArgs {
     /// (atomically, its own file) and serves the union of all. [default: none]
     #[arg(long, env = "TESSERA_TRUST_BUNDLE_DIR")]
     pub trust_bundle_dir: Option<PathBuf>,
+    /// The `iss` of every token, as an https:// URL (e.g. https://oidc.example.org) that
+    /// verifiers can discover: <issuer>/.well-known/openid-configuration, served by
+    /// --oidc-addr or from `tessera bundle export`. [default: spiffe://<trust domain>/tessera-agent]
+    #[arg(long, env = "TESSERA_ISSUER", value_parser = parse_issuer)]
+    pub issuer: Option<crate::credential::oidc::Issuer>,
+    /// Serve OIDC discovery (the discovery document and the trust domain's JWKS, under the
+    /// --issuer URL's path) on IP:PORT, over HTTPS from --oidc-cert and --oidc-key, or `off`.
+    /// [default: off]
+    #[arg(long, env = "TESSERA_OIDC_ADDR", value_parser = config::parse_listen_arg,
+          overrides_with = "oidc_addr")]
+    pub oidc_addr: Option<config::Listen>,
+    /// The OIDC listener's certificate chain (PEM, server certificate first); reread on SIGHUP.
+    #[arg(long, env = "TESSERA_OIDC_CERT")]
+    pub oidc_cert: Option<PathBuf>,
+    /// The OIDC listener's private key (PEM); reread on SIGHUP.
+    #[arg(long, env = "TESSERA_OIDC_KEY")]
+    pub oidc_key: Option<PathBuf>,
+    /// Serve OIDC discovery over plain HTTP, for a reverse proxy on this host that terminates
+    /// TLS: only on a loopback --oidc-addr. [default: false]
+    #[arg(long, env = "TESSERA_OIDC_PLAIN_HTTP", num_args = 0..=1, default_missing_value = "true")]
+    pub oidc_plain_http: Option<bool>,
     /// DNS server (IP:PORT) that resolves endpoint `hosts:`. [default: the system's resolver
     /// configuration, /etc/resolv.conf]
     #[arg(long, env = "TESSERA_DNS_SERVER")]
@@ -110,6 +131,10 @@ pub struct RunArgs {
     /// [default: twice the rate]
     #[arg(long, env = "TESSERA_RATE_LIMIT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: Option<u32>,
+}
+
+fn parse_issuer(s: &str) -> Result<crate::credential::oidc::Issuer, String> {
+    s.parse()
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +307,16 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
             .trust_bundle_dir
             .clone()
             .or_else(|| file.trust_bundle_dir.clone()),
+        issuer: args.issuer.clone().or_else(|| file.issuer.clone()),
+        oidc: crate::credential::oidc::OidcListen {
+            addr: args.oidc_addr.map(|l| l.0).or(file.oidc_listen).flatten(),
+            cert: args.oidc_cert.clone().or_else(|| file.oidc_cert.clone()),
+            key: args.oidc_key.clone().or_else(|| file.oidc_key.clone()),
+            plain_http: args
+                .oidc_plain_http
+                .or(file.oidc_plain_http)
+                .unwrap_or(false),
+        },
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
         rate_limit: rate_limit(args, file),
@@ -322,6 +357,13 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "signingAlgorithm": c.signing_algorithm.as_str(),
         "trustBundleDir": c.trust_bundle_dir.as_ref().map(|p| p.display().to_string()),
         "keyRotation": c.key_rotation.map(|d| humantime::format_duration(d).to_string()),
+        "issuer": c.issuer.as_ref().map(|i| i.to_string()),
+        "oidc": {
+            "listen": c.oidc.addr.map(|a| a.to_string()),
+            "cert": c.oidc.cert.as_ref().map(|p| p.display().to_string()),
+            "key": c.oidc.key.as_ref().map(|p| p.display().to_string()),
+            "plainHttp": c.oidc.plain_http,
+        },
         "dnsServer": c.dns_server.map(|a| a.to_string()),
         "failOpen": c.fail_open,
         "logFormat": match log_format { LogFormatArg::Plain => "plain", LogFormatArg::Json => "json" },

@@ -10,7 +10,7 @@ use super::{ConfigError, FileConfig, RawConfig, S};
 use crate::daemon::cgroupns::CgroupNamespace;
 
 const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
-                      signingAlgorithm, keyRotation, trustBundleDir, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
+                      signingAlgorithm, keyRotation, trustBundleDir, issuer, oidc, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
     let mut out = FileConfig {
@@ -105,6 +105,36 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
     }
     if let Some(d) = raw.trust_bundle_dir {
         out.trust_bundle_dir = path(&d, "trustBundleDir", errors);
+    }
+    if let Some(i) = raw.issuer {
+        match i.value.parse() {
+            Ok(issuer) => out.issuer = Some(issuer),
+            Err(e) => errors.push(err(
+                i.referenced,
+                e,
+                "or remove the key for the default spiffe://<trust domain>/tessera-agent",
+            )),
+        }
+    }
+    if let Some(o) = raw.oidc {
+        let o = o.value;
+        if let Some(l) = &o.listen {
+            match parse_listen(&l.value) {
+                Ok(a) => out.oidc_listen = Some(a),
+                Err(e) => errors.push(err(
+                    l.referenced,
+                    e,
+                    "write IP:PORT (e.g. 0.0.0.0:8443), or off to serve no OIDC discovery",
+                )),
+            }
+        }
+        if let Some(c) = &o.cert {
+            out.oidc_cert = path(c, "oidc.cert", errors);
+        }
+        if let Some(k) = &o.key {
+            out.oidc_key = path(k, "oidc.key", errors);
+        }
+        out.oidc_plain_http = o.plain_http.map(|p| p.value);
     }
     if let Some(k) = raw.key_rotation {
         match humantime::parse_duration(&k.value) {

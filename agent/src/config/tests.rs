@@ -302,3 +302,64 @@ fn the_rate_limit_comes_from_flag_file_or_default() {
     let bad = crate::cli::Cli::try_parse_from(["tessera", "run", "--rate-limit", "lots"]);
     assert!(bad.is_err());
 }
+
+#[test]
+fn the_issuer_and_the_oidc_listener_come_from_flag_or_file() {
+    let c = load(
+        "issuer: https://oidc.example.org/td\noidc:\n  listen: 0.0.0.0:8443\n  \
+         cert: /etc/tessera/oidc.pem\n  key: /etc/tessera/oidc.key\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.issuer.as_ref().map(|i| i.as_str()),
+        Some("https://oidc.example.org/td")
+    );
+    assert_eq!(c.oidc_listen, Some(Some("0.0.0.0:8443".parse().unwrap())));
+    assert_eq!(c.oidc_cert, Some(PathBuf::from("/etc/tessera/oidc.pem")));
+    let (config, _) = resolve(&run_args(&[]), &c);
+    assert_eq!(config.oidc.addr, Some("0.0.0.0:8443".parse().unwrap()));
+    assert_eq!(
+        config.oidc.key,
+        Some(PathBuf::from("/etc/tessera/oidc.key"))
+    );
+    assert!(!config.oidc.plain_http);
+    // Flags win: another issuer, the listener off.
+    let (config, _) = resolve(
+        &run_args(&[
+            "--issuer",
+            "https://other.example.org",
+            "--oidc-addr",
+            "off",
+        ]),
+        &c,
+    );
+    assert_eq!(
+        config.issuer.map(|i| i.to_string()).as_deref(),
+        Some("https://other.example.org")
+    );
+    assert_eq!(config.oidc.addr, None);
+    // Without either: no issuer (the spiffe:// default) and no listener.
+    let (config, _) = resolve(&run_args(&[]), &load("").unwrap());
+    assert_eq!(config.issuer, None);
+    assert_eq!(config.oidc, crate::credential::oidc::OidcListen::default());
+
+    let e =
+        errors("issuer: http://oidc.example.org\noidc:\n  listen: everywhere\n  plainHttp: true\n");
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e[0].starts_with(
+            "/etc/tessera/config.yaml:1:9: issuer `http://oidc.example.org` is not an https:// URL"
+        ),
+        "{}",
+        e[0]
+    );
+    assert!(
+        e[1].starts_with("/etc/tessera/config.yaml:3:11: "),
+        "{}",
+        e[1]
+    );
+    assert!(
+        Cli::try_parse_from(["tessera", "run", "--issuer", "spiffe://x/y"]).is_err(),
+        "a spiffe:// --issuer is refused"
+    );
+}

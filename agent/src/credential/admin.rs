@@ -1,5 +1,5 @@
 //! The admin API (socket mode 0600): `POST /v1/admin/revoke`, `POST /v1/admin/rotate-key`,
-//! `GET /v1/admin/status`.
+//! `GET /v1/admin/status`, `GET /v1/admin/oidc`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use tracing::warn;
 
 use super::CredentialError;
 use super::http::{self, HttpResponse};
+use super::oidc::{Issuer, discovery_document, oidc_jwks};
 use super::registry::RevokeTarget;
 use super::service::{CredentialService, Refusal};
 
@@ -63,6 +64,18 @@ pub async fn serve_admin_api(
     .await
 }
 
+/// What `tessera bundle export` writes: the issuer, the trust domain's JWKS and, when the
+/// issuer is an https:// URL, its discovery document (`null` otherwise).
+fn oidc_documents(svc: &CredentialService) -> serde_json::Value {
+    let jwks = oidc_jwks(&svc.bundle().borrow());
+    let discovery = svc
+        .issuer()
+        .parse::<Issuer>()
+        .ok()
+        .map(|issuer| discovery_document(&issuer, &jwks));
+    serde_json::json!({ "issuer": svc.issuer(), "jwks": jwks, "discovery": discovery })
+}
+
 /// Whether the peer `pid` (as this process sees it) lives in the agent's pid namespace. A peer
 /// in a namespace the agent cannot see has pid 0 here; one in a child namespace (a container)
 /// has a pid here but another namespace.
@@ -106,6 +119,8 @@ async fn route(svc: &CredentialService, status: &StatusFn, req: Request<Incoming
         ("/v1/admin/rotate-key", _) => http::method_not_allowed("POST"),
         ("/v1/admin/status", &Method::GET) => http::json(StatusCode::OK, &status()),
         ("/v1/admin/status", _) => http::method_not_allowed("GET"),
+        ("/v1/admin/oidc", &Method::GET) => http::json(StatusCode::OK, &oidc_documents(svc)),
+        ("/v1/admin/oidc", _) => http::method_not_allowed("GET"),
         (p, _) => http::not_found(p),
     }
 }

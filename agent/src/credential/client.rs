@@ -66,6 +66,11 @@ pub async fn admin_status(socket: &Path) -> Result<serde_json::Value, ClientErro
     call(socket, Method::GET, "/v1/admin/status", None).await
 }
 
+/// The OIDC documents (`GET /v1/admin/oidc`): `{"issuer", "jwks", "discovery"}`.
+pub async fn admin_oidc(socket: &Path) -> Result<serde_json::Value, ClientError> {
+    call(socket, Method::GET, "/v1/admin/oidc", None).await
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     error: String,

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::DecodingKey;
 use jsonwebtoken::jwk::Jwk;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::errors::{CredentialError, TokenError};
 use super::jwt::{Claims, Verifier};
@@ -22,6 +22,8 @@ use crate::identity::spiffe::SpiffeId;
 pub const RETIRED_FILE: &str = "retired-keys.json";
 /// Published this much longer than the last token's `exp`: verifiers' clock skew.
 const GRACE_SECONDS: u64 = 30;
+/// The `until` of another agent's key while the trust bundle source holds it.
+const IN_SOURCE: u64 = u64::MAX;
 
 /// A retired key: its public JWK, until when it is published.
 struct Retired {
@@ -46,7 +48,8 @@ pub(crate) struct KeyRing {
     /// The latest `exp` the current key signed (unix seconds).
     signed_until: u64,
     retired: Vec<Retired>,
-    /// Other agents' keys of the trust domain (`--trust-bundle-dir`).
+    /// Other agents' keys of the trust domain (`--trust-bundle-dir`): `until` is [`IN_SOURCE`]
+    /// while the source holds one, then the expiry of the last token it could have signed.
     foreign: Vec<Retired>,
 }
 
@@ -108,21 +111,35 @@ impl KeyRing {
         serde_json::json!({ "keys": keys })
     }
 
-    /// The trust domain's JWKS: this agent's keys, then other agents' (`--trust-bundle-dir`).
+    /// The trust domain's JWKS: this agent's keys, then other agents' (`--trust-bundle-dir`),
+    /// those that left the directory included until their tokens have expired.
     pub(crate) fn jwks(&self) -> serde_json::Value {
+        let now = now();
         let mut doc = self.own_jwks();
         if let Some(keys) = doc["keys"].as_array_mut() {
-            keys.extend(self.foreign.iter().map(|r| r.jwk.clone()));
+            keys.extend(
+                self.foreign
+                    .iter()
+                    .filter(|r| r.until > now)
+                    .map(|r| r.jwk.clone()),
+            );
         }
         doc
     }
 
     /// Replaces the other agents' keys with `jwks` (ours and invalid ones left out); true when
-    /// the set changed.
-    pub(crate) fn set_foreign(&mut self, jwks: Vec<serde_json::Value>) -> bool {
+    /// the set changed. A key that left the source may have signed a token a moment ago: it
+    /// keeps verifying (and is published) for `longest_ttl` more, plus the clock-skew grace,
+    /// then goes. (Remembered in memory: a restarted agent knows only what the source holds.)
+    pub(crate) fn set_foreign(
+        &mut self,
+        jwks: Vec<serde_json::Value>,
+        longest_ttl: Duration,
+    ) -> bool {
+        let now = now();
         let mut foreign: Vec<Retired> = Vec::new();
         for jwk in jwks {
-            let Some(r) = retired_from(jwk, u64::MAX) else {
+            let Some(r) = retired_from(jwk, IN_SOURCE) else {
                 continue;
             };
             let ours = r.kid == self.current.kid || self.retired.iter().any(|o| o.kid == r.kid);
@@ -130,9 +147,29 @@ impl KeyRing {
                 foreign.push(r);
             }
         }
-        let before: Vec<&str> = self.foreign.iter().map(|f| f.kid.as_str()).collect();
-        let after: Vec<&str> = foreign.iter().map(|f| f.kid.as_str()).collect();
-        let changed = before != after;
+        let departed_until = now
+            .saturating_add(longest_ttl.as_secs())
+            .saturating_add(GRACE_SECONDS);
+        // Every key held was published at the last call (expired ones are dropped here).
+        let before: Vec<String> = self.foreign.iter().map(|f| f.kid.clone()).collect();
+        for mut old in std::mem::take(&mut self.foreign) {
+            if foreign.iter().any(|f| f.kid == old.kid) {
+                continue;
+            }
+            if old.until == IN_SOURCE {
+                old.until = departed_until;
+                info!(
+                    kid = %old.kid,
+                    until = departed_until,
+                    "a trust bundle key left the source: it verifies until its last token expires"
+                );
+            }
+            if old.until > now {
+                foreign.push(old);
+            }
+        }
+        let changed =
+            foreign.len() != before.len() || foreign.iter().zip(&before).any(|(f, b)| &f.kid != b);
         self.foreign = foreign;
         changed
     }
@@ -343,6 +380,61 @@ mod tests {
             .verify(&old, "iss", "vault")
             .expect("old token after restart");
         assert_eq!(again.jwks(), ring.jwks());
+    }
+
+    #[test]
+    fn a_key_that_leaves_the_source_verifies_until_its_last_token_expires() {
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let mut ring = KeyRing::load(dir_a.path(), SigningAlgorithm::Es256).expect("ring");
+        let other = KeyRing::load(dir_b.path(), SigningAlgorithm::Es256).expect("other");
+        let token = other.current().sign(&claims(60)).expect("sign");
+        let kid = other.current().kid().to_owned();
+        let ttl = Duration::from_secs(60);
+        assert!(matches!(
+            ring.verify(&token, "iss", "vault"),
+            Err(TokenError::UnknownKey { .. })
+        ));
+        assert!(ring.set_foreign(vec![other.current().jwk()], ttl));
+        assert!(
+            !ring.set_foreign(vec![other.current().jwk()], ttl),
+            "no change"
+        );
+        ring.verify(&token, "iss", "vault")
+            .expect("a foreign key verifies");
+        // Gone from the source: still published and verifying, for the longest TTL and grace.
+        assert!(
+            !ring.set_foreign(Vec::new(), ttl),
+            "still published: no change"
+        );
+        ring.verify(&token, "iss", "vault")
+            .expect("verifies after leaving");
+        assert!(
+            ring.jwks()["keys"]
+                .as_array()
+                .expect("keys")
+                .iter()
+                .any(|k| k["kid"] == kid.as_str())
+        );
+        let until = ring.foreign[0].until;
+        assert!(
+            until >= now() + 60 + GRACE_SECONDS - 1 && until <= now() + 60 + GRACE_SECONDS,
+            "{until}"
+        );
+        // Back in the source: held again with no end; gone again, then past its time: dropped.
+        assert!(!ring.set_foreign(vec![other.current().jwk()], ttl));
+        assert_eq!(ring.foreign[0].until, IN_SOURCE);
+        ring.set_foreign(Vec::new(), ttl);
+        ring.foreign[0].until = now() - 1;
+        assert!(ring.set_foreign(Vec::new(), ttl), "the key went");
+        assert!(ring.foreign.is_empty());
+        assert!(matches!(
+            ring.verify(&token, "iss", "vault"),
+            Err(TokenError::UnknownKey { .. })
+        ));
+        assert_eq!(ring.jwks()["keys"].as_array().map(Vec::len), Some(1));
     }
 
     #[test]

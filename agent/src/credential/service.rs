@@ -128,7 +128,7 @@ impl CredentialService {
             if own_changed && let Err(e) = dir.publish(&ring.own_jwks()) {
                 warn!(error = %e, "cannot write this agent's keys to the trust bundle directory");
             }
-            changed |= ring.set_foreign(dir.others());
+            changed |= ring.set_foreign(dir.others(), self.longest_ttl());
         }
         if changed {
             self.bundle.send_replace(ring.jwks());
@@ -198,14 +198,7 @@ impl CredentialService {
     /// A new signing key now (`tessera rotate-key`, the schedule); the old public key stays
     /// published until every token it signed has expired. Bundle watchers are told.
     pub fn rotate_key(&self) -> Result<Rotation, CredentialError> {
-        let longest = self
-            .attestor
-            .policy()
-            .rules
-            .iter()
-            .filter_map(|r| r.credential.map(|c| c.max_ttl))
-            .max()
-            .unwrap_or_default();
+        let longest = self.longest_ttl();
         let rotation = {
             let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
             ring.rotate(longest)?
@@ -213,6 +206,17 @@ impl CredentialService {
         self.refresh_bundle(true);
         info!(kid = %rotation.kid, retired = %rotation.retired, retired_until = rotation.retired_until, "signing key rotated");
         Ok(rotation)
+    }
+
+    /// The policy's longest `maxTtl`: how long a token signed now may stay valid.
+    fn longest_ttl(&self) -> Duration {
+        self.attestor
+            .policy()
+            .rules
+            .iter()
+            .filter_map(|r| r.credential.map(|c| c.max_ttl))
+            .max()
+            .unwrap_or_default()
     }
 
     /// Stops publishing retired keys whose tokens have all expired.
