@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
 use super::bundle_dir::BundleDir;
+use super::decide::{self, Verdict};
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keyring::{KeyRing, Rotation};
@@ -46,6 +47,9 @@ pub trait CredentialObserver: Send + Sync {
     fn issued(&self, elapsed: Duration);
     /// `reason`: the 403 reason, or `bad_request`, `not_found`, `internal`.
     fn refused(&self, reason: &str, elapsed: Duration);
+    /// An issuance module was asked: `allow`, `deny`, or why it gave no answer (`error`,
+    /// `timeout`, `undefined`, `invalid_result`: each a deny).
+    fn module_decided(&self, _result: &'static str) {}
 }
 
 /// Why a request gets no credential: an HTTP status, a stable reason, a message saying what to do.
@@ -55,6 +59,9 @@ pub(crate) enum Refusal {
     BadRequest(String),
     /// 403 `{"error", "reason"}`
     Forbidden { reason: &'static str, error: String },
+    /// 403 `{"error", "reason": "policy_denied", "reasons"}`: the rule's issuance module said
+    /// no, or gave no answer (which is a no).
+    PolicyDenied { error: String, reasons: Vec<String> },
     /// 404
     NotFound(String),
     /// 500; the message is for the caller, details are logged.
@@ -340,6 +347,7 @@ impl CredentialService {
             match &result {
                 Ok(_) => observer.issued(elapsed),
                 Err(Refusal::Forbidden { reason, .. }) => observer.refused(reason, elapsed),
+                Err(Refusal::PolicyDenied { .. }) => observer.refused("policy_denied", elapsed),
                 Err(Refusal::BadRequest(_)) => observer.refused("bad_request", elapsed),
                 Err(Refusal::NotFound(_)) => observer.refused("not_found", elapsed),
                 Err(Refusal::Internal(_)) => observer.refused("internal", elapsed),
@@ -411,7 +419,89 @@ impl CredentialService {
             ));
         }
 
+        let scopes = decide::requested_scopes(rule, req.scopes.as_deref()).map_err(|unknown| {
+            Refusal::forbidden(
+                "scope_not_allowed",
+                format!(
+                    "rule {} does not offer the scope(s) {}; it offers: {}",
+                    rule.name,
+                    unknown.join(" "),
+                    if rule.scopes.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        rule.scopes.join(" ")
+                    }
+                ),
+            )
+        })?;
         let now = SystemTime::now();
+        let (ttl, scopes) = match rule.issuance {
+            None => (ttl, scopes),
+            Some(id) => {
+                let module = policy.issuance_module(id);
+                let input = decide::Input {
+                    workload: decide::WorkloadInput {
+                        name: &workload.name,
+                        spiffe_id: workload.spiffe_id.to_string(),
+                        evidence: decide::EvidenceInput::of(ev),
+                    },
+                    endpoint: decide::EndpointInput {
+                        name: &endpoint.name,
+                        kind: endpoint.kind.as_str(),
+                        labels: &endpoint.labels,
+                    },
+                    rule: decide::RuleInput {
+                        name: &rule.name,
+                        max_ttl_seconds: max_ttl,
+                        bind: cred_policy.bind.as_str(),
+                        scopes: &rule.scopes,
+                    },
+                    request: decide::RequestInput {
+                        audience: &req.audience,
+                        task: task.as_deref(),
+                        ttl_seconds: ttl,
+                        scopes: &scopes,
+                        scopes_requested: req.scopes.is_some(),
+                        on_behalf_of: None,
+                        parent: None,
+                    },
+                    time: decide::TimeInput::of(now),
+                    history: decide::History::of(
+                        &self.registry.kept_of(&workload.spiffe_id),
+                        now,
+                    ),
+                };
+                let verdict = decide::ask(module, &input);
+                self.module_decided(match &verdict {
+                    Ok(_) => "allow",
+                    Err(Verdict::Denied(_)) => "deny",
+                    Err(Verdict::Failed(kind, _)) => kind,
+                });
+                match verdict {
+                    Ok(grant) => (grant.ttl_seconds, grant.scopes),
+                    Err(Verdict::Denied(reasons)) => {
+                        info!(workload = %workload.spiffe_id, endpoint = %endpoint.name, rule = %rule.name, reasons = ?reasons, "issuance module denied a credential");
+                        return Err(Refusal::PolicyDenied {
+                            error: format!(
+                                "the issuance module {} denied the request: {}",
+                                module.path.display(),
+                                reasons.join("; ")
+                            ),
+                            reasons,
+                        });
+                    }
+                    Err(Verdict::Failed(kind, why)) => {
+                        warn!(workload = %workload.spiffe_id, endpoint = %endpoint.name, module = %module.path.display(), kind, error = %why, "issuance module gave no answer: denied");
+                        return Err(Refusal::PolicyDenied {
+                            error: format!(
+                                "{why}; without an answer the request is denied"
+                            ),
+                            reasons: vec![format!("module_{kind}: {why}")],
+                        });
+                    }
+                }
+            }
+        };
         let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let iat = since_epoch.as_secs();
         let exp = iat + ttl;
@@ -427,6 +517,7 @@ impl CredentialService {
             exp,
             jti: jti.clone(),
             task: task.unwrap_or_else(|| jti.clone()),
+            scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
         };
         let signed = {
             let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
@@ -531,7 +622,19 @@ impl CredentialService {
             audience: info.audience,
             expires_at: humantime::format_rfc3339_seconds(info.expires_at).to_string(),
             bind: info.bind.as_str().to_owned(),
+            scopes,
         })
+    }
+
+    fn module_decided(&self, result: &'static str) {
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(observer) = observer {
+            observer.module_decided(result);
+        }
     }
 
     /// `DELETE /v1/credentials/{jti}`: the holder's workload ends a credential early.
