@@ -59,8 +59,10 @@ test_allowed_in_working_hours_with_a_short_ttl if {
 }
 
 test_write_scope_only_for_deploy_tasks if {
-	(decision with input as request("report-1", 10, 0)).scopes == ["secrets:read"]
-	(decision with input as request("deploy-7", 10, 0)).scopes == ["secrets:read", "secrets:write"]
+	report := decision with input as request("report-1", 10, 0)
+	report.scopes == ["secrets:read"]
+	deploy := decision with input as request("deploy-7", 10, 0)
+	deploy.scopes == ["secrets:read", "secrets:write"]
 }
 
 test_denied_at_night if {
