@@ -22,9 +22,10 @@ use support::{Agent, Servers, TESSERA, TestCgroup, Workload, privileged};
 /// (labelled sensitivity: restricted), `timed` (labelled hours: closed) and `echo`, all
 /// through the module at `module` (an absolute path).
 fn policy(rel: &str, port: u16, module: &Path) -> String {
-    let endpoint = |name: &str, labels: &str| {
+    // One loopback address each: a destination belongs to one endpoint.
+    let endpoint = |name: &str, host: u8, labels: &str| {
         format!(
-            "    - name: {name}\n      addresses: [\"127.0.0.1/32\"]\n      ports: [{port}]\n      \
+            "    - name: {name}\n      addresses: [\"127.0.0.{host}/32\"]\n      ports: [{port}]\n      \
              labels: {{ {labels} }}\n      audiences: [{name}.test]\n"
         )
     };
@@ -37,10 +38,10 @@ fn policy(rel: &str, port: u16, module: &Path) -> String {
          - name: app-to-others\n      workloads: [app]\n      endpoints: [public, timed, echo]\n      \
          credential: {{ required: true, maxTtl: 10m, bind: process }}\n",
         module.display(),
-        endpoint("vault", "sensitivity: high"),
-        endpoint("public", "sensitivity: restricted"),
-        endpoint("timed", "hours: closed"),
-        endpoint("echo", "echo: \"yes\""),
+        endpoint("vault", 1, "sensitivity: high"),
+        endpoint("public", 2, "sensitivity: restricted"),
+        endpoint("timed", 3, "hours: closed"),
+        endpoint("echo", 4, "echo: \"yes\""),
     )
 }
 
