@@ -171,7 +171,11 @@ fn a_module_decides_by_label_time_and_history_and_narrows_the_token() {
     assert_eq!(body["scopes"], json!(["read"]), "{body}");
     let c = claims(body["token"].as_str().unwrap());
     assert_eq!(c["scope"], "read", "{c}");
-    assert_eq!(c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(), 60, "{c}");
+    assert_eq!(
+        c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(),
+        60,
+        "{c}"
+    );
     // The kernel grant is real.
     assert_eq!(w.connect4(port), "ok");
 
@@ -184,12 +188,20 @@ fn a_module_decides_by_label_time_and_history_and_narrows_the_token() {
 
     // A scope the rule does not offer: refused before the module.
     let (status, body) = ask(&mut w, json!({"audience": "vault", "scopes": ["admin"]}));
-    assert_eq!((status, body["reason"].as_str()), (403, Some("scope_not_allowed")), "{body}");
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("scope_not_allowed")),
+        "{body}"
+    );
     assert!(body["error"].as_str().unwrap().contains("admin"), "{body}");
 
     // By label.
     let (status, body) = ask(&mut w, json!({"audience": "public", "task": "t"}));
-    assert_eq!((status, body["reason"].as_str()), (403, Some("policy_denied")), "{body}");
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("policy_denied")),
+        "{body}"
+    );
     assert_eq!(body["reasons"], json!(["restricted endpoint"]), "{body}");
 
     // By the time of day.
@@ -200,16 +212,32 @@ fn a_module_decides_by_label_time_and_history_and_narrows_the_token() {
     // By history: the two vault credentials above are held.
     let (status, body) = ask(&mut w, json!({"audience": "vault", "task": "report"}));
     assert_eq!(status, 403, "{body}");
-    assert_eq!(body["reasons"], json!(["already holds 2 credentials"]), "{body}");
+    assert_eq!(
+        body["reasons"],
+        json!(["already holds 2 credentials"]),
+        "{body}"
+    );
 
     // The input the module saw, against the published schema.
     let (status, body) = ask(&mut w, json!({"audience": "echo", "task": "schema"}));
     assert_eq!(status, 403, "{body}");
     let input: Value = serde_json::from_str(body["reasons"][0].as_str().unwrap()).unwrap();
-    assert_eq!(input["workload"]["evidence"]["pid"], json!(w.pid), "{input}");
-    assert_eq!(input["history"]["active"].as_array().unwrap().len(), 2, "{input}");
+    assert_eq!(
+        input["workload"]["evidence"]["pid"],
+        json!(w.pid),
+        "{input}"
+    );
+    assert_eq!(
+        input["history"]["active"].as_array().unwrap().len(),
+        2,
+        "{input}"
+    );
     assert_eq!(input["history"]["issued_last_minute"], 2, "{input}");
-    assert_eq!(input["endpoint"]["labels"], json!({"echo": "yes"}), "{input}");
+    assert_eq!(
+        input["endpoint"]["labels"],
+        json!({"echo": "yes"}),
+        "{input}"
+    );
     check_schema(&input);
 
     assert_eq!(module_count(&agent, "allow"), 2);
@@ -273,13 +301,33 @@ fn errors_and_timeouts_deny_and_a_broken_module_is_refused_on_reload() {
     let mut w = Workload::spawn(&app_cg, &agent.api);
 
     let (status, body) = ask(&mut w, json!({"audience": "public", "task": "boom"}));
-    assert_eq!((status, body["reason"].as_str()), (403, Some("policy_denied")), "{body}");
-    assert!(body["reasons"][0].as_str().unwrap().starts_with("module_error: "), "{body}");
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("policy_denied")),
+        "{body}"
+    );
+    assert!(
+        body["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("module_error: "),
+        "{body}"
+    );
     assert_eq!(module_count(&agent, "error"), 1);
 
     let (status, body) = ask(&mut w, json!({"audience": "public", "task": "spin"}));
-    assert_eq!((status, body["reason"].as_str()), (403, Some("policy_denied")), "{body}");
-    assert!(body["reasons"][0].as_str().unwrap().starts_with("module_timeout: "), "{body}");
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("policy_denied")),
+        "{body}"
+    );
+    assert!(
+        body["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("module_timeout: "),
+        "{body}"
+    );
     assert_eq!(module_count(&agent, "timeout"), 1);
 
     // The agent goes on deciding.
@@ -289,7 +337,10 @@ fn errors_and_timeouts_deny_and_a_broken_module_is_refused_on_reload() {
 
     // A module that does not parse: the reload is refused with its place, the old module
     // keeps deciding (vault allowed, public denied as before).
-    replace(&module_path, "package test.issuance\n\ndecision := {\"allow\": true\n");
+    replace(
+        &module_path,
+        "package test.issuance\n\ndecision := {\"allow\": true\n",
+    );
     wait_log_count(&agent, "reload refused", 1);
     let log = agent.agent_log();
     let refused = log.lines().find(|l| l.contains("reload refused")).unwrap();
@@ -300,7 +351,11 @@ fn errors_and_timeouts_deny_and_a_broken_module_is_refused_on_reload() {
     let (status, body) = ask(&mut w, json!({"audience": "vault", "task": "report"}));
     assert_eq!(status, 200, "{body}");
     let (status, body) = ask(&mut w, json!({"audience": "public", "task": "t"}));
-    assert_eq!(body["reasons"], json!(["restricted endpoint"]), "{status} {body}");
+    assert_eq!(
+        body["reasons"],
+        json!(["restricted endpoint"]),
+        "{status} {body}"
+    );
 
     // A valid new module: applied, and it decides from now on.
     replace(
@@ -315,7 +370,10 @@ fn errors_and_timeouts_deny_and_a_broken_module_is_refused_on_reload() {
 }
 
 fn tessera(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(TESSERA).args(args).output().expect("run tessera");
+    let out = Command::new(TESSERA)
+        .args(args)
+        .output()
+        .expect("run tessera");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -330,7 +388,10 @@ fn tessera_check_compiles_and_tessera_test_runs_the_modules_tests() {
     let shipped = shipped.to_str().unwrap();
     let (code, out, err) = tessera(&["test", shipped]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("PASS data.tessera.issuance.test_denied_at_night"), "{out}");
+    assert!(
+        out.contains("PASS data.tessera.issuance.test_denied_at_night"),
+        "{out}"
+    );
     assert!(out.contains("4 passed, 0 failed (1 modules)"), "{out}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -355,7 +416,10 @@ fn tessera_check_compiles_and_tessera_test_runs_the_modules_tests() {
     let (code, out, err) = tessera(&["test", policy]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("PASS data.m.test_allows"), "{out}");
-    assert!(out.contains("FAIL data.m.test_wrongly_expects_allow"), "{out}");
+    assert!(
+        out.contains("FAIL data.m.test_wrongly_expects_allow"),
+        "{out}"
+    );
     assert!(out.contains("1 passed, 1 failed"), "{out}");
     let (code, out, err) = tessera(&["check", policy]);
     assert_eq!(code, 0, "{out}{err}");

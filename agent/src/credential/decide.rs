@@ -7,10 +7,30 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use tracing::{info, warn};
+
+use super::api::TokenRequest;
 use super::registry::CredentialInfo;
+use super::service::Refusal;
 use crate::identity::evidence::Evidence;
 use crate::policy::issuance::EvalFailure;
-use crate::policy::{IssuanceModule, Rule};
+use crate::policy::{CredentialPolicy, Endpoint, IssuanceModule, Rule, Workload};
+
+/// One credential request that a rule with an issuance module matched.
+pub(crate) struct Asked<'a> {
+    pub workload: &'a Workload,
+    pub evidence: &'a Evidence,
+    pub endpoint: &'a Endpoint,
+    pub rule: &'a Rule,
+    pub credential: CredentialPolicy,
+    pub request: &'a TokenRequest,
+    pub task: Option<&'a str>,
+    /// The TTL and scopes it gets unless the module narrows them.
+    pub ttl_seconds: u64,
+    pub scopes: &'a [String],
+    pub now: SystemTime,
+    pub history: History,
+}
 
 /// What the module was given (`input`).
 #[derive(Clone, Debug, Serialize)]
@@ -151,7 +171,10 @@ pub(crate) enum Verdict {
 
 /// The scopes a request gets from `rule` before any module: the ones it asked for (each one
 /// the rule lists), or all of the rule's. `Err`: the scopes the rule does not offer.
-pub(crate) fn requested_scopes(rule: &Rule, asked: Option<&[String]>) -> Result<Vec<String>, Vec<String>> {
+pub(crate) fn requested_scopes(
+    rule: &Rule,
+    asked: Option<&[String]>,
+) -> Result<Vec<String>, Vec<String>> {
     let Some(asked) = asked else {
         return Ok(rule.scopes.clone());
     };
@@ -233,6 +256,69 @@ impl TimeInput {
     }
 }
 
+impl Asked<'_> {
+    fn input(&self) -> Input<'_> {
+        Input {
+            workload: WorkloadInput {
+                name: &self.workload.name,
+                spiffe_id: self.workload.spiffe_id.to_string(),
+                evidence: EvidenceInput::of(self.evidence),
+            },
+            endpoint: EndpointInput {
+                name: &self.endpoint.name,
+                kind: self.endpoint.kind.as_str(),
+                labels: &self.endpoint.labels,
+            },
+            rule: RuleInput {
+                name: &self.rule.name,
+                max_ttl_seconds: self.credential.max_ttl.as_secs().max(1),
+                bind: self.credential.bind.as_str(),
+                scopes: &self.rule.scopes,
+            },
+            request: RequestInput {
+                audience: &self.request.audience,
+                task: self.task,
+                ttl_seconds: self.ttl_seconds,
+                scopes: self.scopes,
+                scopes_requested: self.request.scopes.is_some(),
+                on_behalf_of: None,
+                parent: None,
+            },
+            time: TimeInput::of(self.now),
+            history: self.history.clone(),
+        }
+    }
+}
+
+/// Asks `module` about `asked`: the metric label of its answer (`allow`, `deny`, `error`,
+/// `timeout`, `undefined`, `invalid_result`), and the grant or the refusal (logged).
+pub(crate) fn decide(
+    module: &IssuanceModule,
+    asked: &Asked<'_>,
+) -> (&'static str, Result<Grant, Refusal>) {
+    let (workload, endpoint) = (&asked.workload.spiffe_id, &asked.endpoint.name);
+    match ask(module, &asked.input()) {
+        Ok(grant) => ("allow", Ok(grant)),
+        Err(Verdict::Denied(reasons)) => {
+            info!(%workload, endpoint, rule = %asked.rule.name, ?reasons, "issuance module denied a credential");
+            let error = format!(
+                "the issuance module {} denied the request: {}",
+                module.path.display(),
+                reasons.join("; ")
+            );
+            ("deny", Err(Refusal::PolicyDenied { error, reasons }))
+        }
+        Err(Verdict::Failed(kind, why)) => {
+            warn!(%workload, endpoint, module = %module.path.display(), kind, error = %why, "issuance module gave no answer: denied");
+            let refusal = Refusal::PolicyDenied {
+                error: format!("{why}; without an answer the request is denied"),
+                reasons: vec![format!("module_{kind}: {why}")],
+            };
+            (kind, Err(refusal))
+        }
+    }
+}
+
 /// Asks `module` about `input`; the answer may only narrow what the request would get.
 pub(crate) fn ask(module: &IssuanceModule, input: &Input<'_>) -> Result<Grant, Verdict> {
     let json = serde_json::to_value(input)
@@ -272,7 +358,9 @@ pub(crate) fn ask(module: &IssuanceModule, input: &Input<'_>) -> Result<Grant, V
         Some(t) => {
             return Err(Verdict::Failed(
                 "invalid_result",
-                format!("the module's ttl_seconds {t} is not from 1 to the request's {ttl}: it may only shorten"),
+                format!(
+                    "the module's ttl_seconds {t} is not from 1 to the request's {ttl}: it may only shorten"
+                ),
             ));
         }
     };
@@ -282,7 +370,9 @@ pub(crate) fn ask(module: &IssuanceModule, input: &Input<'_>) -> Result<Grant, V
             if let Some(extra) = narrowed.iter().find(|s| !input.request.scopes.contains(s)) {
                 return Err(Verdict::Failed(
                     "invalid_result",
-                    format!("the module's scopes add `{extra}`, which the request would not get: it may only remove scopes"),
+                    format!(
+                        "the module's scopes add `{extra}`, which the request would not get: it may only remove scopes"
+                    ),
                 ));
             }
             // In the request's order, each once.

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
 use super::bundle_dir::BundleDir;
-use super::decide::{self, Verdict};
+use super::decide;
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keyring::{KeyRing, Rotation};
@@ -438,68 +438,23 @@ impl CredentialService {
         let (ttl, scopes) = match rule.issuance {
             None => (ttl, scopes),
             Some(id) => {
-                let module = policy.issuance_module(id);
-                let input = decide::Input {
-                    workload: decide::WorkloadInput {
-                        name: &workload.name,
-                        spiffe_id: workload.spiffe_id.to_string(),
-                        evidence: decide::EvidenceInput::of(ev),
-                    },
-                    endpoint: decide::EndpointInput {
-                        name: &endpoint.name,
-                        kind: endpoint.kind.as_str(),
-                        labels: &endpoint.labels,
-                    },
-                    rule: decide::RuleInput {
-                        name: &rule.name,
-                        max_ttl_seconds: max_ttl,
-                        bind: cred_policy.bind.as_str(),
-                        scopes: &rule.scopes,
-                    },
-                    request: decide::RequestInput {
-                        audience: &req.audience,
-                        task: task.as_deref(),
-                        ttl_seconds: ttl,
-                        scopes: &scopes,
-                        scopes_requested: req.scopes.is_some(),
-                        on_behalf_of: None,
-                        parent: None,
-                    },
-                    time: decide::TimeInput::of(now),
-                    history: decide::History::of(
-                        &self.registry.kept_of(&workload.spiffe_id),
-                        now,
-                    ),
+                let asked = decide::Asked {
+                    workload,
+                    evidence: ev,
+                    endpoint,
+                    rule,
+                    credential: cred_policy,
+                    request: req,
+                    task: task.as_deref(),
+                    ttl_seconds: ttl,
+                    scopes: &scopes,
+                    now,
+                    history: decide::History::of(&self.registry.kept_of(&workload.spiffe_id), now),
                 };
-                let verdict = decide::ask(module, &input);
-                self.module_decided(match &verdict {
-                    Ok(_) => "allow",
-                    Err(Verdict::Denied(_)) => "deny",
-                    Err(Verdict::Failed(kind, _)) => kind,
-                });
-                match verdict {
-                    Ok(grant) => (grant.ttl_seconds, grant.scopes),
-                    Err(Verdict::Denied(reasons)) => {
-                        info!(workload = %workload.spiffe_id, endpoint = %endpoint.name, rule = %rule.name, reasons = ?reasons, "issuance module denied a credential");
-                        return Err(Refusal::PolicyDenied {
-                            error: format!(
-                                "the issuance module {} denied the request: {}",
-                                module.path.display(),
-                                reasons.join("; ")
-                            ),
-                            reasons,
-                        });
-                    }
-                    Err(Verdict::Failed(kind, why)) => {
-                        warn!(workload = %workload.spiffe_id, endpoint = %endpoint.name, module = %module.path.display(), kind, error = %why, "issuance module gave no answer: denied");
-                        return Err(Refusal::PolicyDenied {
-                            error: format!(
-                                "{why}; without an answer the request is denied"
-                            ),
-                            reasons: vec![format!("module_{kind}: {why}")],
-                        });
-                    }
-                }
+                let (result, decided) = decide::decide(policy.issuance_module(id), &asked);
+                self.module_decided(result);
+                let grant = decided?;
+                (grant.ttl_seconds, grant.scopes)
             }
         };
         let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();

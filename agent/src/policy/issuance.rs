@@ -194,10 +194,12 @@ impl IssuanceModule {
         rule: &str,
     ) -> Result<Option<serde_json::Value>, EvalFailure> {
         let value = engine.eval_rule(rule.to_owned()).map_err(|e| {
-            let timed_out = e
-                .chain()
-                .any(|c| matches!(c.downcast_ref(), Some(regorus::LimitError::TimeLimitExceeded { .. })))
-                || format!("{e:#}").contains("TimeLimitExceeded");
+            let timed_out = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref(),
+                    Some(regorus::LimitError::TimeLimitExceeded { .. })
+                )
+            }) || format!("{e:#}").contains("TimeLimitExceeded");
             if timed_out {
                 EvalFailure::Timeout(self.timeout)
             } else {

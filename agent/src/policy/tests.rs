@@ -342,7 +342,9 @@ fn every_shipped_policy_loads() {
     let named: Vec<&Path> = all.issuance.iter().map(|m| m.path.as_path()).collect();
     for module in &modules {
         assert!(
-            named.iter().any(|n| n.ends_with(module.file_name().unwrap())),
+            named
+                .iter()
+                .any(|n| n.ends_with(module.file_name().unwrap())),
             "{} in policies/ is named by no policy",
             module.display()
         );

@@ -187,7 +187,8 @@ impl<'a> Validator<'a> {
             .as_ref()
             .and_then(|raw| issuance::check(ctx, raw))
             .map(|m| {
-                let id = super::IssuanceId(u32::try_from(self.out.issuance.len()).unwrap_or(u32::MAX));
+                let id =
+                    super::IssuanceId(u32::try_from(self.out.issuance.len()).unwrap_or(u32::MAX));
                 self.out.issuance.push(std::sync::Arc::new(m));
                 id
             });

@@ -92,15 +92,24 @@ fn the_module_narrows_and_may_not_widen() {
 
     let (_dir, set) = module("package t\ndecision := {\"allow\": true, \"ttl_seconds\": 301}\n");
     let verdict = ask(&set.issuance[0], &input(&set, &scopes, &ev)).unwrap_err();
-    assert!(matches!(verdict, Verdict::Failed("invalid_result", _)), "{verdict:?}");
+    assert!(
+        matches!(verdict, Verdict::Failed("invalid_result", _)),
+        "{verdict:?}"
+    );
 
     let (_dir, set) = module("package t\ndecision := {\"allow\": true, \"scopes\": [\"admin\"]}\n");
     let verdict = ask(&set.issuance[0], &input(&set, &scopes, &ev)).unwrap_err();
-    assert!(matches!(verdict, Verdict::Failed("invalid_result", _)), "{verdict:?}");
+    assert!(
+        matches!(verdict, Verdict::Failed("invalid_result", _)),
+        "{verdict:?}"
+    );
 
     let (_dir, set) = module("package t\ndecision := {\"allow\": true, \"ttl\": 5}\n");
     let verdict = ask(&set.issuance[0], &input(&set, &scopes, &ev)).unwrap_err();
-    assert!(matches!(verdict, Verdict::Failed("invalid_result", _)), "{verdict:?}");
+    assert!(
+        matches!(verdict, Verdict::Failed("invalid_result", _)),
+        "{verdict:?}"
+    );
 }
 
 #[test]
@@ -118,14 +127,20 @@ fn deny_undefined_and_errors_are_refusals() {
 
     let (_dir, set) = module("package t\ndecision := {\"allow\": true} if input.nothing\n");
     let verdict = ask(&set.issuance[0], &input(&set, &scopes, &ev)).unwrap_err();
-    assert!(matches!(verdict, Verdict::Failed("undefined", _)), "{verdict:?}");
+    assert!(
+        matches!(verdict, Verdict::Failed("undefined", _)),
+        "{verdict:?}"
+    );
 
     // Two values for one rule: an evaluation error.
     let (_dir, set) = module(
         "package t\ndecision := {\"allow\": true} if true\ndecision := {\"allow\": false} if true\n",
     );
     let verdict = ask(&set.issuance[0], &input(&set, &scopes, &ev)).unwrap_err();
-    assert!(matches!(verdict, Verdict::Failed("error", _)), "{verdict:?}");
+    assert!(
+        matches!(verdict, Verdict::Failed("error", _)),
+        "{verdict:?}"
+    );
 }
 
 #[test]

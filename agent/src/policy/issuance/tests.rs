@@ -99,7 +99,9 @@ fn a_module_that_runs_too_long_times_out() {
     );
     let set = load(&policy).unwrap();
     let started = std::time::Instant::now();
-    let failure = set.issuance[0].evaluate(&serde_json::json!({})).unwrap_err();
+    let failure = set.issuance[0]
+        .evaluate(&serde_json::json!({}))
+        .unwrap_err();
     assert_eq!(
         failure,
         super::EvalFailure::Timeout(std::time::Duration::from_millis(50))

@@ -4,9 +4,9 @@ use serde_saphyr::Spanned;
 
 use super::Ctx;
 use crate::policy::issuance::Places;
-use crate::policy::{IssuanceModule, PolicyError};
 use crate::policy::issuance::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 use crate::policy::raw::RawIssuance;
+use crate::policy::{IssuanceModule, PolicyError};
 
 /// The compiled module, or `None` after reporting what is wrong (in the policy file, or in the
 /// module with its own `FILE:LINE:COL`).
@@ -48,7 +48,10 @@ pub(super) fn check(ctx: &mut Ctx<'_, '_>, raw: &Spanned<RawIssuance>) -> Option
                 ctx.error(
                     t.referenced,
                     format!("timeout `{}` is not a duration from 1ms to 5s", t.value),
-                    format!("write e.g. 100ms (the default is {} ms)", DEFAULT_TIMEOUT.as_millis()),
+                    format!(
+                        "write e.g. 100ms (the default is {} ms)",
+                        DEFAULT_TIMEOUT.as_millis()
+                    ),
                 );
                 return None;
             }

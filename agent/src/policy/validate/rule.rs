@@ -104,8 +104,7 @@ fn check_scopes(
         let s = &scope.value;
         let valid = !s.is_empty()
             && s.len() <= 128
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\');
         if !valid {
             ctx.error(
