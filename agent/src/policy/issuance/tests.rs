@@ -141,3 +141,65 @@ fn editing_the_module_changes_the_revision() {
         Some(serde_json::json!({"allow": false}))
     );
 }
+
+#[test]
+fn bad_labels_scopes_and_issuance_fields_say_where_and_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+spec:
+  trustDomain: example.org
+  issuance: { rego: m.rego, timeout: 10s }
+  workloads:
+    - name: a
+      match: { uid: 4242 }
+  endpoints:
+    - name: vault
+      addresses: [127.0.0.1]
+      labels: { \"bad key\": x }
+  rules:
+    - name: r
+      workloads: [a]
+      endpoints: [vault]
+      credential: { required: false }
+      scopes: [read]
+    - name: s
+      workloads: [a]
+      endpoints: [vault]
+      credential: { required: true, maxTtl: 5m }
+      scopes: [read, read, \"has space\"]
+",
+    )
+    .unwrap();
+    let err = load(&policy).unwrap_err();
+    let file = policy.display();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 5, "{err}");
+    assert!(
+        lines[0].starts_with(&format!("{file}:5:")) && lines[0].contains("timeout `10s`"),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:12:"))
+            && lines[1].contains("invalid label key `bad key`"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{file}:18:"))
+            && lines[2].contains("scopes on a rule that requires no credential"),
+        "{err}"
+    );
+    assert!(
+        lines[3].starts_with(&format!("{file}:23:"))
+            && lines[3].contains("scope `read` is listed twice"),
+        "{err}"
+    );
+    assert!(
+        lines[4].starts_with(&format!("{file}:23:"))
+            && lines[4].contains("invalid scope `has space`"),
+        "{err}"
+    );
+}
