@@ -203,6 +203,7 @@ fn endpoint(name: &str, addresses: &[&str], ports: Vec<u16>, protocol: Protocol)
         ports,
         protocol,
         mode: Mode::Enforce,
+        labels: Default::default(),
     }
 }
 
@@ -218,6 +219,8 @@ fn rule(name: &str, endpoints: Vec<u32>, credential: bool, mode: Mode) -> Rule {
             connections: Default::default(),
         }),
         mode,
+        scopes: Vec::new(),
+        issuance: None,
     }
 }
 
@@ -228,6 +231,7 @@ fn policy(workloads: Vec<Workload>, endpoints: Vec<Endpoint>, rules: Vec<Rule>) 
         endpoints,
         rules,
         sources: Vec::new(),
+        issuance: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod rotate_key;
 pub mod run;
 pub mod selftest;
 pub mod status;
+pub mod test;
 pub mod token;
 pub mod uninstall;
 pub mod whoami;
@@ -37,8 +38,10 @@ pub enum Command {
     /// Run the agent in the foreground: load and attach the programs, serve the Workload API,
     /// write the decision log.
     Run(Box<run::RunArgs>),
-    /// Validate policy files.
+    /// Validate policy files (and compile the Rego issuance modules they name).
     Check(check::CheckArgs),
+    /// Run the unit tests (`test_*` rules) of the policies' Rego issuance modules.
+    Test(test::TestArgs),
     /// Ask the Workload API for a credential for this process; print the JWT.
     Token(token::TokenArgs),
     /// Take a credential for this process, then exec CMD holding it (`bind: process-tree`).

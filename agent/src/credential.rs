@@ -5,6 +5,7 @@ mod admin;
 mod api;
 mod bundle_dir;
 mod client;
+mod decide;
 mod errors;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

@@ -96,8 +96,9 @@ pub enum DaemonError {
 
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Before the first read: an edit made while starting is a change to reload.
-    let watch = reload::PolicyWatch::new(config.policies.clone());
+    let mut watch = reload::PolicyWatch::new(config.policies.clone());
     let policy = Arc::new(PolicySet::load(&config.policies)?);
+    watch.watch_modules(&policy);
     // Before anything is written there (kernel ids, policy copies, the key, the registry).
     state_dir::prepare_and_report(&config.state_dir)?;
     info!(

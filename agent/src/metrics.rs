@@ -39,6 +39,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModuleLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     revision: String,
 }
@@ -56,6 +61,7 @@ pub struct Metrics {
     credentials_issued: Counter,
     credentials_refused: Family<ReasonLabels, Counter>,
     issuance_seconds: Histogram,
+    module_decisions: Family<ModuleLabels, Counter>,
     policy_info: Family<PolicyLabels, Gauge>,
     policy_loaded: Gauge,
     reload_failures: Counter,
@@ -94,6 +100,7 @@ impl Metrics {
             credentials_refused: Family::default(),
             // 50 µs … ~3.3 s
             issuance_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 17)),
+            module_decisions: Family::default(),
             policy_info: Family::default(),
             policy_loaded: Gauge::default(),
             reload_failures: Counter::default(),
@@ -143,6 +150,12 @@ impl Metrics {
             "credential_issuance_seconds",
             "Time to answer a credential request (issued or refused)",
             m.issuance_seconds.clone(),
+        );
+        registry.register(
+            "issuance_module_decisions",
+            "Credential requests decided by an issuance module, by result: allow, deny, or \
+             (each a deny) error, timeout, undefined, invalid_result",
+            m.module_decisions.clone(),
         );
         registry.register(
             "policy_info",
@@ -303,6 +316,12 @@ impl crate::credential::CredentialObserver for Metrics {
 
     fn refused(&self, reason: &str, elapsed: Duration) {
         self.credential_refused(reason, elapsed);
+    }
+
+    fn module_decided(&self, result: &'static str) {
+        self.module_decisions
+            .get_or_create(&ModuleLabels { result })
+            .inc();
     }
 }
 

@@ -5,8 +5,10 @@
 //! unambiguous, no two rules cover the same (workload, endpoint) pair. Ids are indexes into
 //! the set's vectors.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -15,11 +17,13 @@ use crate::identity::selectors::Selectors;
 use crate::identity::spiffe::SpiffeId;
 
 mod attested;
+pub mod issuance;
 mod load;
 mod raw;
 mod validate;
 
 pub use crate::located::{LocatedError as PolicyError, LocatedErrors as PolicyErrors};
+pub use issuance::{IssuanceId, IssuanceModule};
 
 /// A validated policy: every loaded file, merged.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +36,8 @@ pub struct PolicySet {
     pub endpoints: Vec<Endpoint>,
     /// Index = `RuleId.0`.
     pub rules: Vec<Rule>,
+    /// The documents' issuance modules (`spec.issuance`); index = `IssuanceId.0`.
+    pub issuance: Vec<Arc<IssuanceModule>>,
     /// The files loaded, in load order.
     pub sources: Vec<PathBuf>,
 }
@@ -90,6 +96,8 @@ pub struct Endpoint {
     pub protocol: Protocol,
     /// Its document's `spec.mode`.
     pub mode: Mode,
+    /// `labels:`, free keys and values that issuance modules see (e.g. `sensitivity: high`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A DNS name, as an endpoint's `hosts` lists it: lower case, without the trailing dot, labels
@@ -159,6 +167,10 @@ pub struct Rule {
     /// `None` when no credential is required (the pair is allowlisted).
     pub credential: Option<CredentialPolicy>,
     pub mode: Mode,
+    /// `scopes:`, what its endpoints offer under it (unique; empty: the token carries none).
+    pub scopes: Vec<String>,
+    /// Its document's issuance module, which decides each credential request after the rule.
+    pub issuance: Option<IssuanceId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,6 +260,11 @@ impl PolicySet {
     /// Panics if `id` is not from this set.
     pub fn rule(&self, id: RuleId) -> &Rule {
         &self.rules[id.0 as usize]
+    }
+
+    /// Panics if `id` is not from this set.
+    pub fn issuance_module(&self, id: IssuanceId) -> &Arc<IssuanceModule> {
+        &self.issuance[id.0 as usize]
     }
 
     pub fn workload_by_name(&self, name: &str) -> Option<(WorkloadId, &Workload)> {

@@ -29,11 +29,16 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     }
 }
 
-/// The summary line for a valid set: `ok: N files, W workloads, E endpoints, R rules (sha256:…)`.
+/// The summary line for a valid set: `ok: N files, W workloads, E endpoints, R rules[, M issuance
+/// modules] (sha256:…)`.
 fn check(args: &CheckArgs) -> Result<String, PolicyErrors> {
     let set = PolicySet::load(&args.paths)?;
+    let modules = match set.issuance.len() {
+        0 => String::new(),
+        n => format!(", {n} issuance modules"),
+    };
     Ok(format!(
-        "ok: {} files, {} workloads, {} endpoints, {} rules ({})",
+        "ok: {} files, {} workloads, {} endpoints, {} rules{modules} ({})",
         set.sources.len(),
         set.workloads.len(),
         set.endpoints.len(),

@@ -14,6 +14,10 @@ pub struct TokenArgs {
     /// How long the credential lives (e.g. 30s, 5m); default: the rule's maxTtl.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
+    /// A scope the credential should carry (repeat for more; each one the rule's `scopes:`
+    /// lists); default: all of the rule's.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    pub scopes: Vec<String>,
     /// The Workload API socket.
     #[arg(long, default_value = super::DEFAULT_API_SOCKET, env = "TESSERA_API_SOCKET")]
     pub socket: PathBuf,
@@ -26,6 +30,7 @@ impl TokenArgs {
             audience: self.audience.clone(),
             task: self.task.clone(),
             ttl_seconds: self.ttl.map(|d| d.as_secs()),
+            scopes: (!self.scopes.is_empty()).then(|| self.scopes.clone()),
         }
     }
 }

@@ -27,8 +27,9 @@ use crate::identity::spiffe::SpiffeId;
 
 /// Longest `task` accepted.
 const MAX_TASK_LEN: usize = 256;
-const REQUEST_SHAPE: &str =
-    r#"{"audience": ENDPOINT, "task": ID (optional), "ttl_seconds": N (optional, >= 1)}"#;
+/// Most `scopes` one request may name.
+const MAX_SCOPES: usize = 64;
+const REQUEST_SHAPE: &str = r#"{"audience": ENDPOINT, "task": ID (optional), "ttl_seconds": N (optional, >= 1), "scopes": [SCOPE, ...] (optional)}"#;
 
 /// `POST /v1/credentials` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +43,10 @@ pub struct TokenRequest {
     /// Defaults to the rule's maxTtl; more than that is refused, not shortened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
+    /// The scopes the token should carry, each one the rule's `scopes:` lists; all of the
+    /// rule's when absent. An issuance module may grant fewer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// `POST /v1/credentials` answer.
@@ -57,6 +62,9 @@ pub struct TokenResponse {
     /// `workload` (empty from an agent older than this field).
     #[serde(default)]
     pub bind: String,
+    /// The scopes granted (the token's `scope` claim); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
 }
 
 impl TokenRequest {
@@ -78,6 +86,17 @@ impl TokenRequest {
             return Err(Refusal::BadRequest(format!(
                 "task must be 1 to {MAX_TASK_LEN} bytes without control characters"
             )));
+        }
+        if let Some(scopes) = &self.scopes {
+            let bad = scopes.iter().find(|s| {
+                s.is_empty() || s.len() > 128 || !s.chars().all(|c| c.is_ascii_graphic())
+            });
+            if scopes.len() > MAX_SCOPES || bad.is_some() {
+                return Err(Refusal::BadRequest(format!(
+                    "scopes must be at most {MAX_SCOPES} names of 1 to 128 printable characters \
+                     without spaces (e.g. [\"secrets:read\"]); leave scopes out to get the rule's"
+                )));
+            }
         }
         Ok(self.task.clone())
     }

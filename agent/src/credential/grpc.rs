@@ -51,6 +51,7 @@ const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// gRPC metadata for what the proto has no field for.
 const TASK_HEADER: &str = "tessera-task";
 const TTL_HEADER: &str = "tessera-ttl";
+const SCOPES_HEADER: &str = "tessera-scopes";
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -119,6 +120,22 @@ fn task_and_ttl<T>(req: &Request<T>) -> Result<(Option<String>, Option<u64>), St
     Ok((task, ttl))
 }
 
+/// `tessera-scopes`: the scopes asked for, space-separated as OAuth writes them.
+fn scopes_metadata<T>(req: &Request<T>) -> Result<Option<Vec<String>>, Status> {
+    req.metadata()
+        .get(SCOPES_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                .map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "metadata {SCOPES_HEADER} is not printable ASCII"
+                    ))
+                })
+        })
+        .transpose()
+}
+
 fn parse_ttl(text: &str) -> Option<u64> {
     text.parse::<u64>()
         .ok()
@@ -131,6 +148,9 @@ fn status(refused: &Refused) -> Status {
         Refused::Refusal(Refusal::BadRequest(m)) => Status::invalid_argument(m.clone()),
         Refused::Refusal(Refusal::Forbidden { reason, error }) => {
             Status::permission_denied(format!("{reason}: {error}"))
+        }
+        Refused::Refusal(Refusal::PolicyDenied { error, .. }) => {
+            Status::permission_denied(format!("policy_denied: {error}"))
         }
         Refused::Refusal(Refusal::NotFound(m)) => Status::not_found(m.clone()),
         Refused::Refusal(Refusal::Internal(m)) => Status::internal(m.clone()),
@@ -179,6 +199,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_security_header(&request)?;
         let (task, ttl_seconds) = task_and_ttl(&request)?;
+        let scopes = scopes_metadata(&request)?;
         let body = request.into_inner();
         let audience = match body.audience.as_slice() {
             [] => {
@@ -203,6 +224,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             audience,
             task,
             ttl_seconds,
+            scopes,
         };
         let (pidfd, attested) = attest(&self.svc, &self.caller).map_err(|r| status(&r))?;
         if let (Some(wanted), Some(wid)) = (&wanted, attested.workload) {

@@ -477,6 +477,10 @@ pub(crate) fn refusal(r: &Refusal) -> HttpResponse {
             StatusCode::FORBIDDEN,
             &serde_json::json!({ "error": error, "reason": reason }),
         ),
+        Refusal::PolicyDenied { error, reasons } => json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({ "error": error, "reason": "policy_denied", "reasons": reasons }),
+        ),
         Refusal::NotFound(error) => json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({ "error": error }),

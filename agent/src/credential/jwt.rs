@@ -25,6 +25,9 @@ pub struct Claims {
     pub exp: u64,
     pub jti: String,
     pub task: String,
+    /// The granted scopes, space-separated (RFC 8693 4.2); absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 impl SigningKeys {
@@ -178,6 +181,7 @@ mod tests {
             exp: iat + ttl,
             jti: uuid::Uuid::now_v7().to_string(),
             task: "job-42".to_owned(),
+            scope: None,
         }
     }
 

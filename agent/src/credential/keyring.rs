@@ -350,6 +350,7 @@ mod tests {
             exp: iat + ttl,
             jti: "j".to_owned(),
             task: "t".to_owned(),
+            scope: None,
         }
     }
 

@@ -338,6 +338,17 @@ impl Registry {
         found
     }
 
+    /// Every credential of workload `id` the registry still keeps (expired and revoked ones
+    /// too, for a while: the history issuance modules see).
+    pub(crate) fn kept_of(&self, id: &SpiffeId) -> Vec<CredentialInfo> {
+        self.lock()
+            .by_jti
+            .values()
+            .filter(|c| &c.spiffe_id == id)
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn mark_revoked(&self, jti: &str) {
         let mut inner = self.lock();
         if let Some(c) = inner.by_jti.get_mut(jti) {

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
 use super::bundle_dir::BundleDir;
+use super::decide;
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
 use super::keyring::{KeyRing, Rotation};
@@ -46,6 +47,9 @@ pub trait CredentialObserver: Send + Sync {
     fn issued(&self, elapsed: Duration);
     /// `reason`: the 403 reason, or `bad_request`, `not_found`, `internal`.
     fn refused(&self, reason: &str, elapsed: Duration);
+    /// An issuance module was asked: `allow`, `deny`, or why it gave no answer (`error`,
+    /// `timeout`, `undefined`, `invalid_result`: each a deny).
+    fn module_decided(&self, _result: &'static str) {}
 }
 
 /// Why a request gets no credential: an HTTP status, a stable reason, a message saying what to do.
@@ -55,6 +59,9 @@ pub(crate) enum Refusal {
     BadRequest(String),
     /// 403 `{"error", "reason"}`
     Forbidden { reason: &'static str, error: String },
+    /// 403 `{"error", "reason": "policy_denied", "reasons"}`: the rule's issuance module said
+    /// no, or gave no answer (which is a no).
+    PolicyDenied { error: String, reasons: Vec<String> },
     /// 404
     NotFound(String),
     /// 500; the message is for the caller, details are logged.
@@ -344,6 +351,7 @@ impl CredentialService {
             match &result {
                 Ok(_) => observer.issued(elapsed),
                 Err(Refusal::Forbidden { reason, .. }) => observer.refused(reason, elapsed),
+                Err(Refusal::PolicyDenied { .. }) => observer.refused("policy_denied", elapsed),
                 Err(Refusal::BadRequest(_)) => observer.refused("bad_request", elapsed),
                 Err(Refusal::NotFound(_)) => observer.refused("not_found", elapsed),
                 Err(Refusal::Internal(_)) => observer.refused("internal", elapsed),
@@ -415,7 +423,44 @@ impl CredentialService {
             ));
         }
 
+        let scopes = decide::requested_scopes(rule, req.scopes.as_deref()).map_err(|unknown| {
+            Refusal::forbidden(
+                "scope_not_allowed",
+                format!(
+                    "rule {} does not offer the scope(s) {}; it offers: {}",
+                    rule.name,
+                    unknown.join(" "),
+                    if rule.scopes.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        rule.scopes.join(" ")
+                    }
+                ),
+            )
+        })?;
         let now = SystemTime::now();
+        let (ttl, scopes) = match rule.issuance {
+            None => (ttl, scopes),
+            Some(id) => {
+                let asked = decide::Asked {
+                    workload,
+                    evidence: ev,
+                    endpoint,
+                    rule,
+                    credential: cred_policy,
+                    request: req,
+                    task: task.as_deref(),
+                    ttl_seconds: ttl,
+                    scopes: &scopes,
+                    now,
+                    history: decide::History::of(&self.registry.kept_of(&workload.spiffe_id), now),
+                };
+                let (result, decided) = decide::decide(policy.issuance_module(id), &asked);
+                self.module_decided(result);
+                let grant = decided?;
+                (grant.ttl_seconds, grant.scopes)
+            }
+        };
         let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let iat = since_epoch.as_secs();
         let exp = iat + ttl;
@@ -431,6 +476,7 @@ impl CredentialService {
             exp,
             jti: jti.clone(),
             task: task.unwrap_or_else(|| jti.clone()),
+            scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
         };
         let signed = {
             let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
@@ -535,7 +581,19 @@ impl CredentialService {
             audience: info.audience,
             expires_at: humantime::format_rfc3339_seconds(info.expires_at).to_string(),
             bind: info.bind.as_str().to_owned(),
+            scopes,
         })
+    }
+
+    fn module_decided(&self, result: &'static str) {
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(observer) = observer {
+            observer.module_decided(result);
+        }
     }
 
     /// `DELETE /v1/credentials/{jti}`: the holder's workload ends a credential early.

@@ -234,6 +234,7 @@ pub(crate) fn req(audience: &str, ttl: Option<u64>) -> TokenRequest {
         audience: audience.to_owned(),
         task: Some("job-42".to_owned()),
         ttl_seconds: ttl,
+        scopes: None,
     }
 }
 

@@ -82,6 +82,7 @@ async fn ttl_defaults_to_max_and_workload_bind_uses_workload_grant() {
             audience: "api".to_owned(),
             task: None,
             ttl_seconds: None,
+            scopes: None,
         },
     )
     .await

@@ -171,6 +171,10 @@ impl Reloader {
             }
         };
         self.running = None;
+        if let Outcome::Applied { .. } = outcome {
+            let policy = self.policy();
+            self.watch.watch_modules(&policy);
+        }
         if let Some(why) = self.queued.take() {
             self.request(why);
         }
@@ -364,17 +368,21 @@ fn positions_kept(old: &PolicySet, new: &PolicySet) -> bool {
 }
 
 /// Mtimes of the policy files (and of directories, whose mtime changes when a file is added
-/// or removed).
+/// or removed), and of the issuance modules the enforced policy names.
 pub struct PolicyWatch {
     paths: Vec<PathBuf>,
+    modules: Vec<PathBuf>,
     seen: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    modules_seen: Vec<(PathBuf, Option<SystemTime>, u64)>,
 }
 
 impl PolicyWatch {
     pub fn new(paths: Vec<PathBuf>) -> Self {
         let mut watch = PolicyWatch {
             paths,
+            modules: Vec::new(),
             seen: Vec::new(),
+            modules_seen: Vec::new(),
         };
         watch.mark_seen();
         watch
@@ -393,12 +401,26 @@ impl PolicyWatch {
         out
     }
 
+    fn module_stamps(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+        self.modules.iter().map(|m| stamp(m)).collect()
+    }
+
+    /// Watches the modules of `policy` (the one enforced) too, from their state now.
+    pub fn watch_modules(&mut self, policy: &PolicySet) {
+        let modules: Vec<PathBuf> = policy.issuance.iter().map(|m| m.path.clone()).collect();
+        if modules != self.modules {
+            self.modules = modules;
+            self.modules_seen = self.module_stamps();
+        }
+    }
+
     pub fn mark_seen(&mut self) {
         self.seen = self.snapshot();
+        self.modules_seen = self.module_stamps();
     }
 
     pub fn changed(&mut self) -> bool {
-        self.snapshot() != self.seen
+        self.snapshot() != self.seen || self.module_stamps() != self.modules_seen
     }
 }
 

@@ -361,6 +361,7 @@ mod tests {
             ports,
             protocol,
             mode: Mode::Audit,
+            labels: Default::default(),
         }
     }
 
@@ -418,6 +419,8 @@ mod tests {
                         connections: Default::default(),
                     }),
                     mode: Mode::Enforce,
+                    scopes: Vec::new(),
+                    issuance: None,
                 },
                 Rule {
                     name: "c-net".to_owned(),
@@ -425,8 +428,11 @@ mod tests {
                     endpoints: vec![EndpointId(1)],
                     credential: None,
                     mode: Mode::Audit,
+                    scopes: Vec::new(),
+                    issuance: None,
                 },
             ],
+            issuance: Vec::new(),
             sources: Vec::new(),
         }
     }

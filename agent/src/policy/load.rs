@@ -80,12 +80,6 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 
 /// Parses and validates files already read; the revision covers their bytes in this order.
 pub(super) fn from_texts(texts: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
-    let mut hasher = Sha256::new();
-    for (_, bytes) in texts {
-        hasher.update(bytes);
-    }
-    let revision = format!("sha256:{}", hex(&hasher.finalize()));
-
     let mut errors = Vec::new();
     let mut documents = Vec::new();
     for (file, bytes) in texts {
@@ -109,8 +103,18 @@ pub(super) fn from_texts(texts: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, Poli
         errors.dedup();
         return Err(PolicyErrors(errors));
     }
+    // The files' bytes, then each issuance module's hash: editing a module is a new revision.
+    let mut hasher = Sha256::new();
+    for (_, bytes) in texts {
+        hasher.update(bytes);
+    }
+    for module in &validated.issuance {
+        hasher.update(module.sha256.as_bytes());
+    }
+    let revision = format!("sha256:{}", hex(&hasher.finalize()));
     Ok(PolicySet {
         revision,
+        issuance: validated.issuance,
         workloads: validated.workloads,
         endpoints: validated.endpoints,
         rules: validated.rules,

@@ -38,6 +38,19 @@ pub(super) struct RawSpec {
     pub endpoints: Vec<S<RawEndpoint>>,
     #[serde(default)]
     pub rules: Vec<S<RawRule>>,
+    /// The Rego module that decides this document's credential requests.
+    pub issuance: Option<S<RawIssuance>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawIssuance {
+    /// The module's file, relative to the policy file.
+    pub rego: Option<S<String>>,
+    /// A rule path such as `data.tessera.issuance.decision`.
+    pub query: Option<S<String>>,
+    /// The evaluation budget, a duration such as `100ms`.
+    pub timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +99,7 @@ pub(super) struct RawEndpoint {
     /// Signed and wide so that 0, -1 and 70000 get our message, not serde's.
     pub ports: Option<S<Vec<S<i64>>>>,
     pub protocol: Option<S<String>>,
+    pub labels: Option<S<BTreeMap<String, S<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +111,7 @@ pub(super) struct RawRule {
     pub credential: Option<S<RawCredential>>,
     pub mode: Option<S<String>>,
     pub connections: Option<S<String>>,
+    pub scopes: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,7 +145,14 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
     },
     FieldSet {
         context: "spec",
-        fields: &["trustDomain", "mode", "workloads", "endpoints", "rules"],
+        fields: &[
+            "trustDomain",
+            "mode",
+            "workloads",
+            "endpoints",
+            "rules",
+            "issuance",
+        ],
         unsupported: &[],
     },
     FieldSet {
@@ -173,6 +195,7 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
             "audiences",
             "ports",
             "protocol",
+            "labels",
         ],
         unsupported: &[],
     },
@@ -185,7 +208,13 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
             "credential",
             "mode",
             "connections",
+            "scopes",
         ],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "spec.issuance",
+        fields: &["rego", "query", "timeout"],
         unsupported: &[],
     },
     FieldSet {

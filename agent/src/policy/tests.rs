@@ -88,6 +88,7 @@ fn valid_policy_round_trip() {
                 audiences: vec![],
                 protocol: Protocol::Tcp,
                 mode: Mode::Audit,
+                labels: Default::default(),
             },
             Endpoint {
                 name: "dns".into(),
@@ -98,6 +99,7 @@ fn valid_policy_round_trip() {
                 audiences: vec![],
                 protocol: Protocol::Any,
                 mode: Mode::Audit,
+                labels: Default::default(),
             },
         ],
         rules: vec![
@@ -112,6 +114,8 @@ fn valid_policy_round_trip() {
                     connections: Default::default(),
                 }),
                 mode: Mode::Enforce,
+                scopes: Vec::new(),
+                issuance: None,
             },
             Rule {
                 name: "everyone-to-dns".into(),
@@ -119,6 +123,8 @@ fn valid_policy_round_trip() {
                 endpoints: vec![EndpointId(1)],
                 credential: None,
                 mode: Mode::Audit,
+                scopes: Vec::new(),
+                issuance: None,
             },
             Rule {
                 name: "batch-to-vault".into(),
@@ -131,8 +137,11 @@ fn valid_policy_round_trip() {
                     connections: Default::default(),
                 }),
                 mode: Mode::Audit,
+                scopes: Vec::new(),
+                issuance: None,
             },
         ],
+        issuance: Vec::new(),
         sources: vec![PathBuf::from("t.yaml")],
     };
     assert_eq!(set, expected);
@@ -312,6 +321,10 @@ fn every_shipped_policy_loads() {
         .collect();
     files.sort();
     assert!(!files.is_empty());
+    // Rego issuance modules sit beside the policies that name them.
+    let (modules, files): (Vec<PathBuf>, Vec<PathBuf>) = files
+        .into_iter()
+        .partition(|f| f.extension().is_some_and(|e| e == "rego"));
     for file in &files {
         let ext = file.extension().and_then(|e| e.to_str());
         assert!(
@@ -326,6 +339,16 @@ fn every_shipped_policy_loads() {
     // Together too, as `tessera check policies/` loads them.
     let all = PolicySet::load(&[dir]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(all.sources.len(), files.len());
+    let named: Vec<&Path> = all.issuance.iter().map(|m| m.path.as_path()).collect();
+    for module in &modules {
+        assert!(
+            named
+                .iter()
+                .any(|n| n.ends_with(module.file_name().unwrap())),
+            "{} in policies/ is named by no policy",
+            module.display()
+        );
+    }
 }
 
 #[test]

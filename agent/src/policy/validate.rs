@@ -17,6 +17,7 @@ use crate::identity::spiffe::{SpiffeId, TrustDomain};
 mod ambiguity;
 mod endpoint;
 mod fields;
+mod issuance;
 mod rule;
 mod selectors;
 mod workload;
@@ -36,6 +37,7 @@ pub(super) struct Validated {
     pub workloads: Vec<Workload>,
     pub endpoints: Vec<Endpoint>,
     pub rules: Vec<Rule>,
+    pub issuance: Vec<std::sync::Arc<super::IssuanceModule>>,
 }
 
 /// Reports errors against one file.
@@ -48,6 +50,11 @@ impl<'a> Ctx<'a, '_> {
     pub fn error(&mut self, loc: Location, message: String, hint: impl Into<String>) {
         self.errors
             .push(PolicyError::at(self.file, loc, message, hint));
+    }
+
+    /// An error found elsewhere (e.g. in a Rego module, with its own place).
+    pub fn push(&mut self, error: PolicyError) {
+        self.errors.push(error);
     }
 
     pub fn error_count(&self) -> usize {
@@ -175,6 +182,16 @@ impl<'a> Validator<'a> {
             },
         };
         let mode = parse_mode(ctx, spec.mode.as_ref()).unwrap_or(Mode::Enforce);
+        let module = spec
+            .issuance
+            .as_ref()
+            .and_then(|raw| issuance::check(ctx, raw))
+            .map(|m| {
+                let id =
+                    super::IssuanceId(u32::try_from(self.out.issuance.len()).unwrap_or(u32::MAX));
+                self.out.issuance.push(std::sync::Arc::new(m));
+                id
+            });
 
         let mut workloads = LocalNames::default();
         for raw in &spec.workloads {
@@ -221,9 +238,11 @@ impl<'a> Validator<'a> {
                 other_endpoints: &self.endpoint_names,
             };
             let checked = rule::check(ctx, raw, mode, &resolver);
-            if let Some(r) = checked
+            if let Some(mut r) = checked
                 && ctx.error_count() == before
             {
+                // Only rules that issue credentials ask the module.
+                r.issuance = module.filter(|_| r.credential.is_some());
                 self.add_rule(ctx, r, raw.referenced);
             }
         }

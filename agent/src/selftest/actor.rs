@@ -180,6 +180,7 @@ impl Actor {
             audience: audience.to_owned(),
             task: Some("tessera-selftest".to_owned()),
             ttl_seconds: Some(120),
+            scopes: None,
         };
         match credential::request_token(&self.req.api, &req).await {
             Ok(resp) => {

@@ -56,6 +56,7 @@ fn arguments() {
             audience: "vault".to_owned(),
             task: Some("job-42".to_owned()),
             ttl_seconds: Some(300),
+            scopes: None,
         }
     );
 

@@ -21,6 +21,7 @@ fn endpoint(name: &str, addresses: &[&str], hosts: &[&str], ports: Vec<u16>) -> 
         ports,
         protocol: Protocol::Tcp,
         mode: Mode::Enforce,
+        labels: Default::default(),
     }
 }
 
@@ -38,6 +39,7 @@ fn policy() -> PolicySet {
         ],
         rules: vec![],
         sources: vec![],
+        issuance: Vec::new(),
     }
 }
 

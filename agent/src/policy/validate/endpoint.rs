@@ -1,6 +1,6 @@
 //! One endpoint: its name, kind, addresses, hosts, audiences, ports and protocol.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -68,6 +68,7 @@ pub(super) fn check(
         ports: ports?,
         protocol: protocol?,
         mode,
+        labels: check_labels(ctx, raw.labels.as_ref())?,
     })
 }
 
@@ -287,6 +288,44 @@ fn unmap_ipv4(net: IpNet) -> IpNet {
         },
         other => other,
     }
+}
+
+/// `labels:`: keys of letters, digits, `.`, `-`, `_` and `/` (as Kubernetes writes them);
+/// values any text of at most 256 characters.
+fn check_labels(
+    ctx: &mut Ctx<'_, '_>,
+    raw: Option<&S<BTreeMap<String, S<String>>>>,
+) -> Option<BTreeMap<String, String>> {
+    let Some(raw) = raw else {
+        return Some(BTreeMap::new());
+    };
+    let mut ok = true;
+    let mut labels = BTreeMap::new();
+    for (key, value) in &raw.value {
+        let key_ok = !key.is_empty()
+            && key.len() <= 128
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
+        if !key_ok {
+            ctx.error(
+                value.referenced,
+                format!("invalid label key `{key}`"),
+                "use 1 to 128 letters, digits, `.`, `-`, `_` and `/`",
+            );
+            ok = false;
+        } else if value.value.len() > 256 || value.value.chars().any(char::is_control) {
+            ctx.error(
+                value.referenced,
+                format!("the value of label `{key}` is over 256 bytes or has control characters"),
+                "shorten it",
+            );
+            ok = false;
+        } else {
+            labels.insert(key.clone(), value.value.clone());
+        }
+    }
+    ok.then_some(labels)
 }
 
 #[cfg(test)]

@@ -68,13 +68,63 @@ pub(super) fn check(
         None => Some(document_mode),
         Some(m) => parse_mode(ctx, Some(m)),
     };
+    let scopes = check_scopes(ctx, raw.scopes.as_ref(), &credential);
     Some(Rule {
         name: name?,
         workloads: workloads?,
         endpoints: endpoints?,
         credential: credential?,
         mode: mode?,
+        scopes: scopes?,
+        issuance: None,
     })
+}
+
+/// `scopes:`: unique OAuth scope tokens (printable ASCII without spaces, quotes or `\`,
+/// RFC 6749 3.3), on a rule that issues credentials.
+fn check_scopes(
+    ctx: &mut Ctx<'_, '_>,
+    raw: Option<&S<Vec<S<String>>>>,
+    credential: &Option<Option<CredentialPolicy>>,
+) -> Option<Vec<String>> {
+    let Some(raw) = raw else {
+        return Some(Vec::new());
+    };
+    if matches!(credential, Some(None)) {
+        ctx.error(
+            raw.referenced,
+            "scopes on a rule that requires no credential".into(),
+            "add credential: {required: true, ...}, or remove scopes: (no token carries them)",
+        );
+        return None;
+    }
+    let mut scopes: Vec<String> = Vec::new();
+    let mut ok = true;
+    for scope in &raw.value {
+        let s = &scope.value;
+        let valid = !s.is_empty()
+            && s.len() <= 128
+            && s.chars()
+                .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\');
+        if !valid {
+            ctx.error(
+                scope.referenced,
+                format!("invalid scope `{s}`"),
+                "use 1 to 128 printable characters without spaces, `\"` or `\\`, e.g. secrets:read",
+            );
+            ok = false;
+        } else if scopes.contains(s) {
+            ctx.error(
+                scope.referenced,
+                format!("scope `{s}` is listed twice"),
+                "list each scope once",
+            );
+            ok = false;
+        } else {
+            scopes.push(s.clone());
+        }
+    }
+    ok.then_some(scopes)
 }
 
 /// Ids for a rule's list of names; `None` if the list is missing, empty or has a bad name.

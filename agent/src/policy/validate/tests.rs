@@ -78,13 +78,13 @@ fn unknown_fields_name_the_key_and_the_allowed_ones() {
     assert_errors(
         &with_head("  workload: []\n"),
         &[
-            "p.yaml:6:3: unknown field `workload` in spec — allowed: trustDomain, mode, workloads, endpoints, rules",
+            "p.yaml:6:3: unknown field `workload` in spec — allowed: trustDomain, mode, workloads, endpoints, rules, issuance",
         ],
     );
     assert_errors(
         &with_head("  endpoints:\n    - name: e\n      addresses: [10.0.0.1]\n      port: [80]\n"),
         &[
-            "p.yaml:9:7: unknown field `port` in endpoint — allowed: name, kind, addresses, hosts, audiences, ports, protocol",
+            "p.yaml:9:7: unknown field `port` in endpoint — allowed: name, kind, addresses, hosts, audiences, ports, protocol, labels",
         ],
     );
     assert_errors(
