@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod check;
+pub mod crds;
 pub mod exec;
 pub mod logs;
 pub mod revoke;
@@ -38,6 +39,8 @@ pub enum Command {
     Run(Box<run::RunArgs>),
     /// Validate policy files.
     Check(check::CheckArgs),
+    /// Print the CustomResourceDefinitions of TesseraPolicy and TesseraNamespacedPolicy.
+    Crds(crds::CrdsArgs),
     /// Ask the Workload API for a credential for this process; print the JWT.
     Token(token::TokenArgs),
     /// Take a credential for this process, then exec CMD holding it (`bind: process-tree`).

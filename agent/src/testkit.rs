@@ -78,3 +78,5 @@ fn record(kind: SkipKind, reason: &str) {
         eprintln!("skip ledger {}: {e}", ledger.to_string_lossy());
     }
 }
+
+pub mod apiserver;
