@@ -193,8 +193,12 @@ fn describe(schema: &mut Value, path: &str) {
             describe(child, &format!("{path}.{name}"));
         }
     }
+    // A list's items have its fields' paths, not its description.
     if let Some(items) = object.get_mut("items") {
         describe(items, path);
+        if let Some(item) = items.as_object_mut() {
+            item.remove("description");
+        }
     }
     if let Some(values @ Value::Object(_)) = object.get_mut("additionalProperties") {
         describe(values, &format!("{path}.*"));
