@@ -250,9 +250,12 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Collection, object (namespace, name), subresource.
+type Route = (String, Option<(String, String)>, Option<String>);
+
 /// What a request's path names: the collection, and the object (namespace, name) and
 /// subresource if any. `/apis/G/V[/namespaces/NS]/PLURAL[/NAME[/SUB]]`, `/api/v1/...` alike.
-fn route(path: &str) -> Option<(String, Option<(String, String)>, Option<String>)> {
+fn route(path: &str) -> Option<Route> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (prefix, rest) = match segments.first() {
         Some(&"api") if segments.len() >= 3 => (segments[..2].join("/"), &segments[2..]),

@@ -203,7 +203,10 @@ fn errors_in_the_files_refuse_the_set() {
     let good = cluster("payments", 1, vault_spec("payments", "10m"));
     let errors = merge(&bad_file, &[new(good)]).expect_err("the file is bad");
     assert!(
-        errors.0.iter().all(|e| e.file == PathBuf::from("bad.yaml")),
+        errors
+            .0
+            .iter()
+            .all(|e| e.file == std::path::Path::new("bad.yaml")),
         "{errors}"
     );
 }
