@@ -102,15 +102,7 @@ impl FakeApiServer {
 
     /// A kubeconfig file in `dir` whose current context reaches this server.
     pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
-        let path = dir.join("kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n  - name: loopback\n    cluster: {{ server: \"{}\" }}\n\
-             users:\n  - name: anonymous\n    user: {{}}\ncontexts:\n  - name: loopback\n    \
-             context: {{ cluster: loopback, user: anonymous }}\ncurrent-context: loopback\n",
-            self.url
-        );
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write the kubeconfig: {e}"));
-        path
+        kubeconfig(dir, &self.url)
     }
 
     /// `collection` (like `/api/v1/pods`) serves `list` to every list and `watch` (JSON lines)
@@ -210,6 +202,18 @@ impl FakeApiServer {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
+}
+
+/// A kubeconfig file in `dir` whose current context reaches `url` (plain HTTP, no credentials).
+pub fn kubeconfig(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n  - name: loopback\n    cluster: {{ server: \"{url}\" }}\n\
+         users:\n  - name: anonymous\n    user: {{}}\ncontexts:\n  - name: loopback\n    \
+         context: {{ cluster: loopback, user: anonymous }}\ncurrent-context: loopback\n"
+    );
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write the kubeconfig: {e}"));
+    path
 }
 
 impl Drop for FakeApiServer {
