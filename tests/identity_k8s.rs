@@ -12,13 +12,8 @@
 mod support;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -27,6 +22,7 @@ use serde_json::Value;
 use support::{
     Agent, Servers, TestCgroup, Workload, extra_tcp_server, identity_policy, privileged,
 };
+use tessera_agent::testkit::apiserver;
 
 const LIST: &str = include_str!("../agent/src/identity/k8s/fixtures/pod-list.json");
 const WATCH: &str = include_str!("../agent/src/identity/k8s/fixtures/pod-watch.jsonl");
@@ -43,93 +39,31 @@ const WEB_UID: &str = "5a5a5a5a-0000-4000-8000-000000000001";
 const WEB_ID: &str = "7777777777777777777777777777777777777777777777777777777777777777";
 const NODE: &str = "node-a";
 
-/// A loopback API server: GET /api/v1/pods answers the recorded list; the first watch gets
-/// the recorded events, later watches stay open with nothing to say. Everything else is 404.
+/// The shared loopback API server (`testkit::apiserver`): GET /api/v1/pods answers the recorded
+/// list; the first watch gets the recorded events, later watches stay open with nothing to say.
 struct FakeApiServer {
-    url: String,
-    requests: Arc<Mutex<Vec<String>>>,
+    server: apiserver::FakeApiServer,
+    /// Runs the server (dropped after it).
+    _runtime: tokio::runtime::Runtime,
 }
 
 impl FakeApiServer {
     fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
-        let seen = requests.clone();
-        let watches = Arc::new(AtomicUsize::new(0));
-        thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (seen, watches) = (seen.clone(), watches.clone());
-                thread::spawn(move || serve(stream, &seen, &watches));
-            }
-        });
-        Self { url, requests }
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let server = runtime.block_on(apiserver::FakeApiServer::start());
+        server.replay("/api/v1/pods", LIST, WATCH);
+        Self {
+            server,
+            _runtime: runtime,
+        }
     }
 
     fn requests(&self) -> Vec<String> {
-        self.requests.lock().expect("requests").clone()
+        self.server.requests()
     }
 
-    /// A kubeconfig that points at this server (plain HTTP, no credentials).
     fn kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: replay\n  cluster:\n    server: {}\n\
-                 contexts:\n- name: replay\n  context:\n    cluster: replay\n    user: replay\n    namespace: default\n\
-                 current-context: replay\nusers:\n- name: replay\n  user: {{}}\n",
-                self.url
-            ),
-        )
-        .expect("write kubeconfig");
-        path
-    }
-}
-
-/// One request per connection (answers say `Connection: close`).
-fn serve(mut stream: TcpStream, seen: &Mutex<Vec<String>>, watches: &AtomicUsize) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
-    }
-    loop {
-        let mut header = String::new();
-        match reader.read_line(&mut header) {
-            Ok(0) | Err(_) => return,
-            Ok(_) if header == "\r\n" || header == "\n" => break,
-            Ok(_) => {}
-        }
-    }
-    let target = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("")
-        .to_string();
-    seen.lock().expect("requests").push(target.clone());
-    let respond = |stream: &mut TcpStream, status: &str, body: &str| {
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-    };
-    if !target.starts_with("/api/v1/pods") {
-        respond(&mut stream, "404 Not Found", "{}");
-    } else if !target.contains("watch=true") {
-        respond(&mut stream, "200 OK", LIST);
-    } else if watches.fetch_add(1, Ordering::SeqCst) == 0 {
-        respond(&mut stream, "200 OK", WATCH);
-    } else {
-        // A watch with nothing to say: headers, then silence until the client goes.
-        let _ = write!(
-            stream,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-        );
-        let _ = stream.flush();
-        let mut sink = [0u8; 256];
-        while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+        self.server.kubeconfig(dir)
     }
 }
 
@@ -434,11 +368,7 @@ fn an_unreachable_api_server_matches_nothing_and_does_not_hold_up_shutdown() {
         l.local_addr().expect("addr").port()
     };
     let kdir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = FakeApiServer {
-        url: format!("http://127.0.0.1:{closed}"),
-        requests: Arc::default(),
-    }
-    .kubeconfig(kdir.path());
+    let kubeconfig = apiserver::kubeconfig(kdir.path(), &format!("http://127.0.0.1:{closed}"));
     let api_ctr = pod_container(&cg, "burstable", API_UID, SERVER_ID);
     let mut agent = Agent::start_env(
         &policy(port),

@@ -464,8 +464,8 @@ fn helm_chart_renders_and_validates() {
     }
     let dir = tempfile::tempdir().unwrap();
 
-    // Defaults: what deploy/kubernetes ships, by kind and name.
-    let (text, docs) = helm_template(&helm, "tessera", &[]);
+    // Defaults: what deploy/kubernetes ships (the CRDs from the chart's crds/), by kind and name.
+    let (text, docs) = helm_template(&helm, "tessera", &["--include-crds"]);
     let plain: Vec<Value> = manifests()
         .iter()
         .flat_map(|p| yaml_docs(&std::fs::read_to_string(p).unwrap()))
@@ -527,6 +527,132 @@ fn helm_chart_renders_and_validates() {
         std::fs::write(&file, &text).unwrap();
         let (ok, msg) = kubernetes_validate(&[file]);
         assert!(ok, "non-default values: {msg}");
+    }
+}
+
+// ---- policy custom resources ----
+
+/// `tessera crds` as committed: the plain manifests and the chart's crds/ hold what it prints.
+#[test]
+fn committed_crds_are_the_generated_ones() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .arg("crds")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated = String::from_utf8(out.stdout).unwrap();
+    for file in [
+        "deploy/kubernetes/crds.yaml",
+        "deploy/helm/tessera/crds/crds.yaml",
+    ] {
+        assert!(
+            read(file) == generated,
+            "{file} is not what `tessera crds` prints: run `cargo xtask crds`"
+        );
+    }
+    let docs = yaml_docs(&generated);
+    let kinds: Vec<(&str, &str)> = docs
+        .iter()
+        .map(|d| {
+            (
+                d["spec"]["names"]["kind"].as_str().unwrap(),
+                d["spec"]["scope"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("TesseraPolicy", "Cluster"),
+            ("TesseraNamespacedPolicy", "Namespaced")
+        ]
+    );
+    for doc in &docs {
+        let version = &doc["spec"]["versions"][0];
+        assert_eq!(version["subresources"]["status"], serde_json::json!({}));
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_structural(spec, "spec");
+        // `kubectl explain` reads the descriptions.
+        let max_ttl = &spec["properties"]["rules"]["items"]["properties"]["credential"]["properties"]
+            ["maxTtl"];
+        assert_eq!(max_ttl["type"], "string");
+        assert!(
+            max_ttl["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("24h"))
+        );
+    }
+    // Every field the shipped example policies use is in the schema (the API server would
+    // drop one that is not).
+    let spec = &docs[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("policies")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        for doc in yaml_docs(&std::fs::read_to_string(&path).unwrap()) {
+            assert_fields_known(&doc["spec"], spec, &format!("{}: spec", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+/// What the API server requires of a CRD schema: a type on every node, no references, no
+/// open objects where the spec has fields.
+fn assert_structural(schema: &Value, path: &str) {
+    let object = schema
+        .as_object()
+        .unwrap_or_else(|| panic!("{path}: {schema}"));
+    assert!(
+        object.get("type").is_some_and(Value::is_string),
+        "{path} has no single type: {schema}"
+    );
+    for key in [
+        "$ref",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "nullable",
+        "x-kubernetes-preserve-unknown-fields",
+    ] {
+        assert!(!object.contains_key(key), "{path} has {key}");
+    }
+    if let Some(properties) = object.get("properties").and_then(Value::as_object) {
+        for (name, child) in properties {
+            assert_structural(child, &format!("{path}.{name}"));
+        }
+    }
+    if let Some(items) = object.get("items") {
+        assert_structural(items, &format!("{path}[]"));
+    }
+    if let Some(values @ Value::Object(_)) = object.get("additionalProperties") {
+        assert_structural(values, &format!("{path}.*"));
+    }
+}
+
+fn assert_fields_known(value: &Value, schema: &Value, path: &str) {
+    match value {
+        Value::Object(fields) => {
+            for (name, child) in fields {
+                let sub = schema["properties"]
+                    .get(name)
+                    .or_else(|| schema.get("additionalProperties"))
+                    .unwrap_or_else(|| panic!("{path}.{name} is not in the CRD schema"));
+                assert_fields_known(child, sub, &format!("{path}.{name}"));
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                assert_fields_known(item, &schema["items"], &format!("{path}[]"));
+            }
+        }
+        _ => {}
     }
 }
 

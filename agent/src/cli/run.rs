@@ -131,6 +131,12 @@ pub struct RunArgs {
     /// [default: twice the rate]
     #[arg(long, env = "TESSERA_RATE_LIMIT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: Option<u32>,
+    /// Also take policies from the Kubernetes custom resources TesseraPolicy and
+    /// TesseraNamespacedPolicy (list+watch through the in-cluster config, or the kubeconfig
+    /// KUBECONFIG names), merged with the policy files; each resource's status says whether
+    /// it was accepted, and why not. [default: false]
+    #[arg(long, env = "TESSERA_K8S_POLICIES", num_args = 0..=1, default_missing_value = "true")]
+    pub k8s_policies: Option<bool>,
 }
 
 fn parse_issuer(s: &str) -> Result<crate::credential::oidc::Issuer, String> {
@@ -320,6 +326,7 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
         rate_limit: rate_limit(args, file),
+        k8s_policies: args.k8s_policies.unwrap_or(false),
     };
     (config, log_format)
 }

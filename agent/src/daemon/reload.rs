@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::{
     credential::CredentialService,
     decision::DecisionRecord,
+    k8s_policies::PolicyResources,
     kernel::{self, Enforcer, GrantMaps},
     policy::PolicySet,
 };
@@ -93,6 +94,8 @@ pub struct Shared {
     pub service: Arc<CredentialService>,
     /// The policy enforced now; shared with the status provider.
     pub current: Arc<Mutex<Arc<PolicySet>>>,
+    /// `--k8s-policies`: the custom resources merged with the files.
+    pub resources: Option<PolicyResources>,
 }
 
 /// Reloads, one at a time, off the event loop; explains decisions by generation.
@@ -221,10 +224,40 @@ fn log_outcome(why: &'static str, outcome: &Outcome, current: &PolicySet) {
 }
 
 fn try_reload(shared: &Shared, views: &Mutex<Generations>, resync: bool) -> Outcome {
-    let policy = match PolicySet::load(&shared.paths) {
-        Ok(policy) => Arc::new(policy),
-        Err(errors) => return Outcome::Refused(errors.to_string()),
+    let Some(resources) = &shared.resources else {
+        return match PolicySet::load(&shared.paths) {
+            Ok(policy) => install(shared, views, resync, Arc::new(policy), &[]),
+            Err(errors) => Outcome::Refused(errors.to_string()),
+        };
     };
+    // The files and the custom resources: a refused resource is left out (its status says
+    // why), refused files refuse the reload.
+    let outcome = match resources.load(&shared.paths) {
+        Ok(merged) => {
+            let policy = Arc::new(merged.policy.clone());
+            let outcome = install(shared, views, resync, policy.clone(), &merged.rendered);
+            if !matches!(outcome, Outcome::Refused(_)) {
+                resources.applied(&merged, &lock(&shared.current).revision);
+            }
+            outcome
+        }
+        Err(errors) => Outcome::Refused(errors.to_string()),
+    };
+    if let Outcome::Refused(reason) = &outcome {
+        resources.not_applied(reason, &lock(&shared.current).revision);
+    }
+    outcome
+}
+
+/// Compiles and installs `policy` as the next generation (unless it is the one enforcing);
+/// `rendered`: the texts of its sources that are no files.
+fn install(
+    shared: &Shared,
+    views: &Mutex<Generations>,
+    resync: bool,
+    policy: Arc<PolicySet>,
+    rendered: &[(PathBuf, Vec<u8>)],
+) -> Outcome {
     let old = lock(&shared.current).clone();
     if policy.revision == old.revision && !resync {
         return Outcome::Unchanged;
@@ -273,7 +306,7 @@ fn try_reload(shared: &Shared, views: &Mutex<Generations>, resync: bool) -> Outc
         warn!(%warning, "policy sync");
     }
     shared.service.set_policy(policy.clone());
-    save_policy(&shared.state_dir, report.generation, &policy);
+    save_policy(&shared.state_dir, report.generation, &policy, rendered);
     set_generation(report.generation);
     *lock(&shared.current) = policy.clone();
     Outcome::Applied {

@@ -248,6 +248,21 @@ pub fn cache_for(env: &K8sEnvironment) -> PodCache {
     }
 }
 
+/// A client of the API server the environment names (in a pod: the in-cluster config; else
+/// the one kubeconfig `KUBECONFIG` names), as the pod cache builds it.
+pub async fn client_for(env: &K8sEnvironment) -> Result<kube::Client, K8sError> {
+    match client_source(env)? {
+        ClientSource::InCluster(client) => Ok(client),
+        ClientSource::Kubeconfig { path, kubeconfig } => {
+            let options = kube::config::KubeConfigOptions::default();
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|source| K8sError::Kubeconfig { path, source })?;
+            kube::Client::try_from(config).map_err(K8sError::Client)
+        }
+    }
+}
+
 fn client_source(env: &K8sEnvironment) -> Result<ClientSource, K8sError> {
     if env.in_cluster {
         let config = kube::Config::incluster().map_err(K8sError::InCluster)?;

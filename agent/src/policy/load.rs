@@ -12,6 +12,23 @@ use super::{PolicyError, PolicyErrors, PolicySet};
 use crate::located::yaml_error;
 
 pub(super) fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    let texts = read(paths)?;
+    if texts.is_empty() {
+        let shown = paths
+            .first()
+            .map_or_else(|| PathBuf::from("."), PathBuf::clone);
+        return Err(PolicyError::whole_file(
+            &shown,
+            "no policy files found".into(),
+            "pass a .yaml/.yml file, or a directory that holds some",
+        )
+        .into());
+    }
+    from_texts(&texts)
+}
+
+/// Reads the policy files `paths` name (none found is not an error here).
+pub(super) fn read(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<u8>)>, PolicyErrors> {
     let mut errors = Vec::new();
     let mut files = Vec::new();
     for path in paths {
@@ -23,16 +40,6 @@ pub(super) fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     // The same file named twice (or through a directory too) is loaded once.
     let mut seen = std::collections::HashSet::new();
     files.retain(|f| seen.insert(f.clone()));
-    if files.is_empty() && errors.is_empty() {
-        let shown = paths
-            .first()
-            .map_or_else(|| PathBuf::from("."), PathBuf::clone);
-        errors.push(PolicyError::whole_file(
-            &shown,
-            "no policy files found".into(),
-            "pass a .yaml/.yml file, or a directory that holds some",
-        ));
-    }
     let mut texts = Vec::new();
     for file in files {
         match std::fs::read(&file) {
@@ -47,7 +54,7 @@ pub(super) fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
-    from_texts(&texts)
+    Ok(texts)
 }
 
 /// `path` itself, or a directory's `*.yaml` / `*.yml` files sorted by name (not recursive).

@@ -7,119 +7,170 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 pub(super) type S<T> = Spanned<T>;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawDocument {
+    #[schemars(with = "Option<String>")]
     pub api_version: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub kind: Option<S<String>>,
+    #[schemars(with = "Option<RawMetadata>")]
     pub metadata: Option<S<RawMetadata>>,
+    #[schemars(with = "Option<RawSpec>")]
     pub spec: Option<S<RawSpec>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawMetadata {
+    #[schemars(with = "Option<String>")]
     pub name: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawSpec {
+    #[schemars(with = "Option<String>")]
     pub trust_domain: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub mode: Option<S<String>>,
     #[serde(default)]
+    #[schemars(with = "Vec<RawWorkload>")]
     pub workloads: Vec<S<RawWorkload>>,
     #[serde(default)]
+    #[schemars(with = "Vec<RawEndpoint>")]
     pub endpoints: Vec<S<RawEndpoint>>,
     #[serde(default)]
+    #[schemars(with = "Vec<RawRule>")]
     pub rules: Vec<S<RawRule>>,
     /// The Rego module that decides this document's credential requests.
+    #[schemars(with = "Option<RawIssuance>")]
     pub issuance: Option<S<RawIssuance>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawIssuance {
     /// The module's file, relative to the policy file.
+    #[schemars(with = "Option<String>")]
     pub rego: Option<S<String>>,
     /// A rule path such as `data.tessera.issuance.decision`.
+    #[schemars(with = "Option<String>")]
     pub query: Option<S<String>>,
     /// The evaluation budget, a duration such as `100ms`.
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawWorkload {
+    #[schemars(with = "Option<String>")]
     pub name: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub spiffe_id: Option<S<String>>,
     #[serde(rename = "match")]
+    #[schemars(with = "Option<RawMatch>")]
     pub selectors: Option<S<RawMatch>>,
     /// `open` (default) or `allowlist`.
+    #[schemars(with = "Option<String>")]
     pub egress: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawMatch {
+    #[schemars(with = "Option<String>")]
     pub cgroup: Option<S<String>>,
     /// Signed so that a negative uid gets our message, not serde's.
+    #[schemars(with = "Option<i64>")]
     pub uid: Option<S<i64>>,
+    #[schemars(with = "Option<i64>")]
     pub gid: Option<S<i64>>,
+    #[schemars(with = "Option<String>")]
     pub systemd_unit: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub exe: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub exe_sha256: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub container: Option<S<String>>,
+    #[schemars(with = "Option<RawK8s>")]
     pub k8s: Option<S<RawK8s>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawK8s {
+    #[schemars(with = "Option<String>")]
     pub namespace: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub service_account: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub pod_name: Option<S<String>>,
+    #[schemars(with = "Option<BTreeMap<String, String>>")]
     pub pod_labels: Option<S<BTreeMap<String, S<String>>>>,
+    #[schemars(with = "Option<String>")]
     pub container_name: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawEndpoint {
+    #[schemars(with = "Option<String>")]
     pub name: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub kind: Option<S<String>>,
+    #[schemars(with = "Option<Vec<String>>")]
     pub addresses: Option<S<Vec<S<String>>>>,
+    #[schemars(with = "Option<Vec<String>>")]
     pub hosts: Option<S<Vec<S<String>>>>,
+    #[schemars(with = "Option<Vec<String>>")]
     pub audiences: Option<S<Vec<S<String>>>>,
     /// Signed and wide so that 0, -1 and 70000 get our message, not serde's.
+    #[schemars(with = "Option<Vec<i64>>")]
     pub ports: Option<S<Vec<S<i64>>>>,
+    #[schemars(with = "Option<String>")]
     pub protocol: Option<S<String>>,
+    #[schemars(with = "Option<BTreeMap<String, String>>")]
     pub labels: Option<S<BTreeMap<String, S<String>>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawRule {
+    #[schemars(with = "Option<String>")]
     pub name: Option<S<String>>,
+    #[schemars(with = "Option<Vec<String>>")]
     pub workloads: Option<S<Vec<S<String>>>>,
+    #[schemars(with = "Option<Vec<String>>")]
     pub endpoints: Option<S<Vec<S<String>>>>,
+    #[schemars(with = "Option<RawCredential>")]
     pub credential: Option<S<RawCredential>>,
+    #[schemars(with = "Option<String>")]
     pub mode: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub connections: Option<S<String>>,
+    #[schemars(with = "Option<Vec<String>>")]
     pub scopes: Option<S<Vec<S<String>>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawCredential {
+    #[schemars(with = "Option<bool>")]
     pub required: Option<S<bool>>,
+    #[schemars(with = "Option<String>")]
     pub max_ttl: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
     pub bind: Option<S<String>>,
+    #[schemars(with = "Option<bool>")]
     pub keep_on_exec: Option<S<bool>>,
 }
 

@@ -107,8 +107,14 @@ fn generations_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// Keeps a copy of the policy files of `generation` (they may change before its events are
-/// read), and forgets the oldest copies.
-pub fn save_policy(state_dir: &Path, generation: u32, policy: &PolicySet) {
+/// read), and forgets the oldest copies. `rendered`: the texts of sources that are no files
+/// (Kubernetes resources), by source name.
+pub fn save_policy(
+    state_dir: &Path,
+    generation: u32,
+    policy: &PolicySet,
+    rendered: &[(PathBuf, Vec<u8>)],
+) {
     let dir = generations_dir(state_dir).join(format!("g{generation:010}"));
     let result = (|| -> std::io::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
@@ -119,7 +125,11 @@ pub fn save_policy(state_dir: &Path, generation: u32, policy: &PolicySet) {
         )
         .create(&dir)?;
         for (i, source) in policy.sources.iter().enumerate() {
-            std::fs::copy(source, dir.join(format!("{i:04}.yaml")))?;
+            let copy = dir.join(format!("{i:04}.yaml"));
+            match rendered.iter().find(|(name, _)| name == source) {
+                Some((_, text)) => std::fs::write(copy, text)?,
+                None => std::fs::copy(source, copy).map(|_| ())?,
+            }
         }
         std::fs::write(dir.join("revision"), &policy.revision)
     })();

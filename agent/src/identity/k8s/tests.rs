@@ -1,15 +1,9 @@
 //! The pod cache against a loopback server that replays recorded API-server responses.
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
-
 use super::*;
+use crate::testkit::apiserver::FakeApiServer;
 
 const LIST: &str = include_str!("fixtures/pod-list.json");
 const WATCH: &str = include_str!("fixtures/pod-watch.jsonl");
@@ -19,61 +13,10 @@ const WEB_UID: &str = "5a5a5a5a-0000-4000-8000-000000000001";
 
 /// Serves GET /api/v1/pods: the list, then the recorded watch once, then a watch that stays
 /// open with nothing to say. Records each request's path and query.
-async fn fake_api_server() -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        let watches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let log = log.clone();
-            let watches = watches.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let log = log.clone();
-                    let watches = watches.clone();
-                    async move {
-                        let uri = req.uri().to_string();
-                        log.lock().expect("log").push(uri.clone());
-                        let body = if !uri.starts_with("/api/v1/pods") {
-                            return Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(404)
-                                    .body(Full::new(Bytes::from_static(b"{}")))
-                                    .expect("response"),
-                            );
-                        } else if uri.contains("watch=true") {
-                            if watches.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
-                                std::future::pending::<()>().await;
-                            }
-                            WATCH
-                        } else {
-                            LIST
-                        };
-                        Ok(Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from_static(body.as_bytes())))
-                            .expect("response"))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (format!("http://{addr}"), seen)
-}
-
-async fn client(url: &str) -> kube::Client {
-    let config = kube::Config::new(url.parse().expect("url"));
-    kube::Client::try_from(config).expect("client")
+async fn fake_api_server() -> FakeApiServer {
+    let server = FakeApiServer::start().await;
+    server.replay("/api/v1/pods", LIST, WATCH);
+    server
 }
 
 /// Guards against a hang only; no assertion depends on time.
@@ -106,8 +49,8 @@ fn pod_metadata_from_a_listed_pod() {
 
 #[tokio::test]
 async fn cache_fills_from_the_list_and_follows_the_watch() {
-    let (url, seen) = fake_api_server().await;
-    let cache = spawn_watch(client(&url).await, "node-a");
+    let server = fake_api_server().await;
+    let cache = spawn_watch(server.client(), "node-a");
     assert_ne!(cache.state(), CacheState::Disabled);
     // The list, then ADDED web-0, MODIFIED api (a label), DELETED batch.
     within(
@@ -131,7 +74,7 @@ async fn cache_fills_from_the_list_and_follows_the_watch() {
     let api = cache.get(API_UID).expect("api");
     assert_eq!(api.container_name(&"4".repeat(64)), Some("proxy"));
 
-    let requests = seen.lock().expect("log").clone();
+    let requests = server.requests();
     assert!(requests.len() >= 2, "{requests:?}");
     for r in &requests {
         assert!(
@@ -151,42 +94,20 @@ async fn cache_fills_from_the_list_and_follows_the_watch() {
 
 #[tokio::test]
 async fn list_alone_fills_the_cache() {
-    let (url, _) = fake_api_server().await;
-    let cache = spawn_watch(client(&url).await, "node-a");
+    let server = fake_api_server().await;
+    let cache = spawn_watch(server.client(), "node-a");
     within("the list", cache.wait_until(|c| c.get(API_UID).is_some())).await;
     // The list's pods are there at once (the watch may have run too).
     assert!(cache.get(API_UID).is_some());
 }
 
-/// A kubeconfig whose current context reaches `url` over plain HTTP, without credentials.
-fn kubeconfig_file(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    let text = format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-  - name: loopback
-    cluster: {{ server: \"{url}\" }}
-users:
-  - name: anonymous
-    user: {{}}
-contexts:
-  - name: loopback
-    context: {{ cluster: loopback, user: anonymous }}
-current-context: loopback
-"
-    );
-    std::fs::write(&path, text).expect("write kubeconfig");
-    path
-}
-
 #[tokio::test]
 async fn a_kubeconfig_outside_a_cluster_fills_the_cache() {
-    let (url, seen) = fake_api_server().await;
+    let server = fake_api_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let env = K8sEnvironment {
         in_cluster: false,
-        kubeconfig: Some(kubeconfig_file(dir.path(), &url).into_os_string()),
+        kubeconfig: Some(server.kubeconfig(dir.path()).into_os_string()),
         node_name: Some("node-a".to_owned()),
     };
     let cache = cache_for(&env);
@@ -198,7 +119,7 @@ async fn a_kubeconfig_outside_a_cluster_fills_the_cache() {
     .await;
     let api = cache.get(API_UID).expect("api");
     assert_eq!(api.namespace, "payments");
-    let requests = seen.lock().expect("log").clone();
+    let requests = server.requests();
     assert!(
         requests
             .iter()
@@ -209,15 +130,15 @@ async fn a_kubeconfig_outside_a_cluster_fills_the_cache() {
 
 #[tokio::test]
 async fn a_kubeconfig_needs_the_node_name() {
-    let (url, seen) = fake_api_server().await;
+    let server = fake_api_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let env = K8sEnvironment {
         in_cluster: false,
-        kubeconfig: Some(kubeconfig_file(dir.path(), &url).into_os_string()),
+        kubeconfig: Some(server.kubeconfig(dir.path()).into_os_string()),
         node_name: None,
     };
     assert_eq!(cache_for(&env).state(), CacheState::Disabled);
-    assert!(seen.lock().expect("log").is_empty());
+    assert!(server.requests().is_empty());
 }
 
 #[tokio::test]
