@@ -110,6 +110,20 @@ pub struct RunArgs {
     /// [default: twice the rate]
     #[arg(long, env = "TESSERA_RATE_LIMIT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: Option<u32>,
+    /// How a connection whose credential was revoked or expired is ended: `sock-diag`
+    /// (SOCK_DESTROY: a TCP reset, a UDP socket disconnected), `packet-drop` (the kernel
+    /// refuses the socket's packets both ways; for kernels without SOCK_DESTROY), or `auto`:
+    /// sock-diag where the kernel has it, else packet-drop. [default: auto]
+    #[arg(long, value_enum, env = "TESSERA_CONNECTION_END")]
+    pub connection_end: Option<ConnectionEndArg>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnectionEndArg {
+    #[default]
+    Auto,
+    SockDiag,
+    PacketDrop,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,6 +299,7 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
         rate_limit: rate_limit(args, file),
+        connection_end: args.connection_end.unwrap_or_default(),
     };
     (config, log_format)
 }
@@ -328,5 +343,10 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "metrics": { "listen": c.metrics_addr.map(|a| a.to_string()) },
         "rateLimit": c.rate_limit.map(|l| format!("{}/{}", l.count, if l.per.as_secs() == 60 { "m" } else { "s" })),
         "rateLimitBurst": c.rate_limit.map(|l| l.burst),
+        "connectionEnd": match c.connection_end {
+            ConnectionEndArg::Auto => "auto",
+            ConnectionEndArg::SockDiag => "sock-diag",
+            ConnectionEndArg::PacketDrop => "packet-drop",
+        },
     })
 }
