@@ -7,6 +7,11 @@
 //! SOCK_DESTROY (TCP: `ECONNABORTED`; connected UDP: `EDESTADDRREQ`) and the packet-drop
 //! fallback (connected UDP: `EPERM`; a TCP holder sees no error, its bytes stop reaching the
 //! peer, so it is not timed here). p50/p99/max; measurements, never pass/fail.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "the tests' kit (tests/support.rs), shared here, panics with context"
+)]
 use std::{
     io::Read as _,
     net::{TcpListener, UdpSocket},
