@@ -299,7 +299,14 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
         dns_server: args.dns_server.or(file.dns_server),
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
         rate_limit: rate_limit(args, file),
-        connection_end: args.connection_end.unwrap_or_default(),
+        connection_end: args
+            .connection_end
+            .or(match file.connection_end.as_deref() {
+                Some("sock-diag") => Some(ConnectionEndArg::SockDiag),
+                Some("packet-drop") => Some(ConnectionEndArg::PacketDrop),
+                _ => None,
+            })
+            .unwrap_or_default(),
     };
     (config, log_format)
 }

@@ -10,9 +10,10 @@
 //! packet-drop programs refuse the socket's packets instead (see `agent-ebpf/src/flows.rs`);
 //! the sockets are then only described, from the same dump when it answers.
 //!
-//! `bpf_sock_destroy` (6.5+) is not used: it is callable only from `iter/tcp` and `iter/udp`
-//! programs, tracing programs that the hosts this is built on refuse like fentry, and every
-//! kernel that has it also has `SOCK_DESTROY` over `sock_diag`, which ends the same sockets.
+//! `bpf_sock_destroy` (6.5+) is not used: it ends sockets with the same kernel functions as
+//! `SOCK_DESTROY`, so it would only help a 6.5+ kernel built without `CONFIG_INET_DIAG_DESTROY`
+//! (packet drop covers those), and it is callable only from `iter/tcp` and `iter/udp`
+//! programs, which aya-ebpf 0.2.1 cannot declare (README, "How connections end").
 
 use std::collections::HashSet;
 use std::io;
