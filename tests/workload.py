@@ -31,7 +31,8 @@ line with one JSON line on stdout. Commands:
                                   N credential requests back to back: {"statuses": {code: count},
                                   "retry_after": the first 429's Retry-After, "refusal": its body}
   {"op": "open", "proto": "tcp"|"udp", "family": 4|6, "host": H, "port": P}
-                                  a connected socket kept open: {"result", "id"}
+                                  a connected socket kept open: {"result", "id", "port": its
+                                  local port}
   {"op": "keep_writing", "id": N, "interval_ms": I?}  a thread sends one byte every I ms
                                   (default 2) until a send fails
   {"op": "conn_status", "id": N}  {"error": errno name or null, "failed_at", "now"}
@@ -279,7 +280,7 @@ def open_conn(cmd):
         return {"result": errname(err)}
     n = len(OPEN) + 1
     OPEN[n] = {"sock": s, "error": None, "failed_at": None, "writes": 0}
-    return {"result": "ok", "id": n}
+    return {"result": "ok", "id": n, "port": s.getsockname()[1]}
 
 
 def keep_writing(cmd):

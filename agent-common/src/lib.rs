@@ -39,6 +39,9 @@ pub mod program_names {
     pub const SOCKET_SYSCALL: &str = "tessera_socket_syscall";
     pub const PROCESS_EXEC: &str = "tessera_process_exec";
     pub const PROCESS_FORK: &str = "tessera_process_fork";
+    /// cgroup_skb egress and ingress: the packet-drop fallback of connection ending.
+    pub const CONNECTION_EGRESS: &str = "tessera_connection_egress";
+    pub const CONNECTION_INGRESS: &str = "tessera_connection_ingress";
 }
 
 /// Map capacities. The agent refuses a policy that needs more entries than these.
@@ -107,6 +110,9 @@ pub const MODE_OVERRIDE_AUDIT: u32 = 2;
 
 /// `RuleValue::flags`: the rule requires a credential.
 pub const RULE_CREDENTIAL_REQUIRED: u32 = 1;
+/// `RuleValue::flags`: `connections: outlive`, the rule's connections outlive their credential
+/// (the packet-drop fallback lets their packets pass).
+pub const RULE_CONNECTIONS_OUTLIVE: u32 = 2;
 
 /// `WorkloadValue::flags`: the workload is restricted (it is in a rule or has an egress
 /// allow-list): it may not create raw IP or packet sockets.

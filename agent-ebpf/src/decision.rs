@@ -227,13 +227,20 @@ fn verdict(tgid: u32, caller: Caller, endpoint: &EndpointValue) -> Verdict {
         v.reason = REASON_ALLOWLISTED;
         return v;
     }
-    let mut check = GrantCheck {
-        now: unsafe { bpf_ktime_get_boot_ns() },
-        workload_id: v.workload_id,
-        endpoint_id: endpoint.endpoint_id,
-        reason: REASON_NO_CREDENTIAL,
-        credential_id: 0,
-    };
+    let mut check = GrantCheck::new(v.workload_id, endpoint.endpoint_id);
+    check_grants(&mut check, tgid);
+    v.reason = check.reason;
+    v.credential_id = check.credential_id;
+    if check.reason == REASON_CREDENTIAL_VALID {
+        v.verdict = VERDICT_ALLOW;
+    }
+    v
+}
+
+/// Looks for a valid grant of process `tgid` (while it is the task its grants were written for),
+/// then of the workload, for `check`'s (workload, endpoint).
+#[inline(always)]
+pub fn check_grants(check: &mut GrantCheck, tgid: u32) {
     if let Some(grants) = PROCESS_GRANTS.get_ptr(&tgid)
         && is_owner(tgid, unsafe { (*grants).owner })
     {
@@ -249,19 +256,13 @@ fn verdict(tgid: u32, caller: Caller, endpoint: &EndpointValue) -> Verdict {
     }
     if check.reason != REASON_CREDENTIAL_VALID {
         let key = WorkloadGrantKey {
-            workload_id: v.workload_id,
-            endpoint_id: endpoint.endpoint_id,
+            workload_id: check.workload_id,
+            endpoint_id: check.endpoint_id,
         };
         if let Some(slot) = WORKLOAD_GRANTS.get_ptr(&key) {
             check.consider(unsafe { &*slot });
         }
     }
-    v.reason = check.reason;
-    v.credential_id = check.credential_id;
-    if check.reason == REASON_CREDENTIAL_VALID {
-        v.verdict = VERDICT_ALLOW;
-    }
-    v
 }
 
 /// Whether process `tgid` is the task its grants were written for (`owner`, its
@@ -276,15 +277,27 @@ fn is_owner(tgid: u32, owner: u64) -> bool {
 }
 
 /// The most telling grant seen so far for one (workload, endpoint).
-struct GrantCheck {
+pub struct GrantCheck {
     now: u64,
     workload_id: u32,
     endpoint_id: u32,
-    reason: u8,
+    pub reason: u8,
     credential_id: u64,
 }
 
 impl GrantCheck {
+    /// Nothing seen yet, at the boot clock's now.
+    #[inline(always)]
+    pub fn new(workload_id: u32, endpoint_id: u32) -> Self {
+        GrantCheck {
+            now: unsafe { bpf_ktime_get_boot_ns() },
+            workload_id,
+            endpoint_id,
+            reason: REASON_NO_CREDENTIAL,
+            credential_id: 0,
+        }
+    }
+
     /// Returns true once a valid grant is found.
     #[inline(always)]
     fn consider(&mut self, slot: &GrantSlot) -> bool {

@@ -1,10 +1,12 @@
 //! Tessera's kernel programs: socket tagging (cgroup/sock_create, sock_release), the
 //! connect/sendmsg decision (cgroup sock_addr hooks), grant cleanup on process exit, and the
-//! refusal of raw IP and packet sockets to restricted workloads.
+//! refusal of raw IP and packet sockets to restricted workloads, and the packet-drop fallback
+//! of connection ending (cgroup_skb).
 #![no_std]
 #![no_main]
 
 mod decision;
+mod flows;
 mod identity;
 mod maps;
 mod sockets;
@@ -16,8 +18,8 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, tracepoint},
-    programs::{SockAddrContext, SockContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, tracepoint},
+    programs::{SkBuffContext, SockAddrContext, SockContext, TracePointContext},
 };
 use tessera_common::{
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP, PROTO_UDP, SocketTag,
@@ -66,6 +68,16 @@ pub fn tessera_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tessera_sendmsg6(ctx: SockAddrContext) -> i32 {
     try_sock_addr6(&ctx, HOOK_SENDMSG6)
+}
+
+#[cgroup_skb(egress)]
+pub fn tessera_connection_egress(ctx: SkBuffContext) -> i32 {
+    flows::filter(&ctx)
+}
+
+#[cgroup_skb(ingress)]
+pub fn tessera_connection_ingress(ctx: SkBuffContext) -> i32 {
+    flows::filter(&ctx)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_socket")]
@@ -229,6 +241,8 @@ const _: () = {
     assert!(same(p::SOCKET_SYSCALL, "tessera_socket_syscall"));
     assert!(same(p::PROCESS_EXEC, "tessera_process_exec"));
     assert!(same(p::PROCESS_FORK, "tessera_process_fork"));
+    assert!(same(p::CONNECTION_EGRESS, "tessera_connection_egress"));
+    assert!(same(p::CONNECTION_INGRESS, "tessera_connection_ingress"));
 };
 
 #[cfg(not(test))]

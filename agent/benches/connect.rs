@@ -14,10 +14,13 @@ use std::{
     time::Instant,
 };
 
+#[path = "common/attach.rs"]
+mod attach;
 mod common;
 
 use anyhow::{Context as _, Result, bail};
-use common::{mean_run_ns, median};
+use attach::{BenchCgroup, per_run};
+use common::median;
 use serde_json::{Value, json};
 use tessera_agent::{kernel, policy::PolicySet};
 use tessera_common::{GRANT_ACTIVE, GrantSlot, ProcessIdentity};
@@ -242,16 +245,6 @@ fn stats(enforcer: &kernel::Enforcer) -> Result<Vec<kernel::ProgramStats>> {
     Ok(enforcer.program_stats()?)
 }
 
-fn per_run(before: &[kernel::ProgramStats], after: &[kernel::ProgramStats], name: &str) -> f64 {
-    let find = |s: &[kernel::ProgramStats]| {
-        s.iter()
-            .find(|p| p.name == name)
-            .map(|p| (p.run_count, p.run_time_ns))
-            .unwrap_or((0, 0))
-    };
-    mean_run_ns(find(before), find(after))
-}
-
 fn print_table(results: &[Value]) {
     println!(
         "\n{:>9} | {:>10} | {:>11} | {:>11} | {:>10} | {:>11} | {:>10} | {:>11} | {:>11}",
@@ -349,48 +342,4 @@ fn bench_policy(shape: Shape, cgroup_rel: &str, tcp_port: u16, udp_port: u16) ->
         "  rules:\n    - name: bench\n      workloads: [bench]\n      endpoints: [vault, dns]\n      credential: {{ required: true, maxTtl: 1h, bind: process }}"
     )?;
     Ok(PolicySet::from_str(Path::new("bench.yaml"), &y)?)
-}
-
-/// `<cgroup2>/tessera-bench-<pid>`: this process moves in for the measurement and back out;
-/// removed on drop.
-struct BenchCgroup {
-    path: PathBuf,
-    rel: String,
-    root: PathBuf,
-}
-
-impl BenchCgroup {
-    fn create(root: &Path) -> Result<Self> {
-        let rel = format!("/tessera-bench-{}", std::process::id());
-        let path = root.join(&rel[1..]);
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self {
-            path,
-            rel,
-            root: root.to_path_buf(),
-        })
-    }
-
-    fn enter(&self) -> Result<()> {
-        std::fs::write(
-            self.path.join("cgroup.procs"),
-            std::process::id().to_string(),
-        )?;
-        Ok(())
-    }
-
-    fn leave(&self) -> Result<()> {
-        std::fs::write(
-            self.root.join("cgroup.procs"),
-            std::process::id().to_string(),
-        )?;
-        Ok(())
-    }
-}
-
-impl Drop for BenchCgroup {
-    fn drop(&mut self) {
-        let _ = self.leave();
-        let _ = std::fs::remove_dir(&self.path);
-    }
 }

@@ -46,6 +46,7 @@ struct RawConfig {
     metrics: Option<S<RawMetrics>>,
     rate_limit: Option<S<String>>,
     rate_limit_burst: Option<S<i64>>,
+    connection_end: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +108,8 @@ pub struct FileConfig {
     pub dns_server: Option<SocketAddr>,
     /// `plain` or `json`.
     pub log_format: Option<String>,
+    /// `auto`, `sock-diag` or `packet-drop` (checked).
+    pub connection_end: Option<String>,
     /// Detach the programs on shutdown.
     pub fail_open: Option<bool>,
     /// `Some(None)`: metrics switched off (`listen: off`).

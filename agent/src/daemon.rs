@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    cli::run::ModeArg,
+    cli::run::{ConnectionEndArg, ModeArg},
     credential::{self, CredentialError, CredentialService},
     decision::{DecisionRecord, DecisionSink, Enricher, Lost, SinkError, SinkOptions},
     identity::attestor::Attestor,
@@ -70,6 +70,8 @@ pub struct DaemonConfig {
     /// Merge `TesseraPolicy` / `TesseraNamespacedPolicy` resources with the files
     /// (`--k8s-policies`).
     pub k8s_policies: bool,
+    /// How connections whose credential ended are ended (`--connection-end`).
+    pub connection_end: ConnectionEndArg,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,12 @@ pub enum DaemonError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     KernelIds(#[from] kernel::IdsError),
+    #[error(
+        "--connection-end sock-diag: this kernel cannot end sockets over sock_diag (SOCK_DESTROY \
+         needs CONFIG_INET_DIAG_DESTROY, the tcp_diag and udp_diag modules and CAP_NET_ADMIN); \
+         use --connection-end packet-drop or auto. Nothing was loaded"
+    )]
+    NoSockDestroy,
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
@@ -132,6 +140,34 @@ async fn next_change(changes: Option<&mut tokio::sync::watch::Receiver<u64>>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// The mechanism `--connection-end` asks for, on this kernel.
+fn end_mechanism(setting: ConnectionEndArg) -> Result<kernel::EndMechanism, DaemonError> {
+    use kernel::EndMechanism;
+    let mechanism = match setting {
+        ConnectionEndArg::PacketDrop => EndMechanism::PacketDrop,
+        ConnectionEndArg::SockDiag => match kernel::probe_mechanism() {
+            EndMechanism::Unavailable => return Err(DaemonError::NoSockDestroy),
+            m => m,
+        },
+        ConnectionEndArg::Auto => match kernel::probe_mechanism() {
+            EndMechanism::Unavailable => {
+                warn!(
+                    "this kernel cannot end sockets over sock_diag (SOCK_DESTROY needs \
+                     CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN): the packets of connections \
+                     whose credential ended are refused instead"
+                );
+                EndMechanism::PacketDrop
+            }
+            m => m,
+        },
+    };
+    info!(
+        mechanism = mechanism.as_str(),
+        "connections end with their credential"
+    );
+    Ok(mechanism)
 }
 
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
@@ -191,6 +227,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         Some(ModeArg::Enforce) => tessera_common::MODE_OVERRIDE_ENFORCE,
         Some(ModeArg::Audit) => tessera_common::MODE_OVERRIDE_AUDIT,
     };
+    // How this kernel lets us end a connection whose credential ended: probed once, before
+    // the programs go in (the packet-drop fallback is part of every program set).
+    let end_mechanism = end_mechanism(config.connection_end)?;
     // Pinned in bpffs: a previous agent's programs are adopted, and ours outlive us.
     let compiled = reload::compile_policy(&config.state_dir, &cgroup_root, &policy)?;
     for warning in &compiled.warnings {
@@ -205,6 +244,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         &compiled,
         &resolve::saved_claims(&policy, &saved_hosts),
         mode_override,
+        end_mechanism == kernel::EndMechanism::PacketDrop,
         |grants, generation, revision| {
             reload::before_replace(&config.state_dir, &policy, grants, generation, revision)
         },
@@ -217,14 +257,6 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     );
     let grants = enforcer.grants();
     let connection_records = enforcer.connections();
-    // How this kernel lets us end a connection whose credential ended: probed once.
-    let end_mechanism = kernel::probe_mechanism();
-    if end_mechanism == kernel::EndMechanism::Unavailable {
-        warn!(
-            "this kernel cannot end sockets from outside (SOCK_DESTROY needs \
-             CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN): connections outlive their credentials"
-        );
-    }
     // Every selector, checked in user space; the answers go to the kernel's identities.
     let attestor = Arc::new(
         Attestor::new(
@@ -377,6 +409,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 },
                 policy: current_policy.clone(),
                 revocations: service.revocations(),
+                reported: Default::default(),
             }
             .run(ended_tx, stop_rx.clone()),
         )

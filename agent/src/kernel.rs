@@ -13,8 +13,9 @@ use aya::{
         RingBuf,
     },
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
-        cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        TracePoint, cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
     },
 };
 use tessera_common::{
@@ -62,6 +63,17 @@ pub use tracefs::tracing_ancestors;
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera"));
 
 const SOCK_PROGRAMS: [&str; 2] = [program_names::SOCK_CREATE, program_names::SOCK_RELEASE];
+/// The packet-drop fallback of connection ending, attached only where it is in use.
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    (
+        program_names::CONNECTION_EGRESS,
+        CgroupSkbAttachType::Egress,
+    ),
+    (
+        program_names::CONNECTION_INGRESS,
+        CgroupSkbAttachType::Ingress,
+    ),
+];
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
@@ -157,6 +169,8 @@ pub enum KernelError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("the programs are not attached to a cgroup: attach them first")]
+    NotAttached,
     #[error("the programs are not pinned: a policy swap needs `Enforcer::open_pinned`")]
     NotPinned,
 }
@@ -181,6 +195,7 @@ struct PolicyMaps {
 enum Attachment {
     Sock(&'static str, CgroupSockLinkId),
     SockAddr(&'static str, CgroupSockAddrLinkId),
+    Skb(&'static str, CgroupSkbLinkId),
 }
 
 /// Tessera's loaded programs and maps. Dropping it detaches and unloads everything.
@@ -215,6 +230,10 @@ impl Enforcer {
         }
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(program_error(name))?;
+        }
+        for (name, _) in SKB_PROGRAMS {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
             prog.load().map_err(program_error(name))?;
         }
         for (name, category, event) in pin::TRACEPOINTS {
@@ -307,6 +326,26 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Attaches the packet-drop programs (cgroup_skb egress and ingress) to the cgroup the
+    /// others are attached to; detached with them.
+    pub fn attach_packet_drop(&mut self) -> Result<(), KernelError> {
+        let Some(cgroup) = self.cgroup.clone() else {
+            return Err(KernelError::NotAttached);
+        };
+        let dir = std::fs::File::open(&cgroup).map_err(|source| KernelError::Io {
+            path: cgroup.clone(),
+            source,
+        })?;
+        for (name, attach_type) in SKB_PROGRAMS {
+            let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+            let link = prog
+                .attach(&dir, attach_type, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            self.attachments.push(Attachment::Skb(name, link));
+        }
+        Ok(())
+    }
+
     /// `Config::attached_cgroup_id`: where the socket-syscall tracepoint acts (0: nowhere).
     fn set_attached_cgroup(&self, id: u64) -> Result<(), KernelError> {
         let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
@@ -328,6 +367,10 @@ impl Enforcer {
                 }
                 Attachment::SockAddr(name, link) => {
                     let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+                    prog.detach(link).map_err(program_error(name))?;
+                }
+                Attachment::Skb(name, link) => {
+                    let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
                     prog.detach(link).map_err(program_error(name))?;
                 }
             }

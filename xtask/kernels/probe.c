@@ -7,6 +7,8 @@
  *   probe self SOCKET AUDIENCE PORT [GO] POST /v1/credentials for this process, then connect
  *                                        to 127.0.0.1:PORT; with GO, waits for that file to
  *                                        exist and connects again (after a revocation)
+ *   probe self SOCKET AUDIENCE PORT GO udp  the same with one connected UDP socket: a send
+ *                                        before, a send on the same socket after GO
  *   probe progs [PINDIR]                 every loaded BPF program: name and verified_insns; the
  *                                        full name from a link pinned as PINDIR/.../link-NAME
  * Exit status 0 when every step succeeded, 1 otherwise. */
@@ -127,8 +129,10 @@ static _Noreturn int serve(int argc, char **argv) {
 }
 
 /* POST /v1/credentials on the unix socket; prints "status=N" and the jti or the error. */
+static int hold_udp(const char *jti, int port, const char *go);
+
 static int self_credential(int argc, char **argv) {
-    if (argc != 5 && argc != 6) return 2;
+    if (argc < 5 || argc > 7) return 2;
     const char *sock = argv[2], *audience = argv[3];
     int port = atoi(argv[4]);
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
@@ -166,6 +170,7 @@ static int self_credential(int argc, char **argv) {
     char jti[128] = "?";
     char *j = strstr(payload, "\"jti\":\"");
     if (j) sscanf(j + 7, "%127[^\"]", jti);
+    if (argc == 7) return hold_udp(jti, port, argv[5]);
     const char *first = attempt(0, "4", port);
     printf("pid=%d status=200 jti=%s connect=%s\n", getpid(), jti, first);
     fflush(stdout);
@@ -174,6 +179,27 @@ static int self_credential(int argc, char **argv) {
     for (int i = 0; i < 1200 && stat(argv[5], &st) < 0; i++) usleep(50000);
     const char *after = attempt(0, "4", port);
     printf("pid=%d after=%s\n", getpid(), after);
+    return 0;
+}
+
+/* One send on the connected UDP socket FD. */
+static const char *send_connected(int fd) {
+    return send(fd, "x", 1, 0) < 0 ? errname(errno) : "ok";
+}
+
+/* `probe self ... GO udp`: a UDP socket connected under the credential, one send before GO
+ * and one after (the socket's connection lives only while the credential does). */
+static int hold_udp(const char *jti, int port, const char *go) {
+    struct sockaddr_storage ss;
+    socklen_t len = address("4", port, &ss);
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    const char *first = connect(fd, (struct sockaddr *)&ss, len) < 0 ? errname(errno)
+                                                                       : send_connected(fd);
+    printf("pid=%d status=200 jti=%s connect=%s\n", getpid(), jti, first);
+    fflush(stdout);
+    struct stat st;
+    for (int i = 0; i < 1200 && stat(go, &st) < 0; i++) usleep(50000);
+    printf("pid=%d after=%s\n", getpid(), send_connected(fd));
     return 0;
 }
 

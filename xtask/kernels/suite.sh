@@ -64,7 +64,8 @@ start_agent() {
   (
     RUST_LOG=info tessera run --policy /etc/tessera/kernels.yaml --cgroup "$CG" \
       --api-socket "$API" --admin-socket "$ADMIN" --decision-log "$LOG" \
-      --state-dir /var/lib/tessera --metrics-addr off >/dev/null 2>>"$AGENT_LOG" &
+      --state-dir /var/lib/tessera --metrics-addr off ${CONNECTION_END:+--connection-end "$CONNECTION_END"} \
+      >/dev/null 2>>"$AGENT_LOG" &
     echo $! > /tmp/agent.pid
     wait $!
     echo $? > /tmp/agent.exit
@@ -304,6 +305,37 @@ if wait_ready; then
   fi
 else
   fail restart-adopts "$(load_failure)"
+fi
+
+# --- the packet-drop fallback (for kernels without SOCK_DESTROY), forced: the pinned set is
+# replaced by one with the cgroup_skb programs; a connected UDP socket's sends are refused
+# once its credential is revoked ---
+if [ -n "$AGENT" ] && kill -0 "$AGENT" 2>/dev/null; then kill "$AGENT"; agent_gone; fi
+CONNECTION_END=packet-drop start_agent
+CONNECTION_END=
+if wait_ready; then
+  mech=$(tessera status --json --admin-socket "$ADMIN" 2>/dev/null | tr -d ' \n' | sed -n 's/.*"connection_end":"\([a-z_]*\)".*/\1/p')
+  probe progs /sys/fs/bpf/tessera | grep 'tessera_connection' | while read -r kind id type name insns; do
+    echo "KTEST VERIFIER ${name#name=} ${insns#verified_insns=}"
+  done
+  rm -f /tmp/go /tmp/hold.out
+  inapp probe self "$API" dns 8200 /tmp/go udp > /tmp/hold.out &
+  holder=$!
+  i=0
+  while ! grep -q 'status=' /tmp/hold.out 2>/dev/null && [ $i -lt 600 ]; do usleep 100000; i=$((i + 1)); done
+  jti=$(value_of "$(cat /tmp/hold.out)" jti)
+  first=$(value_of "$(cat /tmp/hold.out)" connect)
+  [ -n "$jti" ] && tessera revoke --admin-socket "$ADMIN" --jti "$jti" >/dev/null 2>&1
+  touch /tmp/go
+  wait "$holder"
+  after=$(sed -n 's/.* after=//p' /tmp/hold.out)
+  if [ "$mech" = packet_drop ] && [ "$first" = ok ] && [ "$after" = EPERM ]; then
+    pass connection-end-packet-drop "connected UDP: ok before, EPERM after the revocation"
+  else
+    fail connection-end-packet-drop "connection_end=${mech:-missing} before=${first:-?} after=${after:-?} ($(sed 's/^pid=[0-9]* //' /tmp/hold.out | one_line 200))"
+  fi
+else
+  fail connection-end-packet-drop "$(load_failure)"
 fi
 
 # --- tessera selftest (its own agent and scratch cgroup) ---

@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: runs the connect-path benchmark (agent/benches/connect.rs) as root, the
-//! attestation benchmark (agent/benches/attest.rs), then the daemon benchmark
+//! attestation benchmark (agent/benches/attest.rs), the per-packet cost of the packet-drop
+//! fallback (agent/benches/packets.rs), the revocation-to-failed-write latency
+//! (agent/benches/revocation.rs: the real `tessera run`), then the daemon benchmark
 //! (agent/benches/daemon.rs: the release `tessera run` under load).
 use anyhow::Result;
 
@@ -66,19 +68,20 @@ fn program_benches(args: &BenchArgs) -> Result<()> {
         "--json",
         json,
     ])?;
-    // Attestation cost per process (agent/benches/attest.rs), beside the connect results.
-    let attest_json = crate::workspace_root().join("target/bench/attest.json");
-    let attest_json = attest_json
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("the workspace path is not UTF-8"))?;
-    crate::setup::cargo(&[
-        "bench",
-        "--package",
-        "tessera-agent",
-        "--bench",
-        "attest",
-        "--",
-        "--json",
-        attest_json,
-    ])
+    // Attestation cost per process (agent/benches/attest.rs), the packet-drop programs' cost
+    // on unprotected traffic and the revocation latency, beside the connect results.
+    for bench in ["attest", "packets", "revocation"] {
+        let out = absolute(&format!("target/bench/{bench}.json"))?;
+        crate::setup::cargo(&[
+            "bench",
+            "--package",
+            "tessera-agent",
+            "--bench",
+            bench,
+            "--",
+            "--json",
+            &out,
+        ])?;
+    }
+    Ok(())
 }

@@ -137,6 +137,20 @@ pub struct RunArgs {
     /// it was accepted, and why not. [default: false]
     #[arg(long, env = "TESSERA_K8S_POLICIES", num_args = 0..=1, default_missing_value = "true")]
     pub k8s_policies: Option<bool>,
+    /// How a connection whose credential was revoked or expired is ended: `sock-diag`
+    /// (SOCK_DESTROY: a TCP reset, a UDP socket disconnected), `packet-drop` (the kernel
+    /// refuses the socket's packets both ways; for kernels without SOCK_DESTROY), or `auto`:
+    /// sock-diag where the kernel has it, else packet-drop. [default: auto]
+    #[arg(long, value_enum, env = "TESSERA_CONNECTION_END")]
+    pub connection_end: Option<ConnectionEndArg>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnectionEndArg {
+    #[default]
+    Auto,
+    SockDiag,
+    PacketDrop,
 }
 
 fn parse_issuer(s: &str) -> Result<crate::credential::oidc::Issuer, String> {
@@ -327,6 +341,14 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
         fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
         rate_limit: rate_limit(args, file),
         k8s_policies: args.k8s_policies.unwrap_or(false),
+        connection_end: args
+            .connection_end
+            .or(match file.connection_end.as_deref() {
+                Some("sock-diag") => Some(ConnectionEndArg::SockDiag),
+                Some("packet-drop") => Some(ConnectionEndArg::PacketDrop),
+                _ => None,
+            })
+            .unwrap_or_default(),
     };
     (config, log_format)
 }
@@ -377,5 +399,10 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "metrics": { "listen": c.metrics_addr.map(|a| a.to_string()) },
         "rateLimit": c.rate_limit.map(|l| format!("{}/{}", l.count, if l.per.as_secs() == 60 { "m" } else { "s" })),
         "rateLimitBurst": c.rate_limit.map(|l| l.burst),
+        "connectionEnd": match c.connection_end {
+            ConnectionEndArg::Auto => "auto",
+            ConnectionEndArg::SockDiag => "sock-diag",
+            ConnectionEndArg::PacketDrop => "packet-drop",
+        },
     })
 }

@@ -75,6 +75,9 @@ pub async fn run(args: &StatusArgs) -> ExitCode {
         Some("unavailable") => println!(
             "connections end:  NO: this kernel cannot end sockets (connections outlive their credentials)"
         ),
+        Some("packet_drop") => println!(
+            "connections end:  with their credential (packet_drop: the kernel refuses their packets)"
+        ),
         Some(mechanism) => println!("connections end:  with their credential ({mechanism})"),
         None => {}
     }

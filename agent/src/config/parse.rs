@@ -10,7 +10,7 @@ use super::{ConfigError, FileConfig, RawConfig, S};
 use crate::daemon::cgroupns::CgroupNamespace;
 
 const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
-                      signingAlgorithm, keyRotation, trustBundleDir, issuer, oidc, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst";
+                      signingAlgorithm, keyRotation, trustBundleDir, issuer, oidc, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst, connectionEnd";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
     let mut out = FileConfig {
@@ -71,6 +71,16 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
                 m.referenced,
                 format!("unknown mode `{other}`"),
                 "write enforce or audit, or remove the key to keep each rule's own mode",
+            )),
+        }
+    }
+    if let Some(c) = raw.connection_end {
+        match c.value.as_str() {
+            "auto" | "sock-diag" | "packet-drop" => out.connection_end = Some(c.value.clone()),
+            other => errors.push(err(
+                c.referenced,
+                format!("unknown connectionEnd `{other}`"),
+                "write auto, sock-diag or packet-drop, or remove the key for auto",
             )),
         }
     }

@@ -363,3 +363,24 @@ fn the_issuer_and_the_oidc_listener_come_from_flag_or_file() {
         "a spiffe:// --issuer is refused"
     );
 }
+
+#[test]
+fn connection_end_comes_from_flag_file_or_default() {
+    use crate::cli::run::ConnectionEndArg;
+    let (c, _) = resolve(&run_args(&[]), &FileConfig::default());
+    assert_eq!(c.connection_end, ConnectionEndArg::Auto);
+    let file = load("connectionEnd: packet-drop\n").unwrap();
+    assert_eq!(
+        resolve(&run_args(&[]), &file).0.connection_end,
+        ConnectionEndArg::PacketDrop
+    );
+    let (c, _) = resolve(&run_args(&["--connection-end", "sock-diag"]), &file);
+    assert_eq!(c.connection_end, ConnectionEndArg::SockDiag);
+    let e = errors("connectionEnd: reset\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("/etc/tessera/config.yaml:1:16: unknown connectionEnd `reset`"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("packet-drop"), "{e:?}");
+}

@@ -3,6 +3,11 @@
 //! record is checked against the grants, and the sockets whose holder holds none any more are
 //! ended (rules with `connections: outlive` excepted). Each ended socket becomes a decision
 //! record (hook `connection`) in the event loop.
+//!
+//! With the packet-drop fallback the kernel itself refuses a lapsed socket's packets, at every
+//! packet, from the instant its grant lapses: its record must stay (the programs go by it), so
+//! the reaper only reports each lapse once, and again if the holder gets a valid credential
+//! back (its packets then pass again) and loses it.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +26,7 @@ use crate::decision::{ConnectionRef, DecisionRecord};
 use crate::kernel::{
     self, ConnectionMaps, EndedSocket, GrantMaps, KernelIds, Lapse, LapsedConnection, SocketEnder,
 };
-use crate::policy::{ConnectionLifetime, PolicySet};
+use crate::policy::{ConnectionLifetime, PolicySet, Protocol};
 
 /// The longest wait between two looks: a holder that exited, or a grant a reload removed, ends
 /// its connections within this, and so does an expiry this agent could not foresee.
@@ -44,6 +49,8 @@ pub struct Reaper {
     pub policy: Arc<Mutex<Arc<PolicySet>>>,
     /// Notified after every revocation.
     pub revocations: Arc<Notify>,
+    /// Packet drop: the lapsed sockets already reported (their records stay).
+    pub reported: Mutex<HashSet<u64>>,
 }
 
 impl Reaper {
@@ -106,14 +113,36 @@ impl Reaper {
         if survey.lapsed.is_empty() {
             return (Vec::new(), wait);
         }
-        let cookies: HashSet<u64> = survey.lapsed.iter().map(|l| l.cookie).collect();
-        let sockets = match self.ender.end(&cookies) {
+        let packet_drop = self.ender.mechanism == kernel::EndMechanism::PacketDrop;
+        let mut cookies: HashSet<u64> = survey.lapsed.iter().map(|l| l.cookie).collect();
+        if packet_drop {
+            let Ok(mut reported) = self.reported.lock() else {
+                return (Vec::new(), wait);
+            };
+            // A socket whose holder holds a credential again (or that is gone) is forgotten.
+            reported.retain(|c| cookies.contains(c));
+            cookies.retain(|c| !reported.contains(c));
+            reported.extend(cookies.iter().copied());
+        }
+        if cookies.is_empty() {
+            return (Vec::new(), wait);
+        }
+        let mut sockets = match self.ender.end(&cookies) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, connections = cookies.len(), "cannot end connections; trying again");
                 return (Vec::new(), MAX_WAIT);
             }
         };
+        if packet_drop {
+            // Refused by the kernel wherever the socket is; described where sock_diag saw it.
+            for lapsed in survey.lapsed.iter().filter(|l| cookies.contains(&l.cookie)) {
+                if !sockets.iter().any(|s| s.cookie == lapsed.cookie) {
+                    sockets.push(undescribed(lapsed, &policy, &ids));
+                }
+            }
+            return (self.report(&survey.lapsed, sockets), wait);
+        }
         // Every lapsed record is done with: ended now, or its socket is gone (closed, or in a
         // network namespace the agent's sock_diag does not see).
         for cookie in &cookies {
@@ -130,13 +159,23 @@ impl Reaper {
                  namespace: they stay open"
             );
         }
+        (self.report(&survey.lapsed, sockets), wait)
+    }
+
+    /// The ended connections of `sockets`, logged.
+    fn report(
+        &self,
+        lapsed: &[LapsedConnection],
+        sockets: Vec<EndedSocket>,
+    ) -> Vec<EndedConnection> {
         let mut done = Vec::with_capacity(sockets.len());
         for socket in sockets {
-            if let Some(lapsed) = survey.lapsed.iter().find(|l| l.cookie == socket.cookie) {
+            if let Some(lapsed) = lapsed.iter().find(|l| l.cookie == socket.cookie) {
                 info!(
                     tgid = lapsed.record.tgid,
                     destination = %socket.destination,
                     lapse = ?lapsed.lapse,
+                    mechanism = self.ender.mechanism.as_str(),
                     "connection ended with its credential"
                 );
                 done.push(EndedConnection {
@@ -145,7 +184,27 @@ impl Reaper {
                 });
             }
         }
-        (done, wait)
+        done
+    }
+}
+
+/// A socket the kernel refuses that `sock_diag` did not describe (another network namespace,
+/// or no inet `sock_diag`): its addresses are unknown (unspecified, port 0); its protocol is
+/// its endpoint's (TCP for an endpoint of both).
+fn undescribed(lapsed: &LapsedConnection, policy: &PolicySet, ids: &KernelIds) -> EndedSocket {
+    let udp = ids
+        .endpoint_id(lapsed.record.endpoint_id)
+        .is_some_and(|e| policy.endpoint(e).protocol == Protocol::Udp);
+    let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+    EndedSocket {
+        cookie: lapsed.cookie,
+        protocol: if udp {
+            libc::IPPROTO_UDP as u8
+        } else {
+            libc::IPPROTO_TCP as u8
+        },
+        source: nowhere,
+        destination: nowhere,
     }
 }
 

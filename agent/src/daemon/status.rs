@@ -136,7 +136,7 @@ pub fn with_workload_api(
 }
 
 /// Adds `kernel.connection_end`: how connections whose credential ended are ended here
-/// (`sock_diag_destroy`, or `unavailable`: they outlive their credentials).
+/// (`sock_diag_destroy`, `packet_drop`, or `unavailable`: they outlive their credentials).
 pub fn with_connection_end(status: StatusProvider, mechanism: EndMechanism) -> StatusProvider {
     Arc::new(move || {
         let mut value = status();

@@ -12,13 +12,16 @@ use ipnet::IpNet;
 use tessera_common::{
     ANY_CGROUP, ANY_PORT, ANY_UID, CIDR_KEY_HEADER_BITS, CONFIG_EGRESS_ALLOWLIST,
     CONFIG_RESTRICTED, EndpointCidrKey, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE,
-    PROTO_TCP, PROTO_UDP, RULE_CREDENTIAL_REQUIRED, RuleKey, RuleValue, WORKLOAD_EGRESS_ALLOWLIST,
-    WORKLOAD_MODE_AUDIT, WORKLOAD_RESTRICTED, WorkloadKey, WorkloadValue, capacity,
+    PROTO_TCP, PROTO_UDP, RULE_CONNECTIONS_OUTLIVE, RULE_CREDENTIAL_REQUIRED, RuleKey, RuleValue,
+    WORKLOAD_EGRESS_ALLOWLIST, WORKLOAD_MODE_AUDIT, WORKLOAD_RESTRICTED, WorkloadKey,
+    WorkloadValue, capacity,
 };
 
 use super::{KernelError, scope};
 use crate::kernel::KernelIds;
-use crate::policy::{Egress, EndpointId, Mode, PolicySet, Protocol, RuleId, Workload, WorkloadId};
+use crate::policy::{
+    ConnectionLifetime, Egress, EndpointId, Mode, PolicySet, Protocol, RuleId, Workload, WorkloadId,
+};
 
 /// The policy maps' contents. CIDR keys are `(prefix length, data)`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -203,10 +206,12 @@ pub fn compile(
     for (pos, rule) in (0u32..).zip(&policy.rules) {
         let value = RuleValue {
             rule_id: ids.rule(RuleId(pos)),
-            flags: if rule.credential.is_some() {
-                RULE_CREDENTIAL_REQUIRED
-            } else {
-                0
+            flags: match rule.credential {
+                Some(c) if c.connections == ConnectionLifetime::Outlive => {
+                    RULE_CREDENTIAL_REQUIRED | RULE_CONNECTIONS_OUTLIVE
+                }
+                Some(_) => RULE_CREDENTIAL_REQUIRED,
+                None => 0,
             },
             mode: mode(rule.mode),
             _pad: 0,

@@ -9,7 +9,9 @@
 //!     g<generation>-<revision, escaped>/                                    one program set
 //!         {ENDPOINTS_EXACT,ENDPOINTS_CIDR,WORKLOADS,RULES,CONFIG,           its policy maps
 //!          ATTACHED_CGROUP,WORKLOAD_CGROUPS,WORKLOAD_CGROUP_IDS}
-//!         link-<program>                                                     its links (one per program)
+//!         link-<program>                                                     its links (one per program;
+//!                                                                            the packet-drop ones only
+//!                                                                            where that fallback is used)
 //! ```
 //!
 //! A *program set* is one load of the eBPF object: its own policy maps (and `CONFIG`, so its
@@ -30,15 +32,17 @@ use std::sync::{Arc, Mutex};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, TracePoint, links::FdLink,
+    },
 };
 use tessera_common::{Config, map_names, program_names};
 use tracing::{info, warn};
 
 use super::pinfs::{escape, list_sets, pin_dir, remove_set, uninstall};
 use super::{
-    CompiledPolicy, Enforcer, KernelError, PROGRAMS, PolicyMaps, SOCK_ADDR_PROGRAMS, SOCK_PROGRAMS,
-    SyncReport, map_error, program, program_error, sync, system, take_map,
+    CompiledPolicy, Enforcer, KernelError, PROGRAMS, PolicyMaps, SKB_PROGRAMS, SOCK_ADDR_PROGRAMS,
+    SOCK_PROGRAMS, SyncReport, map_error, program, program_error, sync, system, take_map,
 };
 use crate::kernel::GrantMaps;
 use crate::policy::{Endpoint, EndpointId};
@@ -87,8 +91,11 @@ pub(super) const TRACEPOINTS: [(&str, &str, &str); 4] = [
     ),
 ];
 
+/// The links of a set without the packet-drop programs; a set with them has
+/// [`PACKET_DROP_LINK_COUNT`].
 pub(super) const LINK_COUNT: usize =
     SOCK_PROGRAMS.len() + SOCK_ADDR_PROGRAMS.len() + TRACEPOINTS.len();
+pub(super) const PACKET_DROP_LINK_COUNT: usize = LINK_COUNT + SKB_PROGRAMS.len();
 
 /// The pinned state of an attach point the running enforcer owns.
 #[derive(Clone, Debug)]
@@ -98,6 +105,8 @@ pub(super) struct PinState {
     cgroup: PathBuf,
     generation: u32,
     revision: String,
+    /// Every set attaches the packet-drop programs too (the connection-ending fallback).
+    packet_drop: bool,
 }
 
 /// What `Enforcer::open_pinned` found in bpffs.
@@ -134,6 +143,9 @@ impl Enforcer {
     /// `saved_hosts` are the endpoint host addresses a predecessor resolved (endpoint, its
     /// definition, address): they are protected from the first instant, as run-time claims the
     /// host refreshers then take over, so that a restart never opens a hostname endpoint.
+    /// `packet_drop`: every set also attaches the packet-drop programs (a pinned set that
+    /// differs in this is replaced).
+    #[expect(clippy::too_many_arguments, reason = "one caller, the daemon's start")]
     pub fn open_pinned(
         cgroup_root: &Path,
         cgroup: &Path,
@@ -141,6 +153,7 @@ impl Enforcer {
         compiled: &CompiledPolicy,
         saved_hosts: &[(EndpointId, &Endpoint, IpAddr)],
         mode_override: u32,
+        packet_drop: bool,
         before_replace: impl FnOnce(&GrantMaps, u32, &str) -> Result<(), KernelError>,
     ) -> Result<(Enforcer, Adoption), KernelError> {
         if let Some(release) = system::kernel_release()
@@ -174,8 +187,9 @@ impl Enforcer {
             cgroup: cgroup.to_path_buf(),
             generation: best.map_or(0, |b| b.generation),
             revision: best.map(|b| b.revision.clone()).unwrap_or_default(),
+            packet_drop,
         };
-        let mut ebpf = load_set(&dir, best.map(|b| b.path.as_path()))?;
+        let mut ebpf = load_set(&dir, best.map(|b| b.path.as_path()), packet_drop)?;
         let policy = Arc::new(Mutex::new(policy_maps(&mut ebpf)?));
         let mut enforcer = Enforcer {
             grants: GrantMaps::new(
@@ -203,7 +217,11 @@ impl Enforcer {
             maps.dynamic.restore(compiled, saved_hosts)
         };
         let adoption = match best {
-            Some(best) if best.revision == revision && enforcer.holds(&with_hosts) => {
+            Some(best)
+                if best.revision == revision
+                    && best.packet_drop == packet_drop
+                    && enforcer.holds(&with_hosts) =>
+            {
                 if let Ok(mut maps) = enforcer.policy.lock() {
                     maps.dynamic.committed();
                 }
@@ -429,7 +447,7 @@ fn check_layouts(dir: &Path, names: &[&'static str]) -> Result<(), KernelError> 
 /// Loads the object with the shared maps and `set_path`'s policy maps found (or created and
 /// pinned) by pin path, and loads every program; attaches nothing. Without `set_path` the
 /// policy maps are new and unpinned.
-fn load_set(dir: &Path, set_path: Option<&Path>) -> Result<Ebpf, KernelError> {
+fn load_set(dir: &Path, set_path: Option<&Path>, packet_drop: bool) -> Result<Ebpf, KernelError> {
     let shared = dir.join("maps");
     for d in std::iter::once(shared.as_path()).chain(set_path) {
         std::fs::create_dir_all(d).map_err(|source| KernelError::Io {
@@ -460,6 +478,12 @@ fn load_set(dir: &Path, set_path: Option<&Path>) -> Result<Ebpf, KernelError> {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         prog.load().map_err(program_error(name))?;
     }
+    if packet_drop {
+        for (name, _) in SKB_PROGRAMS {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load().map_err(program_error(name))?;
+        }
+    }
     for (name, _, _) in TRACEPOINTS {
         let tp: &mut TracePoint = program(&mut ebpf, name)?;
         tp.load().map_err(program_error(name))?;
@@ -489,7 +513,7 @@ fn install_set(
     compiled: &CompiledPolicy,
     mode_override: u32,
 ) -> Result<(Ebpf, PolicyMaps, SyncReport), KernelError> {
-    let mut ebpf = load_set(&state.dir, Some(set_path))?;
+    let mut ebpf = load_set(&state.dir, Some(set_path), state.packet_drop)?;
     let mut maps = policy_maps(&mut ebpf)?;
     let config = Config {
         mode_override,
@@ -510,7 +534,7 @@ fn install_set(
     maps.attached
         .set(0, cgroup.as_raw_fd(), 0)
         .map_err(map_error(map_names::ATTACHED_CGROUP))?;
-    let mut links: Vec<(&'static str, FdLink)> = Vec::with_capacity(LINK_COUNT);
+    let mut links: Vec<(&'static str, FdLink)> = Vec::with_capacity(PACKET_DROP_LINK_COUNT);
     for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSock = program(&mut ebpf, name)?;
         let id = prog
@@ -532,6 +556,18 @@ fn install_set(
         let id = tp.attach(category, event).map_err(program_error(name))?;
         let link = tp.take_link(id).map_err(program_error(name))?;
         links.push((name, FdLink::try_from(link).map_err(link_error(name))?));
+    }
+    // Last: a set cut short after the others' pins is a complete set without them (and so
+    // never kept by an agent that wants them).
+    if state.packet_drop {
+        for (name, attach_type) in SKB_PROGRAMS {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            let id = prog
+                .attach(cgroup.as_fd(), attach_type, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            let link = prog.take_link(id).map_err(program_error(name))?;
+            links.push((name, FdLink::try_from(link).map_err(link_error(name))?));
+        }
     }
     for (name, link) in links {
         link.pin(set_path.join(format!("link-{name}")))

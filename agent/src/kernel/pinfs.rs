@@ -10,7 +10,7 @@ use aya::programs::{
 use tracing::warn;
 
 use super::KernelError;
-use super::pin::LINK_COUNT;
+use super::pin::{LINK_COUNT, PACKET_DROP_LINK_COUNT};
 
 /// Where every attach point's directory lives.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/tessera";
@@ -22,6 +22,8 @@ pub(super) struct SetDir {
     pub(super) generation: u32,
     pub(super) revision: String,
     pub(super) complete: bool,
+    /// Its links include the packet-drop programs'.
+    pub(super) packet_drop: bool,
 }
 
 /// The bpffs directory of the attach point `cgroup` (a directory under `cgroup_root`).
@@ -132,7 +134,8 @@ pub(super) fn list_sets(dir: &Path) -> Result<Vec<SetDir>, KernelError> {
             path: entry.path(),
             generation,
             revision,
-            complete: links == LINK_COUNT,
+            complete: links == LINK_COUNT || links == PACKET_DROP_LINK_COUNT,
+            packet_drop: links == PACKET_DROP_LINK_COUNT,
         });
     }
     sets.sort_by_key(|s| s.generation);

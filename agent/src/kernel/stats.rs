@@ -34,7 +34,8 @@ pub fn enable_bpf_stats() -> Result<BpfStatsGuard, KernelError> {
 
 pub(super) fn collect(ebpf: &Ebpf) -> Result<Vec<ProgramStats>, KernelError> {
     let mut out = Vec::new();
-    for (name, program) in ebpf.programs() {
+    // The packet-drop programs are loaded only where that fallback is in use.
+    for (name, program) in ebpf.programs().filter(|(_, p)| p.fd().is_ok()) {
         let info = program.info().map_err(|source| KernelError::Program {
             program: name.to_owned(),
             source,

@@ -5,6 +5,15 @@
 //! `EDESTADDRREQ`, a pending receive with `ECONNABORTED`, and a `sendto` is decided again by
 //! the sendmsg hooks). The sockets are
 //! found by their cookies in a `sock_diag` dump of the agent's network namespace.
+//!
+//! Where the kernel cannot (`CONFIG_INET_DIAG_DESTROY` off, or `sock_diag` refused), the
+//! packet-drop programs refuse the socket's packets instead (see `agent-ebpf/src/flows.rs`);
+//! the sockets are then only described, from the same dump when it answers.
+//!
+//! `bpf_sock_destroy` (6.5+) is not used: it ends sockets with the same kernel functions as
+//! `SOCK_DESTROY`, so it would only help a 6.5+ kernel built without `CONFIG_INET_DIAG_DESTROY`
+//! (packet drop covers those), and it is callable only from `iter/tcp` and `iter/udp`
+//! programs, which aya-ebpf 0.2.1 cannot declare (README, "How connections end").
 
 use std::collections::HashSet;
 use std::io;
@@ -34,6 +43,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum EndMechanism {
     /// `SOCK_DESTROY` over `sock_diag` (`CONFIG_INET_DIAG_DESTROY`).
     SockDiagDestroy,
+    /// The packet-drop programs (cgroup_skb egress and ingress) refuse the socket's packets
+    /// while its holder holds no valid credential; the socket stays open.
+    PacketDrop,
     /// None: connections outlive their credentials (the kernel lacks
     /// `CONFIG_INET_DIAG_DESTROY`, or the agent lacks `CAP_NET_ADMIN`).
     Unavailable,
@@ -44,6 +56,7 @@ impl EndMechanism {
     pub fn as_str(self) -> &'static str {
         match self {
             EndMechanism::SockDiagDestroy => "sock_diag_destroy",
+            EndMechanism::PacketDrop => "packet_drop",
             EndMechanism::Unavailable => "unavailable",
         }
     }
@@ -82,6 +95,15 @@ pub fn probe_mechanism() -> EndMechanism {
 /// and IPv6). Returns those it ended; a cookie not found is a socket already gone (or in
 /// another network namespace).
 pub fn end_sockets(cookies: &HashSet<u64>) -> io::Result<Vec<EndedSocket>> {
+    visit(cookies, true)
+}
+
+/// The sockets of `cookies` found in the agent's network namespace, left as they are.
+pub fn describe_sockets(cookies: &HashSet<u64>) -> io::Result<Vec<EndedSocket>> {
+    visit(cookies, false)
+}
+
+fn visit(cookies: &HashSet<u64>, end: bool) -> io::Result<Vec<EndedSocket>> {
     let mut ended = Vec::new();
     if cookies.is_empty() {
         return Ok(ended);
@@ -99,6 +121,10 @@ pub fn end_sockets(cookies: &HashSet<u64>) -> io::Result<Vec<EndedSocket>> {
                     source: SocketAddr::new(id.source_address, id.source_port),
                     destination: SocketAddr::new(id.destination_address, id.destination_port),
                 };
+                if !end {
+                    ended.push(socket);
+                    continue;
+                }
                 match destroy(family, protocol, id) {
                     Ok(()) => ended.push(socket),
                     // Closed between the dump and now.
@@ -111,16 +137,19 @@ pub fn end_sockets(cookies: &HashSet<u64>) -> io::Result<Vec<EndedSocket>> {
     Ok(ended)
 }
 
-/// A handle that ends sockets; `None` mechanism ends none.
+/// A handle that ends sockets; `Unavailable` ends none.
 #[derive(Clone, Copy, Debug)]
 pub struct SocketEnder {
     pub mechanism: EndMechanism,
 }
 
 impl SocketEnder {
+    /// Ends the sockets (`PacketDrop`: the kernel already refuses their packets; they are
+    /// described where `sock_diag` answers, else not at all).
     pub fn end(&self, cookies: &HashSet<u64>) -> io::Result<Vec<EndedSocket>> {
         match self.mechanism {
             EndMechanism::SockDiagDestroy => end_sockets(cookies),
+            EndMechanism::PacketDrop => Ok(describe_sockets(cookies).unwrap_or_default()),
             EndMechanism::Unavailable => Ok(Vec::new()),
         }
     }
