@@ -28,6 +28,7 @@ mod adapters;
 mod attestation;
 pub mod cgroupns;
 mod connections;
+mod local_addresses;
 mod losses;
 mod reload;
 mod state_dir;
@@ -128,12 +129,15 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // What the previous agent resolved for endpoint hosts: protected before anything changes.
     let saved_hosts = resolve::Saved::load(&config.state_dir);
+    // The host's addresses: local endpoints are protected on them from the first instant.
+    let (address_watch, host_addresses) = local_addresses::start();
     let (mut enforcer, adoption) = Enforcer::open_pinned(
         &cgroup_root,
         &attach_point,
         &policy.revision,
         &compiled,
         &resolve::saved_claims(&policy, &saved_hosts),
+        &host_addresses,
         mode_override,
         |grants, generation, revision| {
             reload::before_replace(&config.state_dir, &policy, grants, generation, revision)
@@ -147,6 +151,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     );
     let grants = enforcer.grants();
     let connection_records = enforcer.connections();
+    let local_entries = enforcer.local_entries();
     // How this kernel lets us end a connection whose credential ended: probed once.
     let end_mechanism = kernel::probe_mechanism();
     if end_mechanism == kernel::EndMechanism::Unavailable {
@@ -266,6 +271,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         relative_cgroup(&attach_point, &cgroup_root),
     )
     .await;
+    // The host's addresses, followed into the local endpoints' entries until stop.
+    let _addresses_task = local_addresses::spawn(address_watch, local_entries, stop_rx.clone());
     // Endpoint hosts: one task per name, resolving and protecting until stop.
     let mut hosts = resolve::spawn(config.dns_server, &resolved, stop_rx.clone()).await?;
     // The signing key's schedule; retired keys unpublished once their tokens have expired.

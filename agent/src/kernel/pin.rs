@@ -134,12 +134,15 @@ impl Enforcer {
     /// `saved_hosts` are the endpoint host addresses a predecessor resolved (endpoint, its
     /// definition, address): they are protected from the first instant, as run-time claims the
     /// host refreshers then take over, so that a restart never opens a hostname endpoint.
+    /// `host` are the host's interface addresses: local endpoints are protected on them from
+    /// the first instant too (see `kernel::local`).
     pub fn open_pinned(
         cgroup_root: &Path,
         cgroup: &Path,
         revision: &str,
         compiled: &CompiledPolicy,
         saved_hosts: &[(EndpointId, &Endpoint, IpAddr)],
+        host: &super::HostAddresses,
         mode_override: u32,
         before_replace: impl FnOnce(&GrantMaps, u32, &str) -> Result<(), KernelError>,
     ) -> Result<(Enforcer, Adoption), KernelError> {
@@ -200,7 +203,10 @@ impl Enforcer {
         };
         let with_hosts = {
             let mut maps = enforcer.policy.lock().map_err(|_| KernelError::Poisoned)?;
-            maps.dynamic.restore(compiled, saved_hosts)
+            maps.host = host.clone();
+            maps.static_policy = compiled.clone();
+            let expanded = super::local::expand(compiled, host);
+            maps.dynamic.restore(&expanded, saved_hosts)
         };
         let adoption = match best {
             Some(best) if best.revision == revision && enforcer.holds(&with_hosts) => {
@@ -273,13 +279,16 @@ impl Enforcer {
         // Held throughout: run-time endpoint entries (resolved hosts) move to the new set.
         let policy = self.policy.clone();
         let mut current = policy.lock().map_err(|_| KernelError::Poisoned)?;
-        let merged = current.dynamic.merge(compiled);
+        let previous = current.static_policy.clone();
+        let merged = current.expand_and_merge(compiled);
         let result = install_set(&state, &set_path, generation, &merged, mode_override);
         let (ebpf, mut maps, report) = match result {
             Ok(done) => done,
             Err(e) => {
                 // Unpinning what was attached detaches it again.
                 let _ = remove_set(&set_path);
+                // The old set keeps enforcing: later run-time entries are derived from its policy.
+                current.expand_and_merge(&previous);
                 return Err(e);
             }
         };
@@ -290,6 +299,8 @@ impl Enforcer {
         }
         maps.dynamic = std::mem::take(&mut current.dynamic);
         maps.dynamic.committed();
+        maps.static_policy = std::mem::take(&mut current.static_policy);
+        maps.host = std::mem::take(&mut current.host);
         *current = maps;
         drop(current);
         self.ebpf = ebpf;
@@ -478,6 +489,8 @@ fn policy_maps(ebpf: &mut Ebpf) -> Result<PolicyMaps, KernelError> {
         cgroups: take_map(ebpf, map_names::WORKLOAD_CGROUPS)?,
         cgroup_ids: take_map(ebpf, map_names::WORKLOAD_CGROUP_IDS)?,
         dynamic: Default::default(),
+        static_policy: Default::default(),
+        host: Default::default(),
     })
 }
 
