@@ -244,6 +244,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let metrics_listen = metrics_server.as_ref().map(MetricsServer::local_addr);
     let status = metrics::extend_status(status, metrics.clone(), metrics_listen);
     let status = status::with_hosts(status, resolved.clone());
+    let status = status::with_local_addresses(status, local_entries.clone());
     // How the Workload API proves its callers: probed once, for the API and the status.
     let method = crate::identity::peer::Method::from_environment();
     let status = status::with_workload_api(status, &method);
