@@ -39,6 +39,8 @@ pub struct Destination {
     pub port: u16,
     pub protocol: u8,
     pub family: u8,
+    /// `ORIGINAL_*`: what the caller gave, when `addr` is normalised from it.
+    pub original: u8,
 }
 
 /// What the policy says about one connection, before the mode is applied.
@@ -393,7 +395,8 @@ pub fn emit(
         family: dest.family,
         addr: dest.addr,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        _pad: 0,
+        original: dest.original,
+        _pad: [0; 3],
     });
     let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     // One wakeup as the backlog crosses the threshold, not one per event above it.

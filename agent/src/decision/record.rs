@@ -58,6 +58,19 @@ pub struct Destination {
     /// `packet_socket_refused`: `ip` is then `0.0.0.0` for an IPv4 raw socket, else `::`, and
     /// `port` 0), or when the event's endpoint id is unknown to the loaded policy.
     pub endpoint: Option<String>,
+    /// The destination as the caller gave it, when the kernel decided it as `ip`: an
+    /// unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`, decided as the loopback it
+    /// reaches), an IPv4-mapped or IPv4-compatible IPv6 address (decided as the IPv4 one).
+    /// Absent when it is `ip` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<OriginalDestination>,
+}
+
+/// `destination.original`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OriginalDestination {
+    pub ip: IpAddr,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -24,6 +24,7 @@ pub(crate) fn example_record() -> DecisionRecord {
             ip: "127.0.0.1".parse().unwrap(),
             port: 8200,
             endpoint: Some("vault".to_owned()),
+            original: None,
         },
         process: ProcessRecord {
             pid: 4242,

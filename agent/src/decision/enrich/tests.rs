@@ -118,7 +118,8 @@ impl Fixture {
             family: 4,
             addr,
             comm,
-            _pad: 0,
+            original: common::ORIGINAL_AS_GIVEN,
+            _pad: [0; 3],
         }
     }
 }
