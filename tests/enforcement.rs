@@ -723,6 +723,12 @@ fn unspecified_destinations_are_decided_as_the_loopback_they_reach() {
                 && d["destination"]["ip"] == if host == "::" { "::1" } else { "127.0.0.1" }
         });
         assert_eq!(d["verdict"], "deny", "{d}");
+        // The record keeps what the caller asked for.
+        assert_eq!(
+            d["destination"]["original"],
+            serde_json::json!({"ip": host, "port": s.port}),
+            "{d}"
+        );
     }
     holder.must_token("vault", Some(60));
     for (family, host) in targets {
