@@ -725,7 +725,11 @@ fn unspecified_destinations_are_decided_as_the_loopback_they_reach() {
                 && d["destination"]["original"] == serde_json::json!({"ip": host, "port": s.port})
         });
         assert_eq!(d["verdict"], "deny", "{d}");
-        assert_eq!(d["hook"], if family == 4 { "connect4" } else { "connect6" }, "{d}");
+        assert_eq!(
+            d["hook"],
+            if family == 4 { "connect4" } else { "connect6" },
+            "{d}"
+        );
     }
     holder.must_token("vault", Some(60));
     for (family, host) in targets {

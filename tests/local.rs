@@ -111,7 +111,10 @@ fn a_wildcard_server_is_protected_on_loopback_aliases_and_the_hosts_own_address(
     let free = wildcard_tcp_server();
     assert_eq!(bare.net("connect", 4, &host_addr, free), "ok");
     let status = s.agent.status_json();
-    let listed = status["local_addresses"].as_array().cloned().unwrap_or_default();
+    let listed = status["local_addresses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(
         listed.iter().any(|a| a == host_addr.as_str()),
         "status lists the host's addresses local endpoints are protected on: {status}"
@@ -139,8 +142,7 @@ fn an_address_added_while_running_is_protected_and_one_removed_is_not() {
 
     // Moved to the namespace's end, the address is another host's: no endpoint's any more.
     s.ns.ip(&["addr", "del", &format!("{added}/32"), "dev", &s.ns.host_if]);
-    s.ns
-        .inside(&["addr", "add", &format!("{added}/32"), "dev", &s.ns.peer_if]);
+    s.ns.inside(&["addr", "add", &format!("{added}/32"), "dev", &s.ns.peer_if]);
     let _server = s.ns.server(s.port);
     let took = until("an address removed from the host", "ok", || {
         bare.net("connect", 4, &added, s.port)
@@ -169,8 +171,10 @@ fn a_caller_in_another_network_namespace_is_decided_by_the_agents_addresses() {
     let mut holder = Workload::spawn_with(s.ns.command("python3"), &s.app, &s.agent.api);
     // The host's address reaches the host's server: protected from any namespace.
     assert_eq!(bare.net("connect", 4, &host_addr, s.port), "EPERM");
-    s.agent
-        .wait_decision("host address", denied_as_vault(bare.pid, &host_addr, s.port));
+    s.agent.wait_decision(
+        "host address",
+        denied_as_vault(bare.pid, &host_addr, s.port),
+    );
     // The caller's own loopback is decided as the host's loopback endpoint (the kernel's hook
     // does not tell network namespaces apart): closed, not open.
     assert_eq!(bare.net("connect", 4, "127.0.0.1", s.port), "EPERM");

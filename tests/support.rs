@@ -920,12 +920,32 @@ impl TestNetns {
         };
         ns.ip(&["netns", "add", &ns.name]);
         ns.ip(&[
-            "link", "add", &ns.host_if, "type", "veth", "peer", "name", &ns.peer_if, "netns",
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.peer_if,
+            "netns",
             &ns.name,
         ]);
-        ns.ip(&["addr", "add", &format!("{}1/24", ns.prefix), "dev", &ns.host_if]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}1/24", ns.prefix),
+            "dev",
+            &ns.host_if,
+        ]);
         ns.ip(&["link", "set", &ns.host_if, "up"]);
-        ns.inside(&["addr", "add", &format!("{}2/24", ns.prefix), "dev", &ns.peer_if]);
+        ns.inside(&[
+            "addr",
+            "add",
+            &format!("{}2/24", ns.prefix),
+            "dev",
+            &ns.peer_if,
+        ]);
         ns.inside(&["link", "set", &ns.peer_if, "up"]);
         ns.inside(&["link", "set", "lo", "up"]);
         ns
@@ -957,7 +977,8 @@ impl TestNetns {
     /// so the cgroup filesystem, stay the host's).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.name)).arg(program);
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program);
         cmd
     }
 
@@ -988,7 +1009,9 @@ impl TestNetns {
 impl Drop for TestNetns {
     fn drop(&mut self) {
         // Deleting the namespace deletes its end of the veth pair, and so the host's end.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_if])
             .stderr(Stdio::null())

@@ -100,7 +100,12 @@ impl LocalEntries {
 
     /// The host addresses the maps are expanded with now.
     pub fn host_addresses(&self) -> Result<HostAddresses, KernelError> {
-        Ok(self.maps.lock().map_err(|_| KernelError::Poisoned)?.host.clone())
+        Ok(self
+            .maps
+            .lock()
+            .map_err(|_| KernelError::Poisoned)?
+            .host
+            .clone())
     }
 }
 
@@ -135,7 +140,10 @@ pub(super) fn expand(compiled: &CompiledPolicy, host: &HostAddresses) -> Compile
                 .insert(value.endpoint_id, *value);
         }
     }
-    let mut targets = vec![Target::Loopback4, Target::Exact(mapped(Ipv6Addr::LOCALHOST.into()))];
+    let mut targets = vec![
+        Target::Loopback4,
+        Target::Exact(mapped(Ipv6Addr::LOCALHOST.into())),
+    ];
     targets.extend(host_keys.iter().map(|k| Target::Exact(*k)));
 
     let mut exact: HashMap<EndpointKey, EndpointValue> = HashMap::new();
@@ -163,7 +171,10 @@ pub(super) fn expand(compiled: &CompiledPolicy, host: &HostAddresses) -> Compile
                 [only] => **only,
                 several => {
                     out.warnings.push(SyncWarning::LocalContested {
-                        endpoints: several.iter().map(|v| name(compiled, v.endpoint_id)).collect(),
+                        endpoints: several
+                            .iter()
+                            .map(|v| name(compiled, v.endpoint_id))
+                            .collect(),
                         destination: describe(target, protocol, port),
                     });
                     EndpointValue {
@@ -212,7 +223,10 @@ fn is_loopback_or_unspecified(addr: IpAddr) -> bool {
 /// Whether a CIDR entry (`prefix` with the key header) lies inside `127.0.0.0/8`.
 fn inside_loopback4(prefix: u32, addr: &[u8; 16]) -> bool {
     let bits = prefix.saturating_sub(CIDR_KEY_HEADER_BITS);
-    bits >= 96 + 8 && addr[..10].iter().all(|b| *b == 0) && addr[10..12] == [0xff, 0xff] && addr[12] == 127
+    bits >= 96 + 8
+        && addr[..10].iter().all(|b| *b == 0)
+        && addr[10..12] == [0xff, 0xff]
+        && addr[12] == 127
 }
 
 fn loopback4_key(protocol: u8, port: u16) -> (u32, EndpointCidrKey) {
@@ -238,7 +252,12 @@ fn loopback4_key(protocol: u8, port: u16) -> (u32, EndpointCidrKey) {
 /// port is looked up first and would hide it). Exact entries and narrower networks on the same
 /// port inside `127.0.0.0/8` keep their destinations by themselves (looked up first, or the
 /// longest prefix).
-fn static_holder(compiled: &CompiledPolicy, target: Target, protocol: u8, port: u16) -> Option<u32> {
+fn static_holder(
+    compiled: &CompiledPolicy,
+    target: Target,
+    protocol: u8,
+    port: u16,
+) -> Option<u32> {
     let overlaps = |other: u16| port == ANY_PORT || other == ANY_PORT || other == port;
     match target {
         Target::Exact(addr) => {
@@ -297,7 +316,9 @@ fn name(compiled: &CompiledPolicy, id: u32) -> String {
 fn describe(target: Target, protocol: u8, port: u16) -> String {
     let addr = match target {
         Target::Loopback4 => "127.0.0.0/8".to_owned(),
-        Target::Exact(addr) => IpAddr::from(Ipv6Addr::from(addr)).to_canonical().to_string(),
+        Target::Exact(addr) => IpAddr::from(Ipv6Addr::from(addr))
+            .to_canonical()
+            .to_string(),
     };
     let proto = if protocol == PROTO_TCP { "tcp" } else { "udp" };
     if port == ANY_PORT {

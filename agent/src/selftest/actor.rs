@@ -285,17 +285,26 @@ impl Actor {
                 )
             }
             EgressUnlistedTcp => tcp(&self.unlisted(), SockFlag::empty()),
-            TcpConnectUnspecified4 => tcp(&self.at(Ipv4Addr::UNSPECIFIED.into()), SockFlag::empty()),
-            TcpConnectUnspecified6 => tcp(&self.at(Ipv6Addr::UNSPECIFIED.into()), SockFlag::empty()),
+            TcpConnectUnspecified4 => {
+                tcp(&self.at(Ipv4Addr::UNSPECIFIED.into()), SockFlag::empty())
+            }
+            TcpConnectUnspecified6 => {
+                tcp(&self.at(Ipv6Addr::UNSPECIFIED.into()), SockFlag::empty())
+            }
             TcpConnectUnspecifiedMapped => tcp(
                 &self.at(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into()),
                 SockFlag::empty(),
             ),
-            TcpConnectLoopbackAlias => {
-                tcp(&self.at(Ipv4Addr::new(127, 0, 0, 2).into()), SockFlag::empty())
-            }
+            TcpConnectLoopbackAlias => tcp(
+                &self.at(Ipv4Addr::new(127, 0, 0, 2).into()),
+                SockFlag::empty(),
+            ),
             TcpConnectHostAddress => {
-                let plan = self.req.veth.as_ref().ok_or_else(|| "no host address was made".to_owned())?;
+                let plan = self
+                    .req
+                    .veth
+                    .as_ref()
+                    .ok_or_else(|| "no host address was made".to_owned())?;
                 let addr = self.at(plan.host_addr.into());
                 tcp(&addr, SockFlag::empty())
             }

@@ -302,16 +302,20 @@ impl Harness {
     /// Waits until the agent reports [`HOSTNAME`] resolved to [`HOSTNAME_ADDR`]
     /// (`tessera status --json`).
     fn wait_resolved(&self) -> Result<(), String> {
-        self.wait_status(&format!("the agent never resolved {HOSTNAME}"), "hosts", |status| {
-            status["hosts"].as_array().is_some_and(|hosts| {
-                hosts.iter().any(|h| {
-                    h["host"] == HOSTNAME
-                        && h["addresses"]
-                            .as_array()
-                            .is_some_and(|a| a.iter().any(|a| a["ip"] == HOSTNAME_ADDR.to_string()))
+        self.wait_status(
+            &format!("the agent never resolved {HOSTNAME}"),
+            "hosts",
+            |status| {
+                status["hosts"].as_array().is_some_and(|hosts| {
+                    hosts.iter().any(|h| {
+                        h["host"] == HOSTNAME
+                            && h["addresses"].as_array().is_some_and(|a| {
+                                a.iter().any(|a| a["ip"] == HOSTNAME_ADDR.to_string())
+                            })
+                    })
                 })
-            })
-        })
+            },
+        )
     }
 
     /// Waits until the agent follows `addr`, a new address of this host, into its local

@@ -270,18 +270,56 @@ fn the_original_destination_is_logged_when_the_kernel_decided_another() {
         };
         ev.original = original;
         let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
-        (value["destination"]["ip"].clone(), value["destination"]["original"].clone())
+        (
+            value["destination"]["ip"].clone(),
+            value["destination"]["original"].clone(),
+        )
     };
     let v4 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
     use common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
     use common::{ORIGINAL_AS_GIVEN, ORIGINAL_UNSPECIFIED, ORIGINAL_V4_COMPATIBLE};
     let cases = [
-        (HOOK_CONNECT4, 4, "127.0.0.1", ORIGINAL_UNSPECIFIED, "127.0.0.1", "0.0.0.0"),
-        (HOOK_SENDMSG4, 4, "127.0.0.1", ORIGINAL_UNSPECIFIED, "127.0.0.1", "0.0.0.0"),
+        (
+            HOOK_CONNECT4,
+            4,
+            "127.0.0.1",
+            ORIGINAL_UNSPECIFIED,
+            "127.0.0.1",
+            "0.0.0.0",
+        ),
+        (
+            HOOK_SENDMSG4,
+            4,
+            "127.0.0.1",
+            ORIGINAL_UNSPECIFIED,
+            "127.0.0.1",
+            "0.0.0.0",
+        ),
         (HOOK_CONNECT6, 6, "::1", ORIGINAL_UNSPECIFIED, "::1", "::"),
-        (HOOK_CONNECT6, 4, "127.0.0.1", ORIGINAL_UNSPECIFIED, "127.0.0.1", "::ffff:0.0.0.0"),
-        (HOOK_SENDMSG6, 4, "10.1.2.3", ORIGINAL_V4_COMPATIBLE, "10.1.2.3", "::10.1.2.3"),
-        (HOOK_CONNECT6, 4, "10.1.2.3", ORIGINAL_AS_GIVEN, "10.1.2.3", "::ffff:10.1.2.3"),
+        (
+            HOOK_CONNECT6,
+            4,
+            "127.0.0.1",
+            ORIGINAL_UNSPECIFIED,
+            "127.0.0.1",
+            "::ffff:0.0.0.0",
+        ),
+        (
+            HOOK_SENDMSG6,
+            4,
+            "10.1.2.3",
+            ORIGINAL_V4_COMPATIBLE,
+            "10.1.2.3",
+            "::10.1.2.3",
+        ),
+        (
+            HOOK_CONNECT6,
+            4,
+            "10.1.2.3",
+            ORIGINAL_AS_GIVEN,
+            "10.1.2.3",
+            "::ffff:10.1.2.3",
+        ),
     ];
     for (hook, family, decided, how, ip, given) in cases {
         let (got_ip, got_original) = original(hook, family, v4(decided), how);

@@ -6,7 +6,9 @@ use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_ROUTE};
@@ -47,9 +49,10 @@ pub fn current() -> io::Result<HostAddresses> {
         let (answer, _) = socket.recv_from_full()?;
         let mut rest = answer.as_slice();
         while !rest.is_empty() {
-            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink answer: {e}"))
-            })?;
+            let message =
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink answer: {e}"))
+                })?;
             match message.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(address)) => {
                     found.extend(local_address(&address));

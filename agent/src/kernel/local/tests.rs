@@ -78,7 +78,10 @@ fn a_loopback_endpoint_covers_all_of_loopback_and_the_host_addresses() {
     assert_eq!(exact_id(&c, "fd00::5", 8200), Some(VAULT));
     // Only the endpoint's own port and protocol.
     assert_eq!(exact_id(&c, "10.1.2.3", 8201), None);
-    assert!(!c.exact.contains_key(&exact_key("10.1.2.3", 8200, PROTO_UDP)));
+    assert!(
+        !c.exact
+            .contains_key(&exact_key("10.1.2.3", 8200, PROTO_UDP))
+    );
     // Loopback addresses of the host are not listed twice.
     assert_eq!(c.exact.len(), 4);
     assert_eq!(c.cidr.len(), 1);
@@ -138,7 +141,10 @@ fn loopback_endpoints_on_one_port_keep_their_own_addresses_and_contest_the_rest(
     assert_eq!(exact_id(&c, "127.0.0.1", 8200), Some(VAULT));
     assert_eq!(exact_id(&c, "127.0.0.9", 8200), Some(OTHER));
     assert_eq!(cidr_id(&c, "127.7.0.0/16", 8200), Some(OTHER));
-    assert_eq!(cidr_id(&c, "127.0.0.0/8", 8200), Some(CONTESTED_ENDPOINT_ID));
+    assert_eq!(
+        cidr_id(&c, "127.0.0.0/8", 8200),
+        Some(CONTESTED_ENDPOINT_ID)
+    );
 }
 
 #[test]
@@ -158,11 +164,11 @@ fn two_local_endpoints_on_one_port_contest_what_neither_names() {
     assert_eq!(exact_id(&c, "127.0.0.1", 8200), Some(VAULT));
     assert_eq!(exact_id(&c, "::1", 8200), Some(OTHER));
     // The rest reaches both: denied to all.
-    assert_eq!(cidr_id(&c, "127.0.0.0/8", 8200), Some(CONTESTED_ENDPOINT_ID));
     assert_eq!(
-        exact_id(&c, "10.1.2.3", 8200),
+        cidr_id(&c, "127.0.0.0/8", 8200),
         Some(CONTESTED_ENDPOINT_ID)
     );
+    assert_eq!(exact_id(&c, "10.1.2.3", 8200), Some(CONTESTED_ENDPOINT_ID));
     assert!(c.warnings.iter().any(|w| matches!(
         w,
         SyncWarning::LocalContested { endpoints, .. } if endpoints.len() == 2
