@@ -136,8 +136,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         &attach_point,
         &policy.revision,
         &compiled,
-        &resolve::saved_claims(&policy, &saved_hosts),
-        &host_addresses,
+        kernel::RuntimeEntries {
+            saved_hosts: &resolve::saved_claims(&policy, &saved_hosts),
+            host: &host_addresses,
+        },
         mode_override,
         |grants, generation, revision| {
             reload::before_replace(&config.state_dir, &policy, grants, generation, revision)

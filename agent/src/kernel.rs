@@ -54,7 +54,7 @@ pub use identity::{Identities, decode_process_event};
 pub use ids::{IdsError, KernelIds};
 pub use local::addresses::{AddressWatch, current as host_addresses};
 pub use local::{HostAddresses, LocalEntries};
-pub use pin::Adoption;
+pub use pin::{Adoption, RuntimeEntries};
 pub use pinfs::{PIN_ROOT, pin_dir, uninstall};
 pub use stats::{BpfStatsGuard, ProgramStats, enable_bpf_stats};
 pub use sync::SyncReport;

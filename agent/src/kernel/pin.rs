@@ -100,6 +100,15 @@ pub(super) struct PinState {
     revision: String,
 }
 
+/// The run-time endpoint entries a starting agent protects before its programs go in.
+pub struct RuntimeEntries<'a> {
+    /// The endpoint host addresses a predecessor resolved (endpoint, its definition, address),
+    /// as run-time claims the host refreshers then take over.
+    pub saved_hosts: &'a [(EndpointId, &'a Endpoint, IpAddr)],
+    /// The host's interface addresses, that local endpoints are protected on (`kernel::local`).
+    pub host: &'a super::HostAddresses,
+}
+
 /// What `Enforcer::open_pinned` found in bpffs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Adoption {
@@ -131,18 +140,14 @@ impl Enforcer {
     /// installs a new program set atomically. `before_replace(grants, generation, revision)` runs
     /// before a pinned set of another revision is replaced (the grants still serve it).
     ///
-    /// `saved_hosts` are the endpoint host addresses a predecessor resolved (endpoint, its
-    /// definition, address): they are protected from the first instant, as run-time claims the
-    /// host refreshers then take over, so that a restart never opens a hostname endpoint.
-    /// `host` are the host's interface addresses: local endpoints are protected on them from
-    /// the first instant too (see `kernel::local`).
+    /// `runtime` are the run-time endpoint entries, protected from the first instant so that a
+    /// restart never opens them.
     pub fn open_pinned(
         cgroup_root: &Path,
         cgroup: &Path,
         revision: &str,
         compiled: &CompiledPolicy,
-        saved_hosts: &[(EndpointId, &Endpoint, IpAddr)],
-        host: &super::HostAddresses,
+        runtime: RuntimeEntries<'_>,
         mode_override: u32,
         before_replace: impl FnOnce(&GrantMaps, u32, &str) -> Result<(), KernelError>,
     ) -> Result<(Enforcer, Adoption), KernelError> {
@@ -203,10 +208,10 @@ impl Enforcer {
         };
         let with_hosts = {
             let mut maps = enforcer.policy.lock().map_err(|_| KernelError::Poisoned)?;
-            maps.host = host.clone();
+            maps.host = runtime.host.clone();
             maps.static_policy = compiled.clone();
-            let expanded = super::local::expand(compiled, host);
-            maps.dynamic.restore(&expanded, saved_hosts)
+            let expanded = super::local::expand(compiled, runtime.host);
+            maps.dynamic.restore(&expanded, runtime.saved_hosts)
         };
         let adoption = match best {
             Some(best) if best.revision == revision && enforcer.holds(&with_hosts) => {
