@@ -310,7 +310,7 @@ fn the_original_destination_is_logged_when_the_kernel_decided_another() {
             "10.1.2.3",
             ORIGINAL_V4_COMPATIBLE,
             "10.1.2.3",
-            "::10.1.2.3",
+            "::a01:203",
         ),
         (
             HOOK_CONNECT6,
