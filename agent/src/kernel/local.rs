@@ -5,9 +5,10 @@
 //! them) is reached through all of them. An endpoint whose address is *local* is therefore
 //! protected, for its ports and protocol, on every *local destination*:
 //!
-//! - an endpoint address is local when it is a loopback address or network (inside
-//!   `127.0.0.0/8`, or `::1/128`), or exactly one current address of the host's interfaces
-//!   (`/32`, `/128`). A network that merely contains a host address (`10.0.0.0/8`) names other
+//! - an endpoint address is local when it is `127.0.0.1`, `::1`, a loopback network containing
+//!   `127.0.0.1` (inside `127.0.0.0/8`), or exactly one current address of the host's
+//!   interfaces (`/32`, `/128`). Another loopback alias (`127.0.0.53/32`) names a server bound
+//!   to that alias only, and is not extended. A network that merely contains a host address (`10.0.0.0/8`) names other
 //!   hosts too and is not local: it protects the host's address as written, nothing more;
 //! - the local destinations are `127.0.0.0/8` (one LPM entry), `::1` and each host address
 //!   (exact entries), written with the endpoint's id and mode. The unspecified addresses
@@ -132,8 +133,9 @@ pub(super) fn expand(compiled: &CompiledPolicy, host: &HostAddresses) -> Compile
                 .insert(value.endpoint_id, *value);
         }
     }
+    let localhost = mapped(Ipv4Addr::LOCALHOST.into());
     for (&(prefix, key), value) in &compiled.cidr {
-        if inside_loopback4(prefix, &key.addr) {
+        if inside_loopback4(prefix, &key.addr) && prefix_contains(prefix, &key.addr, &localhost) {
             seeds
                 .entry((key.protocol, u16::from_be(key.port_be)))
                 .or_default()
@@ -210,9 +212,13 @@ pub(super) fn expand(compiled: &CompiledPolicy, host: &HostAddresses) -> Compile
     out
 }
 
-/// Whether an exact entry's address is local: loopback, unspecified or a host address.
+/// Whether an exact entry's address is local: `127.0.0.1`, `::1`, unspecified or a host
+/// address. Another loopback alias (`127.0.0.53`) names a server bound to that alias only.
 fn is_local_key(addr: &[u8; 16], host: &BTreeSet<[u8; 16]>) -> bool {
-    is_loopback_or_unspecified(IpAddr::from(Ipv6Addr::from(*addr)).to_canonical())
+    let ip = IpAddr::from(Ipv6Addr::from(*addr)).to_canonical();
+    ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
+        || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
+        || ip.is_unspecified()
         || host.contains(addr)
 }
 

@@ -104,7 +104,14 @@ fn an_endpoint_at_a_host_address_covers_loopback_and_follows_the_host() {
 fn a_network_containing_a_host_address_is_not_local() {
     let p = policy(&[], &[("10.0.0.0/8", 443, VAULT)]);
     assert_eq!(expand(&p, &host(&["10.1.2.3"])), p);
-    // A network inside 127.0.0.0/8 is.
+    // A loopback network containing 127.0.0.1 is; one that does not, or another loopback
+    // alias, names servers bound there only.
+    for alias in [
+        policy(&[], &[("127.5.0.0/16", 443, VAULT)]),
+        policy(&[("127.0.0.53", 53, VAULT)], &[]),
+    ] {
+        assert_eq!(expand(&alias, &host(&["10.1.2.3"])), alias);
+    }
     let p = policy(&[], &[("127.0.0.0/16", 443, VAULT)]);
     let c = expand(&p, &host(&["10.1.2.3"]));
     assert_eq!(cidr_id(&c, "127.0.0.0/8", 443), Some(VAULT));
@@ -134,13 +141,13 @@ fn another_endpoints_own_addresses_keep_their_destinations() {
 fn loopback_endpoints_on_one_port_keep_their_own_addresses_and_contest_the_rest() {
     let p = policy(
         &[("127.0.0.1", 8200, VAULT), ("127.0.0.9", 8200, OTHER)],
-        &[("127.7.0.0/16", 8200, OTHER)],
+        &[("127.0.0.0/16", 8200, OTHER)],
     );
     let c = expand(&p, &host(&[]));
     // Exact entries are looked up first and the longest prefix wins: each keeps its own.
     assert_eq!(exact_id(&c, "127.0.0.1", 8200), Some(VAULT));
     assert_eq!(exact_id(&c, "127.0.0.9", 8200), Some(OTHER));
-    assert_eq!(cidr_id(&c, "127.7.0.0/16", 8200), Some(OTHER));
+    assert_eq!(cidr_id(&c, "127.0.0.0/16", 8200), Some(OTHER));
     assert_eq!(
         cidr_id(&c, "127.0.0.0/8", 8200),
         Some(CONTESTED_ENDPOINT_ID)
