@@ -20,8 +20,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TracePointContext},
 };
 use tessera_common::{
-    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, ORIGINAL_AS_GIVEN,
-    ORIGINAL_UNSPECIFIED, ORIGINAL_V4_COMPATIBLE, PROTO_TCP, PROTO_UDP, SocketTag,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP, PROTO_UDP, SocketTag,
 };
 
 use crate::{
@@ -140,12 +139,10 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
         return ALLOW;
     };
     let mut ip4 = read_ctx(unsafe { &raw const (*sa).user_ip4 }).to_ne_bytes();
-    let mut original = ORIGINAL_AS_GIVEN;
     // Linux delivers a connect/sendto to the unspecified 0.0.0.0 to this host's loopback:
     // it is decided as 127.0.0.1 (issue 11).
     if u32::from_ne_bytes(ip4) == 0 {
         ip4 = [127, 0, 0, 1];
-        original = ORIGINAL_UNSPECIFIED;
     }
     let mut addr = [0u8; 16];
     addr[10] = 0xff;
@@ -156,7 +153,6 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
         port: port(sa),
         protocol,
         family: 4,
-        original,
     };
     decide(ctx, hook, &dest)
 }
@@ -182,29 +178,24 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
         && addr[10] == 0
         && addr[11] == 0
         && (addr[12] | addr[13] | addr[14] != 0 || addr[15] > 1);
-    let mut original = ORIGINAL_AS_GIVEN;
     if compatible {
         addr[10] = 0xff;
         addr[11] = 0xff;
-        original = ORIGINAL_V4_COMPATIBLE;
     }
     // The unspecified addresses reach this host's loopback: `::` (= `::0.0.0.0`) is decided
     // as `::1`, `::ffff:0.0.0.0` as 127.0.0.1 (issue 11).
     let low_zero = addr[12] | addr[13] | addr[14] | addr[15] == 0;
     if zero_prefix && addr[10] == 0 && addr[11] == 0 && low_zero {
         addr[15] = 1;
-        original = ORIGINAL_UNSPECIFIED;
     } else if mapped && low_zero {
         addr[12] = 127;
         addr[15] = 1;
-        original = ORIGINAL_UNSPECIFIED;
     }
     let dest = Destination {
         addr,
         port: port(sa),
         protocol,
         family: if mapped || compatible { 4 } else { 6 },
-        original,
     };
     decide(ctx, hook, &dest)
 }

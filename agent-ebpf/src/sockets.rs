@@ -11,9 +11,9 @@ use aya_ebpf::{
     programs::{SockContext, TracePointContext},
 };
 use tessera_common::{
-    CONFIG_RESTRICTED, HOOK_SOCK_CREATE, HOOK_SOCKET_SYSCALL, NONE_ID, ORIGINAL_AS_GIVEN,
-    PROTO_RAW, REASON_PACKET_SOCKET_REFUSED, REASON_RAW_SOCKET_REFUSED, VERDICT_DENY,
-    WORKLOAD_RESTRICTED, WorkloadValue,
+    CONFIG_RESTRICTED, HOOK_SOCK_CREATE, HOOK_SOCKET_SYSCALL, NONE_ID, PROTO_RAW,
+    REASON_PACKET_SOCKET_REFUSED, REASON_RAW_SOCKET_REFUSED, VERDICT_DENY, WORKLOAD_RESTRICTED,
+    WorkloadValue,
 };
 
 use crate::{
@@ -83,7 +83,6 @@ fn nowhere(family: u8) -> Destination {
         port: 0,
         protocol: PROTO_RAW,
         family,
-        original: ORIGINAL_AS_GIVEN,
     }
 }
 

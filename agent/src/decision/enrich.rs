@@ -407,8 +407,8 @@ fn destination_ip(ev: &DecisionEvent) -> IpAddr {
     }
 }
 
-/// The address the caller gave, when the kernel decided another (`DecisionEvent::original`;
-/// an IPv6 hook that decided an IPv4 address was given its IPv4-mapped form).
+/// The address the caller gave, when the kernel says it decided another
+/// (`DecisionEvent::original`).
 fn original_destination(ev: &DecisionEvent) -> Option<OriginalDestination> {
     let ipv6_hook = matches!(ev.hook, HOOK_CONNECT6 | HOOK_SENDMSG6);
     let v4 = Ipv4Addr::new(ev.addr[12], ev.addr[13], ev.addr[14], ev.addr[15]);
@@ -417,7 +417,6 @@ fn original_destination(ev: &DecisionEvent) -> Option<OriginalDestination> {
         (ORIGINAL_UNSPECIFIED, true, 4) => IpAddr::V6(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()),
         (ORIGINAL_UNSPECIFIED, true, _) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         (ORIGINAL_V4_COMPATIBLE, _, _) => IpAddr::V6(v4.to_ipv6_compatible()),
-        (_, true, 4) => IpAddr::V6(v4.to_ipv6_mapped()),
         _ => return None,
     };
     Some(OriginalDestination { ip, port: ev.port })
