@@ -145,6 +145,11 @@ attempts! {
     egress_allowlist_refuses_an_unlisted_udp_destination => EgressUnlistedUdp,
     raw_udp_from_an_unrestricted_process_gets_through_as_documented => RawUdpUnrestricted,
     a_resolved_hostname_address_is_refused => HostnameEndpoint,
+    the_unspecified_ipv4_address_is_refused => TcpConnectUnspecified4,
+    the_unspecified_ipv6_address_is_refused => TcpConnectUnspecified6,
+    the_mapped_unspecified_address_is_refused => TcpConnectUnspecifiedMapped,
+    another_loopback_address_is_refused => TcpConnectLoopbackAlias,
+    the_hosts_own_address_is_refused => TcpConnectHostAddress,
 }
 
 #[test]

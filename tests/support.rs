@@ -878,3 +878,155 @@ pub fn assert_exit_race_leaves_nothing(
     }
     out
 }
+
+/// A TCP server on every address of this host's network namespace (`0.0.0.0`), on a free
+/// port: it accepts and drops. Only the tests' own clients reach it (loopback, and the host's
+/// end of a veth pair the test created).
+pub fn wildcard_tcp_server() -> u16 {
+    let l = TcpListener::bind("0.0.0.0:0").expect("bind 0.0.0.0");
+    let port = l.local_addr().expect("addr").port();
+    thread::spawn(move || for _c in l.incoming().flatten() {});
+    port
+}
+
+/// A network namespace of the test's own, `tessera-<pid>-<n>`, joined to this host by a veth
+/// pair on `198.18.<k>.0/24` (RFC 2544's benchmarking range): the host's end is
+/// `198.18.<k>.1`, the namespace's `198.18.<k>.2`. Removed on drop (the veth pair with it).
+pub struct TestNetns {
+    pub name: String,
+    /// The host's end of the veth pair (an interface of this host).
+    pub host_if: String,
+    /// The namespace's end.
+    pub peer_if: String,
+    /// `198.18.<k>.`: the subnet's first three octets, with the dot.
+    pub prefix: String,
+}
+
+impl TestNetns {
+    pub fn new() -> Self {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let name = format!("tessera-{pid}-{n}");
+        // Interface names have at most 15 bytes.
+        let tag = (pid % 100_000) * 10 + n % 10;
+        let host_if = format!("tsh{tag}");
+        let peer_if = format!("tsn{tag}");
+        let prefix = format!("198.18.{}.", 1 + (pid * 7 + n) % 250);
+        let ns = Self {
+            name,
+            host_if,
+            peer_if,
+            prefix,
+        };
+        ns.ip(&["netns", "add", &ns.name]);
+        ns.ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.peer_if,
+            "netns",
+            &ns.name,
+        ]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}1/24", ns.prefix),
+            "dev",
+            &ns.host_if,
+        ]);
+        ns.ip(&["link", "set", &ns.host_if, "up"]);
+        ns.inside(&[
+            "addr",
+            "add",
+            &format!("{}2/24", ns.prefix),
+            "dev",
+            &ns.peer_if,
+        ]);
+        ns.inside(&["link", "set", &ns.peer_if, "up"]);
+        ns.inside(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `198.18.<k>.<last>`.
+    pub fn addr(&self, last: u8) -> String {
+        format!("{}{last}", self.prefix)
+    }
+
+    /// Runs `ip ARGS` on the host.
+    pub fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs `ip ARGS` inside the namespace.
+    pub fn inside(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        self.ip(&all);
+    }
+
+    /// A command that runs `program` inside the namespace (its network only: the mounts, and
+    /// so the cgroup filesystem, stay the host's).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program);
+        cmd
+    }
+
+    /// A TCP server inside the namespace on `0.0.0.0:port` that accepts and drops; killed on
+    /// drop. Returns once it listens.
+    pub fn server(&self, port: u16) -> NetnsServer {
+        let script = format!(
+            "import socket,sys\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.bind(('0.0.0.0',{port}))\ns.listen(64)\nprint('up',flush=True)\n\
+             while True:\n    c,_=s.accept()\n    c.close()\n"
+        );
+        let mut child = self
+            .command("python3")
+            .arg("-c")
+            .arg(script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the namespace's server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the namespace's server");
+        assert_eq!(line.trim(), "up", "the namespace's server did not start");
+        NetnsServer { child }
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the veth pair, and so the host's end.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A server process inside a [`TestNetns`], killed (by pid) on drop.
+pub struct NetnsServer {
+    child: Child,
+}
+
+impl Drop for NetnsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -169,6 +169,16 @@ pub const HOOK_SOCKET_SYSCALL: u8 = 6;
 /// (decision records only; no event has it).
 pub const HOOK_CONNECTION: u8 = 7;
 
+/// `DecisionEvent::original`: how the address the caller gave differs from the decided `addr`
+/// (the rest follows from the hook and `family`). As given (or IPv4-mapped, for an IPv6 hook
+/// with family 4).
+pub const ORIGINAL_AS_GIVEN: u8 = 0;
+/// The unspecified address of the hook's family: `0.0.0.0`, `::`, or `::ffff:0.0.0.0` (IPv6
+/// hook, family 4); decided as the loopback it reaches.
+pub const ORIGINAL_UNSPECIFIED: u8 = 1;
+/// An IPv4-compatible `::a.b.c.d`, decided as `a.b.c.d`.
+pub const ORIGINAL_V4_COMPATIBLE: u8 = 2;
+
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
 
@@ -416,7 +426,9 @@ pub struct DecisionEvent {
     /// Normalised destination, IPv4 as IPv4-mapped.
     pub addr: [u8; 16],
     pub comm: [u8; 16],
-    pub _pad: u32,
+    /// `ORIGINAL_*`: the address the caller gave, when the kernel decided another.
+    pub original: u8,
+    pub _pad: [u8; 3],
 }
 
 /// A deny whose `DecisionEvent` the full ring buffer could not take: the fields of the event

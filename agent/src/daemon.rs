@@ -29,6 +29,7 @@ mod adapters;
 mod attestation;
 pub mod cgroupns;
 mod connections;
+mod local_addresses;
 mod losses;
 mod reload;
 mod state_dir;
@@ -237,12 +238,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // What the previous agent resolved for endpoint hosts: protected before anything changes.
     let saved_hosts = resolve::Saved::load(&config.state_dir);
+    // The host's addresses: local endpoints are protected on them from the first instant.
+    let (address_watch, host_addresses) = local_addresses::start();
     let (mut enforcer, adoption) = Enforcer::open_pinned(
         &cgroup_root,
         &attach_point,
         &policy.revision,
         &compiled,
-        &resolve::saved_claims(&policy, &saved_hosts),
+        kernel::RuntimeEntries {
+            saved_hosts: &resolve::saved_claims(&policy, &saved_hosts),
+            host: &host_addresses,
+        },
         mode_override,
         end_mechanism == kernel::EndMechanism::PacketDrop,
         |grants, generation, revision| {
@@ -257,6 +263,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     );
     let grants = enforcer.grants();
     let connection_records = enforcer.connections();
+    let local_entries = enforcer.local_entries();
     // Every selector, checked in user space; the answers go to the kernel's identities.
     let attestor = Arc::new(
         Attestor::new(
@@ -350,6 +357,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let metrics_listen = metrics_server.as_ref().map(MetricsServer::local_addr);
     let status = metrics::extend_status(status, metrics.clone(), metrics_listen);
     let status = status::with_hosts(status, resolved.clone());
+    let status = status::with_local_addresses(status, local_entries.clone());
     // How the Workload API proves its callers: probed once, for the API and the status.
     let method = crate::identity::peer::Method::from_environment();
     let status = status::with_workload_api(status, &method);
@@ -377,6 +385,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         relative_cgroup(&attach_point, &cgroup_root),
     )
     .await;
+    // The host's addresses, followed into the local endpoints' entries until stop.
+    let _addresses_task = local_addresses::spawn(address_watch, local_entries, stop_rx.clone());
     // Endpoint hosts: one task per name, resolving and protecting until stop.
     let mut hosts = resolve::spawn(config.dns_server, &resolved, stop_rx.clone()).await?;
     // The signing key's schedule; retired keys unpublished once their tokens have expired.

@@ -34,6 +34,7 @@ mod events;
 mod grants;
 mod identity;
 pub mod ids;
+mod local;
 mod pin;
 mod pinfs;
 mod scope;
@@ -52,7 +53,9 @@ pub use events::{EventReader, RingReader, decode as decode_decision_event};
 pub use grants::GrantMaps;
 pub use identity::{Identities, decode_process_event};
 pub use ids::{IdsError, KernelIds};
-pub use pin::Adoption;
+pub use local::addresses::{AddressWatch, current as host_addresses};
+pub use local::{HostAddresses, LocalEntries};
+pub use pin::{Adoption, RuntimeEntries};
 pub use pinfs::{PIN_ROOT, pin_dir, uninstall};
 pub use stats::{BpfStatsGuard, ProgramStats, enable_bpf_stats};
 pub use sync::SyncReport;
@@ -189,6 +192,20 @@ struct PolicyMaps {
     cgroup_ids: Array<MapData, u64>,
     /// Resolved host addresses in `exact`, kept across policy syncs.
     dynamic: dynamic::DynamicEntries,
+    /// The policy as compiled, before the local-endpoint entries (`local::expand`) are added.
+    static_policy: CompiledPolicy,
+    /// The host's interface addresses those entries cover, kept across policy syncs.
+    host: HostAddresses,
+}
+
+impl PolicyMaps {
+    /// Takes `compiled` as the static policy and returns what the maps should hold: it with
+    /// its local-endpoint entries (for the host addresses held) and the resolved hosts' claims.
+    fn expand_and_merge(&mut self, compiled: &CompiledPolicy) -> CompiledPolicy {
+        self.static_policy = compiled.clone();
+        let expanded = local::expand(compiled, &self.host);
+        self.dynamic.merge(&expanded)
+    }
 }
 
 /// One attachment to a cgroup, kept so that `detach` can undo it.
@@ -252,6 +269,8 @@ impl Enforcer {
             cgroups: take_map(&mut ebpf, map_names::WORKLOAD_CGROUPS)?,
             cgroup_ids: take_map(&mut ebpf, map_names::WORKLOAD_CGROUP_IDS)?,
             dynamic: dynamic::DynamicEntries::default(),
+            static_policy: CompiledPolicy::default(),
+            host: HostAddresses::default(),
         };
         policy
             .config
@@ -409,8 +428,9 @@ impl Enforcer {
     /// then the policy generation is bumped.
     pub fn sync_compiled(&self, compiled: &CompiledPolicy) -> Result<SyncReport, KernelError> {
         let mut maps = self.policy.lock().map_err(|_| KernelError::Poisoned)?;
-        // Resolved host addresses stay, re-checked against the new static entries.
-        let merged = maps.dynamic.merge(compiled);
+        // Local-endpoint entries and resolved host addresses stay, re-derived from the new
+        // static entries.
+        let merged = maps.expand_and_merge(compiled);
         let report = sync::write(&mut maps, &merged)?;
         maps.dynamic.committed();
         debug!(generation = report.generation, "policy maps written");
@@ -440,6 +460,11 @@ impl Enforcer {
     /// The run-time endpoint entries (resolved `hosts`), next to the synced policy.
     pub fn endpoint_entries(&self) -> EndpointEntries {
         EndpointEntries::new(self.policy.clone())
+    }
+
+    /// The host addresses that local endpoints are protected on, next to the synced policy.
+    pub fn local_entries(&self) -> LocalEntries {
+        LocalEntries::new(self.policy.clone())
     }
 
     /// The kernel's record of the sockets connected under a credential.

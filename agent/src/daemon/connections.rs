@@ -260,7 +260,8 @@ pub fn ended_event(ended: &EndedConnection, policy_generation: u32) -> DecisionE
         family,
         addr,
         comm,
-        _pad: 0,
+        original: tessera_common::ORIGINAL_AS_GIVEN,
+        _pad: [0; 3],
     }
 }
 

@@ -49,7 +49,8 @@ impl Loss {
             family: k.family,
             addr: k.addr,
             comm: [0; 16],
-            _pad: 0,
+            original: tessera_common::ORIGINAL_AS_GIVEN,
+            _pad: [0; 3],
         }
     }
 }

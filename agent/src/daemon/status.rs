@@ -157,3 +157,22 @@ pub fn with_hosts(status: StatusProvider, hosts: crate::resolve::ResolvedHosts) 
         value
     })
 }
+
+/// `local_addresses`: the host's interface addresses local endpoints are protected on now
+/// (besides `127.0.0.0/8` and `::1`).
+pub fn with_local_addresses(
+    status: StatusProvider,
+    local: crate::kernel::LocalEntries,
+) -> StatusProvider {
+    Arc::new(move || {
+        let mut value = status();
+        if let Value::Object(fields) = &mut value {
+            let addresses: Vec<Value> = local
+                .host_addresses()
+                .map(|h| h.iter().map(|a| Value::String(a.to_string())).collect())
+                .unwrap_or_default();
+            fields.insert("local_addresses".to_owned(), Value::Array(addresses));
+        }
+        value
+    })
+}

@@ -14,12 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::time::{ClockId, clock_gettime};
-use tessera_common::DecisionEvent;
+use tessera_common::{
+    DecisionEvent, HOOK_CONNECT6, HOOK_SENDMSG6, ORIGINAL_UNSPECIFIED, ORIGINAL_V4_COMPATIBLE,
+};
 use tracing::warn;
 
 use super::record::{
-    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, PodRecord, PolicyRecord,
-    ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
+    CredentialRecord, DecisionMode, DecisionRecord, Destination, Hook, OriginalDestination,
+    PodRecord, PolicyRecord, ProcessRecord, Protocol, Reason, SCHEMA, Verdict, WorkloadRecord,
 };
 use crate::identity::evidence::{Evidence, Exe, cgroup};
 use crate::kernel::{CONTESTED_ENDPOINT_ID, KernelIds};
@@ -283,6 +285,7 @@ impl Enricher {
                     }
                     _ => Vec::new(),
                 },
+                original: original_destination(ev),
             },
             process: self.process(ev, workload_cgroup),
             workload: workload.map(|w| WorkloadRecord {
@@ -445,6 +448,21 @@ fn destination_ip(ev: &DecisionEvent) -> IpAddr {
     } else {
         IpAddr::V6(Ipv6Addr::from(ev.addr))
     }
+}
+
+/// The address the caller gave, when the kernel says it decided another
+/// (`DecisionEvent::original`).
+fn original_destination(ev: &DecisionEvent) -> Option<OriginalDestination> {
+    let ipv6_hook = matches!(ev.hook, HOOK_CONNECT6 | HOOK_SENDMSG6);
+    let v4 = Ipv4Addr::new(ev.addr[12], ev.addr[13], ev.addr[14], ev.addr[15]);
+    let ip = match (ev.original, ipv6_hook, ev.family) {
+        (ORIGINAL_UNSPECIFIED, false, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (ORIGINAL_UNSPECIFIED, true, 4) => IpAddr::V6(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()),
+        (ORIGINAL_UNSPECIFIED, true, _) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        (ORIGINAL_V4_COMPATIBLE, _, _) => IpAddr::V6(v4.to_ipv6_compatible()),
+        _ => return None,
+    };
+    Some(OriginalDestination { ip, port: ev.port })
 }
 
 fn comm_string(comm: &[u8; 16]) -> String {

@@ -64,6 +64,19 @@ pub struct Destination {
     /// since no one endpoint decides it. Absent otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contested: Vec<String>,
+    /// The destination as the caller gave it, when the kernel decided it as `ip`: an
+    /// unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`, decided as the loopback it
+    /// reaches), an IPv4-mapped or IPv4-compatible IPv6 address (decided as the IPv4 one).
+    /// Absent when it is `ip` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<OriginalDestination>,
+}
+
+/// `destination.original`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OriginalDestination {
+    pub ip: IpAddr,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ pub(crate) fn example_record() -> DecisionRecord {
             port: 8200,
             endpoint: Some("vault".to_owned()),
             contested: Vec::new(),
+            original: None,
         },
         process: ProcessRecord {
             pid: 4242,

@@ -37,6 +37,8 @@ pub struct CompiledPolicy {
     pub cgroup_paths: BTreeMap<u64, String>,
     /// Those cgroups opened, deepest first, for `WORKLOAD_CGROUPS` ([`Self::open_cgroups`]).
     pub cgroup_dirs: CgroupDirs,
+    /// Endpoint names by kernel id, for warnings about entries derived later (local endpoints).
+    pub endpoint_names: BTreeMap<u32, String>,
 }
 
 /// Open cgroup directories, deepest first: `(id, descriptor)`. Equal when the ids are.
@@ -92,6 +94,19 @@ pub enum SyncWarning {
         ignored: String,
         destination: String,
     },
+    /// A local endpoint is not extended to a local destination that another endpoint's own
+    /// addresses decide (see `kernel::local`).
+    LocalGivesWay {
+        endpoint: String,
+        holder: String,
+        destination: String,
+    },
+    /// Several local endpoints reach a local destination none of them names: it is denied to
+    /// every workload.
+    LocalContested {
+        endpoints: Vec<String>,
+        destination: String,
+    },
 }
 
 impl fmt::Display for SyncWarning {
@@ -113,6 +128,24 @@ impl fmt::Display for SyncWarning {
             } => write!(
                 f,
                 "endpoints {kept} and {ignored} both cover {destination}; {kept} is enforced there"
+            ),
+            SyncWarning::LocalGivesWay {
+                endpoint,
+                holder,
+                destination,
+            } => write!(
+                f,
+                "local endpoint {endpoint} also reaches {destination}, which endpoint {holder} \
+                 names: {holder} is enforced there"
+            ),
+            SyncWarning::LocalContested {
+                endpoints,
+                destination,
+            } => write!(
+                f,
+                "local endpoints {} all reach {destination} and none names it: it is denied to \
+                 every workload; name it in one endpoint's addresses to give it to that one",
+                endpoints.join(", ")
             ),
         }
     }
@@ -139,6 +172,8 @@ pub fn compile(
             endpoint_id: ids.endpoint(EndpointId(pos)),
             mode: mode(endpoint.mode),
         };
+        out.endpoint_names
+            .insert(value.endpoint_id, endpoint.name.clone());
         let protocols: &[u8] = match endpoint.protocol {
             Protocol::Tcp => &[PROTO_TCP],
             Protocol::Udp => &[PROTO_UDP],

@@ -462,7 +462,7 @@ fn other(endpoint_id: u32, is_static: bool) -> Holder {
 }
 
 /// Whether the first `prefix - CIDR_KEY_HEADER_BITS` bits of `net` and `addr` are equal.
-fn prefix_contains(prefix: u32, net: &[u8; 16], addr: &[u8; 16]) -> bool {
+pub(super) fn prefix_contains(prefix: u32, net: &[u8; 16], addr: &[u8; 16]) -> bool {
     let bits = prefix.saturating_sub(CIDR_KEY_HEADER_BITS).min(128);
     let a = u128::from_be_bytes(*net);
     let b = u128::from_be_bytes(*addr);

@@ -138,7 +138,8 @@ pub fn decode(bytes: &[u8]) -> Option<DecisionEvent> {
         family: field!(family: u8),
         addr: array!(addr),
         comm: array!(comm),
-        _pad: field!(_pad: u32),
+        original: field!(original: u8),
+        _pad: [0; 3],
     })
 }
 
@@ -199,6 +200,7 @@ mod tests {
         put(offset_of!(DecisionEvent, family), &[ev.family]);
         put(offset_of!(DecisionEvent, addr), &ev.addr);
         put(offset_of!(DecisionEvent, comm), &ev.comm);
+        put(offset_of!(DecisionEvent, original), &[ev.original]);
         b
     }
 
@@ -227,7 +229,8 @@ mod tests {
             family: 20,
             addr: [21; 16],
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
-            _pad: 0,
+            original: 22,
+            _pad: [0; 3],
         };
         assert_eq!(decode(&encode(&ev)), Some(ev));
     }

@@ -109,6 +109,15 @@ pub(super) struct PinState {
     packet_drop: bool,
 }
 
+/// The run-time endpoint entries a starting agent protects before its programs go in.
+pub struct RuntimeEntries<'a> {
+    /// The endpoint host addresses a predecessor resolved (endpoint, its definition, address),
+    /// as run-time claims the host refreshers then take over.
+    pub saved_hosts: &'a [(EndpointId, &'a Endpoint, IpAddr)],
+    /// The host's interface addresses, that local endpoints are protected on (`kernel::local`).
+    pub host: &'a super::HostAddresses,
+}
+
 /// What `Enforcer::open_pinned` found in bpffs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Adoption {
@@ -140,9 +149,8 @@ impl Enforcer {
     /// installs a new program set atomically. `before_replace(grants, generation, revision)` runs
     /// before a pinned set of another revision is replaced (the grants still serve it).
     ///
-    /// `saved_hosts` are the endpoint host addresses a predecessor resolved (endpoint, its
-    /// definition, address): they are protected from the first instant, as run-time claims the
-    /// host refreshers then take over, so that a restart never opens a hostname endpoint.
+    /// `runtime` are the run-time endpoint entries, protected from the first instant so that a
+    /// restart never opens them.
     /// `packet_drop`: every set also attaches the packet-drop programs (a pinned set that
     /// differs in this is replaced).
     #[expect(clippy::too_many_arguments, reason = "one caller, the daemon's start")]
@@ -151,7 +159,7 @@ impl Enforcer {
         cgroup: &Path,
         revision: &str,
         compiled: &CompiledPolicy,
-        saved_hosts: &[(EndpointId, &Endpoint, IpAddr)],
+        runtime: RuntimeEntries<'_>,
         mode_override: u32,
         packet_drop: bool,
         before_replace: impl FnOnce(&GrantMaps, u32, &str) -> Result<(), KernelError>,
@@ -214,7 +222,10 @@ impl Enforcer {
         };
         let with_hosts = {
             let mut maps = enforcer.policy.lock().map_err(|_| KernelError::Poisoned)?;
-            maps.dynamic.restore(compiled, saved_hosts)
+            maps.host = runtime.host.clone();
+            maps.static_policy = compiled.clone();
+            let expanded = super::local::expand(compiled, runtime.host);
+            maps.dynamic.restore(&expanded, runtime.saved_hosts)
         };
         let adoption = match best {
             Some(best)
@@ -291,13 +302,16 @@ impl Enforcer {
         // Held throughout: run-time endpoint entries (resolved hosts) move to the new set.
         let policy = self.policy.clone();
         let mut current = policy.lock().map_err(|_| KernelError::Poisoned)?;
-        let merged = current.dynamic.merge(compiled);
+        let previous = current.static_policy.clone();
+        let merged = current.expand_and_merge(compiled);
         let result = install_set(&state, &set_path, generation, &merged, mode_override);
         let (ebpf, mut maps, report) = match result {
             Ok(done) => done,
             Err(e) => {
                 // Unpinning what was attached detaches it again.
                 let _ = remove_set(&set_path);
+                // The old set keeps enforcing: later run-time entries are derived from its policy.
+                current.expand_and_merge(&previous);
                 return Err(e);
             }
         };
@@ -308,6 +322,8 @@ impl Enforcer {
         }
         maps.dynamic = std::mem::take(&mut current.dynamic);
         maps.dynamic.committed();
+        maps.static_policy = std::mem::take(&mut current.static_policy);
+        maps.host = std::mem::take(&mut current.host);
         *current = maps;
         drop(current);
         self.ebpf = ebpf;
@@ -502,6 +518,8 @@ fn policy_maps(ebpf: &mut Ebpf) -> Result<PolicyMaps, KernelError> {
         cgroups: take_map(ebpf, map_names::WORKLOAD_CGROUPS)?,
         cgroup_ids: take_map(ebpf, map_names::WORKLOAD_CGROUP_IDS)?,
         dynamic: Default::default(),
+        static_policy: Default::default(),
+        host: Default::default(),
     })
 }
 

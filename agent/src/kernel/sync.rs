@@ -31,47 +31,19 @@ pub(super) fn write(
     compiled: &CompiledPolicy,
 ) -> Result<SyncReport, KernelError> {
     check_capacity(
-        map_names::ENDPOINTS_EXACT,
-        compiled.exact.len(),
-        capacity::ENDPOINTS_EXACT,
-    )?;
-    check_capacity(
-        map_names::ENDPOINTS_CIDR,
-        compiled.cidr.len(),
-        capacity::ENDPOINTS_CIDR,
-    )?;
-    check_capacity(
         map_names::WORKLOADS,
         compiled.workloads.len(),
         capacity::WORKLOADS,
     )?;
     check_capacity(map_names::RULES, compiled.rules.len(), capacity::RULES)?;
 
-    let mut removed = 0;
-    removed += replace_hash(&mut maps.exact, map_names::ENDPOINTS_EXACT, &compiled.exact)?;
+    let mut removed = write_endpoints(maps, compiled)?;
     removed += replace_hash(
         &mut maps.workloads,
         map_names::WORKLOADS,
         &compiled.workloads,
     )?;
     removed += replace_hash(&mut maps.rules, map_names::RULES, &compiled.rules)?;
-
-    let cidr_err = map_error(map_names::ENDPOINTS_CIDR);
-    for (&(prefix, data), value) in &compiled.cidr {
-        maps.cidr
-            .insert(&Key::new(prefix, data), value, 0)
-            .map_err(&cidr_err)?;
-    }
-    let stale: Vec<Key<_>> = maps
-        .cidr
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|key: &Key<_>| !compiled.cidr.contains_key(&(key.prefix_len(), key.data())))
-        .collect();
-    for key in &stale {
-        ignore_missing(maps.cidr.remove(key)).map_err(&cidr_err)?;
-    }
-    removed += stale.len();
 
     // The workload cgroups for tracing programs, deepest first; 0 ends the list.
     let ids_err = map_error(map_names::WORKLOAD_CGROUP_IDS);
@@ -106,6 +78,42 @@ pub(super) fn write(
         removed,
         warnings: compiled.warnings.clone(),
     })
+}
+
+/// Makes the endpoint maps (exact and CIDR) hold exactly `compiled`'s: new and changed keys
+/// first, then stale keys removed. Returns how many it removed.
+pub(super) fn write_endpoints(
+    maps: &mut PolicyMaps,
+    compiled: &CompiledPolicy,
+) -> Result<usize, KernelError> {
+    check_capacity(
+        map_names::ENDPOINTS_EXACT,
+        compiled.exact.len(),
+        capacity::ENDPOINTS_EXACT,
+    )?;
+    check_capacity(
+        map_names::ENDPOINTS_CIDR,
+        compiled.cidr.len(),
+        capacity::ENDPOINTS_CIDR,
+    )?;
+    let mut removed = replace_hash(&mut maps.exact, map_names::ENDPOINTS_EXACT, &compiled.exact)?;
+    let cidr_err = map_error(map_names::ENDPOINTS_CIDR);
+    for (&(prefix, data), value) in &compiled.cidr {
+        maps.cidr
+            .insert(&Key::new(prefix, data), value, 0)
+            .map_err(&cidr_err)?;
+    }
+    let stale: Vec<Key<_>> = maps
+        .cidr
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key: &Key<_>| !compiled.cidr.contains_key(&(key.prefix_len(), key.data())))
+        .collect();
+    for key in &stale {
+        ignore_missing(maps.cidr.remove(key)).map_err(&cidr_err)?;
+    }
+    removed += stale.len();
+    Ok(removed)
 }
 
 fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(), KernelError> {

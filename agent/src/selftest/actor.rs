@@ -143,6 +143,11 @@ impl Actor {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.req.unlisted_port)
     }
 
+    /// `ip` on the protected port.
+    fn at(&self, ip: IpAddr) -> SocketAddr {
+        SocketAddr::new(ip, self.req.port)
+    }
+
     /// The report of a forked child: its result, or the signal that ended it.
     fn forked(&mut self, (child, end): (nix::unistd::Pid, syscalls::ChildEnd)) -> ActorReport {
         self.steps.push(format!("forked child {child}"));
@@ -281,6 +286,29 @@ impl Actor {
                 )
             }
             EgressUnlistedTcp => tcp(&self.unlisted(), SockFlag::empty()),
+            TcpConnectUnspecified4 => {
+                tcp(&self.at(Ipv4Addr::UNSPECIFIED.into()), SockFlag::empty())
+            }
+            TcpConnectUnspecified6 => {
+                tcp(&self.at(Ipv6Addr::UNSPECIFIED.into()), SockFlag::empty())
+            }
+            TcpConnectUnspecifiedMapped => tcp(
+                &self.at(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into()),
+                SockFlag::empty(),
+            ),
+            TcpConnectLoopbackAlias => tcp(
+                &self.at(Ipv4Addr::new(127, 0, 0, 2).into()),
+                SockFlag::empty(),
+            ),
+            TcpConnectHostAddress => {
+                let plan = self
+                    .req
+                    .veth
+                    .as_ref()
+                    .ok_or_else(|| "no host address was made".to_owned())?;
+                let addr = self.at(plan.host_addr.into());
+                tcp(&addr, SockFlag::empty())
+            }
             HostnameEndpoint => {
                 let addr =
                     SocketAddr::new(IpAddr::V4(super::harness::HOSTNAME_ADDR), self.req.port);

@@ -51,6 +51,11 @@ pub enum Attempt {
     EgressUnlistedUdp,
     RawUdpUnrestricted,
     HostnameEndpoint,
+    TcpConnectUnspecified4,
+    TcpConnectUnspecified6,
+    TcpConnectUnspecifiedMapped,
+    TcpConnectLoopbackAlias,
+    TcpConnectHostAddress,
 }
 
 /// Where the actor starts: which child of the scratch cgroup (see `policy.rs`).
@@ -116,7 +121,7 @@ pub struct Expected {
 }
 
 impl Attempt {
-    pub const ALL: [Attempt; 40] = [
+    pub const ALL: [Attempt; 45] = [
         Self::TcpConnect4,
         Self::TcpConnect6,
         Self::TcpConnectV4Mapped,
@@ -157,6 +162,11 @@ impl Attempt {
         Self::EgressUnlistedUdp,
         Self::RawUdpUnrestricted,
         Self::HostnameEndpoint,
+        Self::TcpConnectUnspecified4,
+        Self::TcpConnectUnspecified6,
+        Self::TcpConnectUnspecifiedMapped,
+        Self::TcpConnectLoopbackAlias,
+        Self::TcpConnectHostAddress,
     ];
 
     /// The attempt's id (snake_case).
@@ -203,6 +213,11 @@ impl Attempt {
             EgressUnlistedUdp => "egress_unlisted_udp",
             RawUdpUnrestricted => "raw_udp_unrestricted",
             HostnameEndpoint => "hostname_endpoint",
+            TcpConnectUnspecified4 => "tcp_connect_unspecified4",
+            TcpConnectUnspecified6 => "tcp_connect_unspecified6",
+            TcpConnectUnspecifiedMapped => "tcp_connect_unspecified_mapped",
+            TcpConnectLoopbackAlias => "tcp_connect_loopback_alias",
+            TcpConnectHostAddress => "tcp_connect_host_address",
         }
     }
 
@@ -281,6 +296,17 @@ impl Attempt {
             }
             HostnameEndpoint => {
                 "TCP connect to the address the agent resolved for an endpoint's hosts: name"
+            }
+            TcpConnectUnspecified4 => "TCP connect to the unspecified 0.0.0.0 (reaches loopback)",
+            TcpConnectUnspecified6 => "TCP connect to the unspecified :: (reaches loopback)",
+            TcpConnectUnspecifiedMapped => {
+                "TCP connect to ::ffff:0.0.0.0 on an AF_INET6 socket (reaches loopback)"
+            }
+            TcpConnectLoopbackAlias => {
+                "TCP connect to 127.0.0.2, a loopback address the endpoint does not name"
+            }
+            TcpConnectHostAddress => {
+                "TCP connect to an address of this host's own interfaces that no endpoint names"
             }
         }
     }

@@ -158,8 +158,14 @@ impl Harness {
             };
             return Ok(AttemptResult::judge(attempt, report, &[]));
         }
-        let veth = if attempt == Attempt::NetnsVeth {
-            match Veth::create(&self.veth, self.port) {
+        let names = match attempt {
+            Attempt::NetnsVeth => Some(self.veth.clone()),
+            // A new address of this host that no endpoint names.
+            Attempt::TcpConnectHostAddress => Some(VethNames::pick()),
+            _ => None,
+        };
+        let veth = if let Some(names) = names {
+            match Veth::create(&names, self.port) {
                 Ok(v) => Some(v),
                 Err(why) => {
                     let report = ActorReport {
@@ -173,6 +179,16 @@ impl Harness {
         } else {
             None
         };
+        if attempt == Attempt::TcpConnectHostAddress
+            && let Some(v) = &veth
+            && let Err(why) = self.wait_local(v.plan.host_addr)
+        {
+            let report = ActorReport {
+                result: format!("setup: {why}"),
+                ..ActorReport::default()
+            };
+            return Ok(AttemptResult::judge(attempt, report, &[]));
+        }
         let req = ActorRequest {
             role: Role::Attempt(attempt),
             cgroup: Some(self.cgroups.path.join(place)),
@@ -286,6 +302,45 @@ impl Harness {
     /// Waits until the agent reports [`HOSTNAME`] resolved to [`HOSTNAME_ADDR`]
     /// (`tessera status --json`).
     fn wait_resolved(&self) -> Result<(), String> {
+        self.wait_status(
+            &format!("the agent never resolved {HOSTNAME}"),
+            "hosts",
+            |status| {
+                status["hosts"].as_array().is_some_and(|hosts| {
+                    hosts.iter().any(|h| {
+                        h["host"] == HOSTNAME
+                            && h["addresses"].as_array().is_some_and(|a| {
+                                a.iter().any(|a| a["ip"] == HOSTNAME_ADDR.to_string())
+                            })
+                    })
+                })
+            },
+        )
+    }
+
+    /// Waits until the agent follows `addr`, a new address of this host, into its local
+    /// endpoints (`tessera status`: `local_addresses`).
+    fn wait_local(&self, addr: std::net::Ipv4Addr) -> Result<(), String> {
+        let addr = addr.to_string();
+        self.wait_status(
+            &format!("the agent never protected the host address {addr}"),
+            "local_addresses",
+            |status| {
+                status["local_addresses"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|a| *a == addr))
+            },
+        )
+    }
+
+    /// Polls `tessera status --json` until `done` holds for it (30 s at most); the error is
+    /// `what` with the last `field` seen.
+    fn wait_status(
+        &self,
+        what: &str,
+        field: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -296,21 +351,13 @@ impl Harness {
                 .output()
                 .map_err(|e| format!("tessera status: {e}"))?;
             let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let resolved = status["hosts"].as_array().is_some_and(|hosts| {
-                hosts.iter().any(|h| {
-                    h["host"] == HOSTNAME
-                        && h["addresses"]
-                            .as_array()
-                            .is_some_and(|a| a.iter().any(|a| a["ip"] == HOSTNAME_ADDR.to_string()))
-                })
-            });
-            if resolved {
+            if done(&status) {
                 return Ok(());
             }
-            last = status["hosts"].to_string();
+            last = status[field].to_string();
             std::thread::sleep(Duration::from_millis(200));
         }
-        Err(format!("the agent never resolved {HOSTNAME}: hosts {last}"))
+        Err(format!("{what}: {field} {last}"))
     }
 
     fn read_log(&self) -> Vec<Value> {

@@ -118,7 +118,8 @@ impl Fixture {
             family: 4,
             addr,
             comm,
-            _pad: 0,
+            original: common::ORIGINAL_AS_GIVEN,
+            _pad: [0; 3],
         }
     }
 }
@@ -279,6 +280,86 @@ fn ipv6_udp_sendmsg6() {
     assert_eq!(value["destination"]["ip"], "::1");
     assert_eq!(value["hook"], "sendmsg6");
     assert_eq!(value["protocol"], "udp");
+}
+
+#[test]
+fn the_original_destination_is_logged_when_the_kernel_decided_another() {
+    let fx = Fixture::new();
+    let original = |hook, family, addr: std::net::IpAddr, original| {
+        let mut ev = fx.event();
+        ev.hook = hook;
+        ev.family = family;
+        ev.addr = match addr {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        ev.original = original;
+        let value = serde_json::to_value(fx.enricher().enrich(&ev)).unwrap();
+        (
+            value["destination"]["ip"].clone(),
+            value["destination"]["original"].clone(),
+        )
+    };
+    let v4 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    use common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
+    use common::{ORIGINAL_AS_GIVEN, ORIGINAL_UNSPECIFIED, ORIGINAL_V4_COMPATIBLE};
+    let cases = [
+        (
+            HOOK_CONNECT4,
+            4,
+            "127.0.0.1",
+            ORIGINAL_UNSPECIFIED,
+            "127.0.0.1",
+            "0.0.0.0",
+        ),
+        (
+            HOOK_SENDMSG4,
+            4,
+            "127.0.0.1",
+            ORIGINAL_UNSPECIFIED,
+            "127.0.0.1",
+            "0.0.0.0",
+        ),
+        (HOOK_CONNECT6, 6, "::1", ORIGINAL_UNSPECIFIED, "::1", "::"),
+        (
+            HOOK_CONNECT6,
+            4,
+            "127.0.0.1",
+            ORIGINAL_UNSPECIFIED,
+            "127.0.0.1",
+            "::ffff:0.0.0.0",
+        ),
+        (
+            HOOK_SENDMSG6,
+            4,
+            "10.1.2.3",
+            ORIGINAL_V4_COMPATIBLE,
+            "10.1.2.3",
+            "::a01:203",
+        ),
+    ];
+    for (hook, family, decided, how, ip, given) in cases {
+        let (got_ip, got_original) = original(hook, family, v4(decided), how);
+        assert_eq!(got_ip, ip);
+        assert_eq!(
+            got_original,
+            serde_json::json!({"ip": given, "port": 8200}),
+            "hook {hook} family {family} original {how}"
+        );
+    }
+    // As given (the kernel says nothing): no `original`.
+    assert_eq!(
+        original(HOOK_CONNECT6, 4, v4("10.1.2.3"), ORIGINAL_AS_GIVEN).1,
+        serde_json::Value::Null
+    );
+    assert_eq!(
+        original(HOOK_CONNECT4, 4, v4("127.0.0.2"), ORIGINAL_AS_GIVEN).1,
+        serde_json::Value::Null
+    );
+    assert_eq!(
+        original(HOOK_CONNECT6, 6, v4("::1"), ORIGINAL_AS_GIVEN).1,
+        serde_json::Value::Null
+    );
 }
 
 #[test]

@@ -176,6 +176,26 @@ impl Attempt {
                     "a process of no workload (or of a workload without rules) with CAP_NET_RAW can send hand-made packets to a protected UDP endpoint",
                 ),
             },
+            TcpConnectUnspecified4 => refused(
+                "no_credential",
+                "connect4",
+                "cgroup/connect4 decides 0.0.0.0 as the loopback the kernel delivers it to; ENDPOINTS_EXACT",
+            ),
+            TcpConnectUnspecified6 | TcpConnectUnspecifiedMapped => refused(
+                "no_credential",
+                "connect6",
+                "cgroup/connect6 decides :: as ::1 and ::ffff:0.0.0.0 as 127.0.0.1; ENDPOINTS_EXACT",
+            ),
+            TcpConnectLoopbackAlias => refused(
+                "no_credential",
+                "connect4",
+                "a local endpoint is protected on all of 127.0.0.0/8 (ENDPOINTS_CIDR entries the agent derives); cgroup/connect4",
+            ),
+            TcpConnectHostAddress => refused(
+                "no_credential",
+                "connect4",
+                "a local endpoint is protected on each host address the agent follows through rtnetlink (ENDPOINTS_EXACT); cgroup/connect4",
+            ),
             HostnameEndpoint => refused(
                 "no_credential",
                 "connect4",
