@@ -46,7 +46,7 @@ pub enum SelftestError {
     },
     #[error("the agent exited before it was ready ({0}); its log:\n{1}")]
     AgentExited(std::process::ExitStatus, String),
-    #[error("the agent was not ready within 30 s; its log:\n{0}")]
+    #[error("the agent was not ready within 120 s; its log:\n{0}")]
     AgentTimeout(String),
     #[error("cannot run the actor for {attempt}: {source}")]
     Actor {

@@ -226,7 +226,9 @@ impl AgentChild {
             .map(|n| Path::new(PIN_ROOT).join(n))
             .unwrap_or_default();
         let mut agent = Self { child, pins };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Loading the programs takes tens of seconds on older kernels under emulation (6.1 under
+        // qemu TCG: 11 s on a quiet machine, 44 s on a busy one): wait long, fail only on a hang.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while !(dir.join("workload.sock").exists() && dir.join("admin.sock").exists()) {
             let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
             if let Ok(Some(status)) = agent.child.try_wait() {
