@@ -22,27 +22,7 @@ use support::{
 
 /// PyJWT with its crypto extra is importable, installing it if needed; `Err` says why not.
 fn pyjwt() -> Result<(), String> {
-    let importable = || {
-        Command::new(real_python())
-            .args(["-c", "import jwt, cryptography"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if importable() {
-        return Ok(());
-    }
-    let out = Command::new(real_python())
-        .args(["-m", "pip", "install", "-q", "pyjwt[crypto]"])
-        .output()
-        .map_err(|e| format!("cannot run pip: {e}"))?;
-    if importable() {
-        Ok(())
-    } else {
-        Err(format!(
-            "PyJWT cannot be installed (python3 -m pip install 'pyjwt[crypto]'): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    support::python_package("import jwt, cryptography", "pyjwt[crypto]")
 }
 
 /// A test CA and server certificates it signed, made with the openssl CLI.

@@ -47,27 +47,7 @@ spec:
 
 /// py-spiffe is importable, installing it if needed; `Err` says why it cannot be.
 fn py_spiffe() -> Result<(), String> {
-    let importable = || {
-        Command::new(real_python())
-            .args(["-c", "import spiffe, grpc"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if importable() {
-        return Ok(());
-    }
-    let out = Command::new(real_python())
-        .args(["-m", "pip", "install", "-q", "spiffe"])
-        .output()
-        .map_err(|e| format!("cannot run pip: {e}"))?;
-    if importable() {
-        Ok(())
-    } else {
-        Err(format!(
-            "py-spiffe cannot be installed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    support::python_package("import spiffe, grpc", "spiffe")
 }
 
 fn script() -> PathBuf {

@@ -762,6 +762,32 @@ impl Agent {
     }
 }
 
+/// The Python package `spec` (a pip requirement) is importable by `import` (Python code),
+/// installing it with pip if needed; `Err` says why it cannot be, for a skip.
+pub fn python_package(import: &str, spec: &str) -> Result<(), String> {
+    let importable = || {
+        Command::new(real_python())
+            .args(["-c", import])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if importable() {
+        return Ok(());
+    }
+    let out = Command::new(real_python())
+        .args(["-m", "pip", "install", "-q", spec])
+        .output()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if importable() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{spec} cannot be installed (python3 -m pip install '{spec}'): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// The real python3 binary (not a pyenv shim or a symlink), so that copies of it run.
 pub fn real_python() -> PathBuf {
     let out = Command::new("python3")
