@@ -116,7 +116,10 @@ impl NsAgent {
             attach: attach.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(agent.api.exists() && agent.admin.exists()) {
+        while !(agent.api.exists()
+            && agent.admin.exists()
+            && agent.agent_log().contains(support::READY_LINE))
+        {
             if let Ok(Some(st)) = agent.child.try_wait() {
                 panic!(
                     "tessera run exited before it was ready: {st}\n{}",

@@ -171,7 +171,13 @@ pub struct Agent {
     attach: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, Option<String>)>,
+    /// How many `ready` lines the agent log had when the current process was spawned.
+    readies: usize,
 }
+
+/// The agent logs this once it serves: after the sockets are bound, the programs attached and
+/// its state written (the sockets alone appear earlier).
+pub const READY_LINE: &str = "tessera_agent::daemon: ready api=";
 
 impl Agent {
     pub fn start(policy_yaml: &str, attach: &Path, extra: &[&str]) -> Self {
@@ -200,6 +206,7 @@ impl Agent {
             .collect();
         let child = spawn_agent(dir.path(), &policy, attach, &extra, &env, &agent_log);
         let mut agent = Self {
+            readies: 0,
             child,
             dir,
             api,
@@ -229,6 +236,7 @@ impl Agent {
     /// Spawns `tessera run` again with the same settings; a killed agent leaves its sockets
     /// behind, and readiness is their re-creation, so they go first.
     fn respawn(&mut self) {
+        self.readies = self.agent_log().matches(READY_LINE).count();
         let _ = std::fs::remove_file(&self.api);
         let _ = std::fs::remove_file(&self.admin);
         self.child = spawn_agent(
@@ -310,10 +318,15 @@ impl Agent {
         self.cli(&["uninstall", "--cgroup", &attach])
     }
 
+    /// Ready is the agent's own `ready` line for this process (the sockets are bound before the
+    /// state is written, so their existence alone is not readiness).
     fn wait_ready(&mut self) {
         let agent = self;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(agent.api.exists() && agent.admin.exists()) {
+        while !(agent.api.exists()
+            && agent.admin.exists()
+            && agent.agent_log().matches(READY_LINE).count() > agent.readies)
+        {
             if let Ok(Some(st)) = agent.child.try_wait() {
                 panic!("tessera run exited before it was ready: {st}");
             }
