@@ -1,13 +1,18 @@
 //! The benchmark of what a user runs, behind `cargo xtask bench` (root only): the release
 //! `tessera run` attached to a scratch cgroup, 100k endpoint addresses loaded, writing its real
 //! decision log, and a C client (benches/daemon/client.c, built with `cc`) making the calls.
+//! Two more agents, each on a sibling cgroup of its own, change one dimension of the policy
+//! (1k endpoint addresses with 10 workloads, and with 10k workloads): see `SETUPS`.
 //!
 //! Part 1, alternating rounds (the order flips every round, so machine noise hits every side
 //! alike): loopback TCP connect+close from the workload's cgroup (the daemon attached) to a
 //! protected endpoint whose rule needs no credential (every connect decided and logged), to an
 //! unprotected port, and from a sibling cgroup with nothing attached; and from a second sibling
-//! with an empty connect4 program attached (the floor of any program). Medians of the ratios to
-//! detached, and of the programs' mean run time per call from the kernel's BPF statistics.
+//! with an empty connect4 program attached (the floor of any program); the same protected
+//! connects under the two other agents; unpaced UDP datagrams to a protected endpoint under each
+//! agent. Medians of the ratios to detached, and of the programs' mean run time per call
+//! (connect4, sendmsg4, sock_create, sock_release) from the kernel's BPF statistics; the ring
+//! buffer wakeups while each side ran (a kprobe through tracefs, when there is one).
 //!
 //! Part 2, sustained load: UDP datagrams to a protected endpoint at a paced rate (each decided
 //! by sendmsg4 and logged) for a while; the agent's CPU per decision from its own
@@ -15,19 +20,29 @@
 //! after. Numbers here are measurements, never pass/fail.
 use std::{
     net::{TcpListener, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 mod common;
+// The crate root is benches/daemon.rs: its own modules sit beside its client in benches/daemon/.
+#[path = "daemon/floor.rs"]
+mod floor;
+#[path = "daemon/report.rs"]
+mod report;
+#[path = "daemon/wakeups.rs"]
+mod wakeups;
 
 use anyhow::{Context as _, Result, bail};
 use common::{mean_run_ns, median};
+use floor::FloorProgram;
+use report::print_report;
 use serde_json::{Value, json};
 use tessera_agent::kernel;
 use tessera_common::program_names;
+use wakeups::WakeupProbe;
 
 /// The agent measured: this build's, or the binary `TESSERA_BENCH_AGENT` names (to compare
 /// two builds on the same machine in the same conditions).
@@ -44,13 +59,126 @@ const ENDPOINTS: usize = 100_000;
 /// Connects per measured batch, and rounds (each round: one batch per side).
 const BATCH: usize = 10_000;
 const ROUNDS: usize = 7;
-/// The empty program's name, to find its statistics among the host's programs.
-const FLOOR_NAME: &str = "tsr_bench_floor";
 
 struct Args {
     json: PathBuf,
     rate: f64,
     seconds: f64,
+}
+
+/// The agents measured side by side, each attached to a child cgroup of its own: the main one
+/// (100k endpoint addresses, 10 workloads) and two that each change one dimension, so that the
+/// protected path's cost is seen at 1k and 100k endpoints and at 10 and 10k workloads.
+struct Setup {
+    cgroup: &'static str,
+    endpoints: usize,
+    workloads: usize,
+}
+const SETUPS: [Setup; 3] = [
+    Setup {
+        cgroup: "attached",
+        endpoints: ENDPOINTS,
+        workloads: 10,
+    },
+    Setup {
+        cgroup: "small",
+        endpoints: 1_000,
+        workloads: 10,
+    },
+    Setup {
+        cgroup: "wide",
+        endpoints: 1_000,
+        workloads: 10_000,
+    },
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Call {
+    /// connect+close of a TCP socket.
+    Tcp,
+    /// sendto() of one UDP datagram, unpaced.
+    Udp,
+}
+
+/// One side of the alternating rounds: BATCH calls from `cgroup` (to the protected endpoint or
+/// to an unprotected port), decided by `SETUPS[agent]` when one is attached there.
+struct Side {
+    name: &'static str,
+    cgroup: &'static str,
+    call: Call,
+    protected: bool,
+    agent: Option<usize>,
+}
+const fn side(
+    name: &'static str,
+    cgroup: &'static str,
+    call: Call,
+    protected: bool,
+    agent: Option<usize>,
+) -> Side {
+    Side {
+        name,
+        cgroup,
+        call,
+        protected,
+        agent,
+    }
+}
+const SIDES: [Side; 9] = [
+    side("detached", "detached", Call::Tcp, true, None),
+    side("protected", "attached", Call::Tcp, true, Some(0)),
+    side("unprotected", "attached", Call::Tcp, false, Some(0)),
+    side("floor", "floor", Call::Tcp, true, None),
+    side("protected_1k_endpoints", "small", Call::Tcp, true, Some(1)),
+    side("protected_10k_workloads", "wide", Call::Tcp, true, Some(2)),
+    side("udp_protected", "attached", Call::Udp, true, Some(0)),
+    side(
+        "udp_protected_1k_endpoints",
+        "small",
+        Call::Udp,
+        true,
+        Some(1),
+    ),
+    side(
+        "udp_protected_10k_workloads",
+        "wide",
+        Call::Udp,
+        true,
+        Some(2),
+    ),
+];
+impl Call {
+    /// The programs whose mean run time is read after a side an agent decides: those that run
+    /// once per call (a UDP side creates one socket for the whole batch).
+    fn programs(self) -> &'static [&'static str] {
+        match self {
+            Call::Tcp => &[
+                program_names::CONNECT4,
+                program_names::SOCK_CREATE,
+                program_names::SOCK_RELEASE,
+            ],
+            Call::Udp => &[program_names::SENDMSG4],
+        }
+    }
+}
+/// The key of the empty program's samples.
+const FLOOR_KEY: &str = "empty_connect4";
+
+/// What one side measured over the rounds.
+#[derive(Default)]
+struct Samples {
+    rate: Vec<f64>,
+    /// Mean run time per call, one sample per round, by program name.
+    programs: std::collections::BTreeMap<&'static str, Vec<f64>>,
+    wakeups: u64,
+    decisions: u64,
+    cpu_ns: u64,
+}
+
+impl Samples {
+    fn median_ns(&self, program: &str) -> f64 {
+        self.programs.get(program).map_or(f64::NAN, |v| median(v))
+    }
 }
 
 fn main() -> Result<()> {
@@ -67,81 +195,102 @@ fn main() -> Result<()> {
     let udp_sink = UdpSocket::bind("127.0.0.1:0")?;
     let udp_port = udp_sink.local_addr()?.port();
 
-    let policy = scratch.dir.join("bench.yaml");
-    std::fs::write(
-        &policy,
-        bench_policy(&scratch.rel("attached"), protected_port, udp_port)?,
-    )?;
     let _stats = kernel::enable_bpf_stats()?;
     let floor = FloorProgram::attach(&scratch.cgroup("floor"))?;
-    println!(
-        "starting {} run with {ENDPOINTS} endpoint addresses",
-        tessera().display()
-    );
-    let agent = Daemon::start(&scratch, &policy)?;
+    let wakeups = WakeupProbe::install();
+    if wakeups.is_none() {
+        println!(
+            "ring buffer wakeups not counted: no kprobe on bpf_ringbuf_notify through tracefs"
+        );
+    }
+    // The agents load side by side; each is ready before the rounds start.
+    let mut agents = Vec::new();
+    for setup in &SETUPS {
+        let policy = scratch.dir.join(format!("{}.yaml", setup.cgroup));
+        std::fs::write(
+            &policy,
+            bench_policy(&scratch.rel(setup.cgroup), protected_port, udp_port, setup)?,
+        )?;
+        println!(
+            "starting {} run on {} with {} endpoint addresses and {} workloads",
+            tessera().display(),
+            setup.cgroup,
+            setup.endpoints,
+            setup.workloads
+        );
+        agents.push(Daemon::spawn(&scratch, setup.cgroup, &policy)?);
+    }
+    for agent in &mut agents {
+        agent.wait_ready()?;
+    }
+    let agent = &agents[0];
     let rss_start_kib = agent.rss_kib()?;
+    let wakeup_count = || wakeups.as_ref().map_or(0, WakeupProbe::count);
 
     // Part 1: alternating rounds.
-    let sides = ["detached", "protected", "unprotected", "floor"];
-    let mut rates: [Vec<f64>; 4] = Default::default();
-    let mut connect4_ns = Vec::new();
-    let mut connect4_unprotected_ns = Vec::new();
-    let mut floor_ns = Vec::new();
-    let mut protected_cpu_ns = 0u64;
-    let mut protected_decisions = 0u64;
+    let mut samples: Vec<Samples> = SIDES.iter().map(|_| Samples::default()).collect();
     for round in 0..ROUNDS {
-        let mut order: Vec<usize> = (0..sides.len()).collect();
+        let mut order: Vec<usize> = (0..SIDES.len()).collect();
         if round % 2 == 1 {
             order.reverse();
         }
-        for side in order {
-            let (cgroup, port) = match side {
-                0 => ("detached", protected_port),
-                1 => ("attached", protected_port),
-                2 => ("attached", free_port),
-                _ => ("floor", protected_port),
-            };
-            let programs0 = agent.programs()?;
+        for i in order {
+            let side = &SIDES[i];
+            let daemon = side.agent.map(|a| &agents[a]);
+            let programs0 = daemon.map(Daemon::programs).transpose()?;
+            let decided0 = daemon.map(Daemon::decisions).transpose()?.unwrap_or(0);
+            let cpu0 = daemon.map(Daemon::cpu_ns).transpose()?.unwrap_or(0);
             let floor0 = floor.stats();
-            let decided0 = agent.decisions()?;
-            let cpu0 = agent.cpu_ns()?;
-            let ns = run_tcp(&client, &scratch.cgroup(cgroup), port, BATCH)?;
-            rates[side].push(BATCH as f64 / (ns as f64 / 1e9));
-            let programs1 = agent.programs()?;
-            match side {
-                1 => {
-                    connect4_ns.push(per_run(&programs0, &programs1, program_names::CONNECT4));
-                    let decided = agent.wait_decisions(decided0 + BATCH as u64)?;
-                    protected_cpu_ns += agent.cpu_ns()? - cpu0;
-                    protected_decisions += decided - decided0;
+            let wake0 = wakeup_count();
+            let cgroup = scratch.cgroup(side.cgroup);
+            let (mode, port) = match (side.call, side.protected) {
+                (Call::Tcp, true) => ("tcp", protected_port),
+                (Call::Tcp, false) => ("tcp", free_port),
+                (Call::Udp, _) => ("udp-burst", udp_port),
+            };
+            let ns = run_batch(&client, &cgroup, mode, port, BATCH)?;
+            let s = &mut samples[i];
+            s.rate.push(BATCH as f64 / (ns as f64 / 1e9));
+            if let (Some(daemon), Some(programs0)) = (daemon, programs0) {
+                let programs1 = daemon.programs()?;
+                for &name in side.call.programs() {
+                    let ns = per_run(&programs0, &programs1, name);
+                    s.programs.entry(name).or_default().push(ns);
                 }
-                2 => connect4_unprotected_ns.push(per_run(
-                    &programs0,
-                    &programs1,
-                    program_names::CONNECT4,
-                )),
-                3 => {
-                    let (c0, t0) = floor0;
-                    let (c1, t1) = floor.stats();
-                    floor_ns.push(if c1 > c0 {
-                        (t1 - t0) as f64 / (c1 - c0) as f64
-                    } else {
-                        f64::NAN
-                    });
+                if side.protected {
+                    // Every call was decided and logged: wait until the agent wrote them all.
+                    let decided = daemon.wait_decisions(decided0 + BATCH as u64)?;
+                    s.cpu_ns += daemon.cpu_ns()? - cpu0;
+                    s.decisions += decided - decided0;
                 }
-                _ => {}
             }
+            if side.cgroup == "floor" {
+                let ns = mean_run_ns(floor0, floor.stats());
+                s.programs.entry(FLOOR_KEY).or_default().push(ns);
+            }
+            s.wakeups += wakeup_count() - wake0;
         }
         println!("round {}/{ROUNDS} done", round + 1);
     }
     let ratio = |side: usize| -> Vec<f64> {
-        rates[side]
+        samples[side]
+            .rate
             .iter()
-            .zip(&rates[0])
+            .zip(&samples[0].rate)
             .map(|(a, d)| a / d)
             .collect()
     };
     let (protected_ratios, unprotected_ratios, floor_ratios) = (ratio(1), ratio(2), ratio(3));
+    // Every TCP side of the main agent creates and releases one socket per call.
+    let socket_ns = |program: &str| {
+        let mut v = samples[1]
+            .programs
+            .get(program)
+            .cloned()
+            .unwrap_or_default();
+        v.extend(samples[2].programs.get(program).into_iter().flatten());
+        median(&v)
+    };
 
     // Part 2: sustained load through sendmsg4.
     println!(
@@ -153,6 +302,7 @@ fn main() -> Result<()> {
     let decided0 = agent.decisions()?;
     let cpu0 = agent.cpu_ns()?;
     let programs0 = agent.programs()?;
+    let wake0 = wakeup_count();
     let (sent, sent_ns) = run_udp(
         &client,
         &scratch.cgroup("attached"),
@@ -163,6 +313,7 @@ fn main() -> Result<()> {
     let programs1 = agent.programs()?;
     let decided1 = agent.wait_decisions(decided0 + sent)?;
     let cpu1 = agent.cpu_ns()?;
+    let sustained_wakeups = wakeup_count() - wake0;
     // The agent reads the kernel's drop counter once a second.
     std::thread::sleep(Duration::from_millis(1_500));
     let dropped1 = agent.dropped()?;
@@ -172,6 +323,38 @@ fn main() -> Result<()> {
         .unwrap_or(0);
     drop(udp_sink);
     let sustained_decisions = decided1 - decided0;
+    let (protected, scale) = (&samples[1], |i: usize, program: &str| {
+        samples[i].median_ns(program)
+    });
+    let per_decision = |s: &Samples| s.cpu_ns as f64 / s.decisions.max(1) as f64;
+    let sides: serde_json::Map<String, Value> = SIDES
+        .iter()
+        .zip(&samples)
+        .map(|(side, s)| {
+            let programs: serde_json::Map<String, Value> = s
+                .programs
+                .iter()
+                .map(|(name, v)| {
+                    (
+                        (*name).to_owned(),
+                        json!({ "median": median(v), "samples": v }),
+                    )
+                })
+                .collect();
+            let value = json!({
+                "cgroup": side.cgroup,
+                "call": if side.call == Call::Tcp { "tcp connect+close" } else { "udp sendto" },
+                "protected": side.protected,
+                "rate_per_s": median(&s.rate),
+                "rate_samples": s.rate,
+                "mean_run_ns": programs,
+                "ringbuf_wakeups": s.wakeups,
+                "decisions": s.decisions,
+                "agent_cpu_ns_per_decision": per_decision(s),
+            });
+            (side.name.to_owned(), value)
+        })
+        .collect();
     let report = json!({
         "benchmark": "tessera.daemon/v1",
         "agent": tessera().display().to_string(),
@@ -180,26 +363,39 @@ fn main() -> Result<()> {
         "batch": BATCH,
         "rounds": ROUNDS,
         "connect": {
-            "rate_detached_per_s": median(&rates[0]),
-            "rate_protected_per_s": median(&rates[1]),
-            "rate_unprotected_per_s": median(&rates[2]),
-            "rate_floor_per_s": median(&rates[3]),
+            "rate_detached_per_s": median(&samples[0].rate),
+            "rate_protected_per_s": median(&samples[1].rate),
+            "rate_unprotected_per_s": median(&samples[2].rate),
+            "rate_floor_per_s": median(&samples[3].rate),
             "ratio_protected_vs_detached": median(&protected_ratios),
             "ratio_unprotected_vs_detached": median(&unprotected_ratios),
             "ratio_floor_vs_detached": median(&floor_ratios),
-            "connect4_protected_mean_ns": median(&connect4_ns),
-            "connect4_unprotected_mean_ns": median(&connect4_unprotected_ns),
-            "empty_connect4_mean_ns": median(&floor_ns),
-            "agent_cpu_ns_per_decision": protected_cpu_ns as f64 / protected_decisions.max(1) as f64,
-            "decisions": protected_decisions,
+            "connect4_protected_mean_ns": protected.median_ns(program_names::CONNECT4),
+            "connect4_unprotected_mean_ns": samples[2].median_ns(program_names::CONNECT4),
+            "empty_connect4_mean_ns": samples[3].median_ns(FLOOR_KEY),
+            "sock_create_mean_ns": socket_ns(program_names::SOCK_CREATE),
+            "sock_release_mean_ns": socket_ns(program_names::SOCK_RELEASE),
+            "agent_cpu_ns_per_decision": per_decision(protected),
+            "decisions": protected.decisions,
+            "ringbuf_wakeups_protected": protected.wakeups,
             "samples": {
-                "rate_detached": rates[0], "rate_protected": rates[1],
-                "rate_unprotected": rates[2], "rate_floor": rates[3],
                 "ratio_protected": protected_ratios, "ratio_unprotected": unprotected_ratios,
-                "ratio_floor": floor_ratios, "connect4_protected_ns": connect4_ns,
-                "connect4_unprotected_ns": connect4_unprotected_ns, "empty_connect4_ns": floor_ns,
+                "ratio_floor": floor_ratios,
             },
         },
+        "scaling": {
+            "connect4_protected_mean_ns": {
+                "endpoints_100k_workloads_10": scale(1, program_names::CONNECT4),
+                "endpoints_1k_workloads_10": scale(4, program_names::CONNECT4),
+                "endpoints_1k_workloads_10k": scale(5, program_names::CONNECT4),
+            },
+            "sendmsg4_protected_mean_ns": {
+                "endpoints_100k_workloads_10": scale(6, program_names::SENDMSG4),
+                "endpoints_1k_workloads_10": scale(7, program_names::SENDMSG4),
+                "endpoints_1k_workloads_10k": scale(8, program_names::SENDMSG4),
+            },
+        },
+        "sides": sides,
         "sustained": {
             "target_rate_per_s": args.rate,
             "seconds": sent_ns as f64 / 1e9,
@@ -210,10 +406,13 @@ fn main() -> Result<()> {
             "decision_log_errors": log_errors,
             "agent_cpu_ns_per_decision": (cpu1 - cpu0) as f64 / sustained_decisions.max(1) as f64,
             "sendmsg4_mean_ns": per_run(&programs0, &programs1, program_names::SENDMSG4),
+            "ringbuf_wakeups": sustained_wakeups,
             "rss_kib": { "start": rss_start_kib, "before": rss_before_kib, "after": rss_after_kib },
         },
+        "ringbuf_wakeups_counted": wakeups.is_some(),
     });
-    drop(agent);
+    drop(agents);
+    drop(wakeups);
     drop(floor);
     print_report(&report);
     if let Some(dir) = args.json.parent() {
@@ -284,12 +483,13 @@ fn build_client(dir: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// COUNT connect+close from `cgroup`; the ns they took.
-fn run_tcp(client: &Path, cgroup: &Path, port: u16, count: usize) -> Result<u64> {
+/// COUNT calls from `cgroup` (`tcp`: connect+close; `udp-burst`: unpaced datagrams); the ns
+/// they took.
+fn run_batch(client: &Path, cgroup: &Path, mode: &str, port: u16, count: usize) -> Result<u64> {
     let out = client_output(
         client,
         cgroup,
-        &["tcp", &port.to_string(), &count.to_string()],
+        &[mode, &port.to_string(), &count.to_string()],
     )?;
     Ok(out.trim().parse()?)
 }
@@ -362,63 +562,30 @@ fn machine() -> Value {
     })
 }
 
-fn print_report(r: &Value) {
-    let c = &r["connect"];
-    let s = &r["sustained"];
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    println!("\nmachine: {}", r["machine"]);
-    println!(
-        "\nconnect+close, medians of {ROUNDS} alternating rounds of {BATCH}, {ENDPOINTS} endpoints:"
-    );
-    println!(
-        "  detached {:.0}/s; protected (decided and logged) {:.0}/s, ratio {:.3}; unprotected ratio {:.3}; empty program ratio {:.3}",
-        f(&c["rate_detached_per_s"]),
-        f(&c["rate_protected_per_s"]),
-        f(&c["ratio_protected_vs_detached"]),
-        f(&c["ratio_unprotected_vs_detached"]),
-        f(&c["ratio_floor_vs_detached"]),
-    );
-    println!(
-        "  connect4 mean: protected {:.0} ns, unprotected {:.0} ns, empty program {:.0} ns",
-        f(&c["connect4_protected_mean_ns"]),
-        f(&c["connect4_unprotected_mean_ns"]),
-        f(&c["empty_connect4_mean_ns"]),
-    );
-    println!(
-        "  agent CPU per decision {:.2} µs ({} decisions)",
-        f(&c["agent_cpu_ns_per_decision"]) / 1e3,
-        c["decisions"]
-    );
-    println!(
-        "\nsustained: {:.0} datagrams/s for {:.1} s: {} sent, {} logged, {} dropped, {} log errors",
-        f(&s["achieved_rate_per_s"]),
-        f(&s["seconds"]),
-        s["sent"],
-        s["decisions_logged"],
-        s["events_dropped"],
-        s["decision_log_errors"],
-    );
-    println!(
-        "  agent CPU per decision {:.2} µs; sendmsg4 mean {:.0} ns; agent RSS {} KiB at start, {} before, {} after",
-        f(&s["agent_cpu_ns_per_decision"]) / 1e3,
-        f(&s["sendmsg4_mean_ns"]),
-        s["rss_kib"]["start"],
-        s["rss_kib"]["before"],
-        s["rss_kib"]["after"],
-    );
-}
-
-/// `vault` (tcp, the connect side) and `dns` (udp, the sustained side) on loopback, protected
-/// by a rule that needs no credential, so each call is allowed and logged; then the rest of the
-/// endpoint entries as /32s in 10.0.0.0/8.
-fn bench_policy(cgroup_rel: &str, tcp_port: u16, udp_port: u16) -> Result<String> {
+/// `vault` (tcp, the connect side) and `dns` (udp, the UDP sides) on loopback, protected by a
+/// rule that needs no credential, so each call is allowed and logged; then the rest of the
+/// endpoint entries as /32s in 10.0.0.0/8. The other workloads are in the same cgroup, each for
+/// a uid of its own (the benchmark runs as root): each is one more `WORKLOADS` entry, none the
+/// caller's.
+fn bench_policy(cgroup_rel: &str, tcp_port: u16, udp_port: u16, setup: &Setup) -> Result<String> {
     use std::fmt::Write as _;
-    let mut y = String::with_capacity(ENDPOINTS * 64);
+    let mut y = String::with_capacity(setup.endpoints * 64 + setup.workloads * 96);
     writeln!(
         y,
-        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: bench }}\nspec:\n  trustDomain: bench.tessera.dev\n  workloads:\n    - {{ name: bench, match: {{ cgroup: {cgroup_rel} }} }}\n  endpoints:\n    - {{ name: vault, addresses: [\"127.0.0.1/32\"], ports: [{tcp_port}] }}\n    - {{ name: dns, addresses: [\"127.0.0.1/32\"], ports: [{udp_port}], protocol: udp }}"
+        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: bench }}\nspec:\n  trustDomain: bench.tessera.dev\n  workloads:\n    - {{ name: bench, match: {{ cgroup: {cgroup_rel} }} }}"
     )?;
-    for i in 2..ENDPOINTS {
+    for i in 1..setup.workloads {
+        let uid = 10_000 + i;
+        writeln!(
+            y,
+            "    - {{ name: w{i}, match: {{ cgroup: {cgroup_rel}, uid: {uid} }} }}"
+        )?;
+    }
+    writeln!(
+        y,
+        "  endpoints:\n    - {{ name: vault, addresses: [\"127.0.0.1/32\"], ports: [{tcp_port}] }}\n    - {{ name: dns, addresses: [\"127.0.0.1/32\"], ports: [{udp_port}], protocol: udp }}"
+    )?;
+    for i in 2..setup.endpoints {
         let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
         writeln!(
             y,
@@ -432,9 +599,12 @@ fn bench_policy(cgroup_rel: &str, tcp_port: u16, udp_port: u16) -> Result<String
     Ok(y)
 }
 
-/// `<cgroup2>/tessera-bench-daemon-<pid>` with `attached` (the daemon's attach point and the
-/// workload), `detached` (nothing) and `floor` (an empty program); a scratch directory for the
-/// agent's files. Removed on drop.
+/// The children of the scratch cgroup.
+const CGROUPS: [&str; 5] = ["attached", "small", "wide", "detached", "floor"];
+
+/// `<cgroup2>/tessera-bench-daemon-<pid>` with `attached`, `small` and `wide` (the agents'
+/// attach points and their workloads: see `SETUPS`), `detached` (nothing) and `floor` (an empty
+/// program); a scratch directory for the agents' files. Removed on drop.
 struct Scratch {
     base: PathBuf,
     rel: String,
@@ -448,7 +618,7 @@ impl Scratch {
         std::fs::create_dir(&base).with_context(|| format!("creating {}", base.display()))?;
         let dir = std::env::temp_dir().join(format!("tessera-bench-daemon-{}", std::process::id()));
         let scratch = Self { base, rel, dir };
-        for child in ["attached", "detached", "floor"] {
+        for child in CGROUPS {
             std::fs::create_dir(scratch.cgroup(child))?;
         }
         std::fs::create_dir_all(&scratch.dir)?;
@@ -467,7 +637,7 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         // The clients exited: the cgroups are empty.
-        for child in ["attached", "detached", "floor"] {
+        for child in CGROUPS {
             let _ = std::fs::remove_dir(self.cgroup(child));
         }
         let _ = std::fs::remove_dir(&self.base);
@@ -480,13 +650,18 @@ struct Daemon {
     child: Child,
     admin: PathBuf,
     attach: PathBuf,
+    log: PathBuf,
 }
 
 impl Daemon {
-    fn start(scratch: &Scratch, policy: &Path) -> Result<Self> {
-        let log = std::fs::File::create(scratch.dir.join("agent.log"))?;
-        let attach = scratch.cgroup("attached");
-        let admin = scratch.dir.join("admin.sock");
+    /// Starts `tessera run` on the scratch cgroup's child `name`, its files in a directory of
+    /// that name; [`Daemon::wait_ready`] waits for it.
+    fn spawn(scratch: &Scratch, name: &str, policy: &Path) -> Result<Self> {
+        let dir = scratch.dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join("agent.log");
+        let attach = scratch.cgroup(name);
+        let admin = dir.join("admin.sock");
         let child = Command::new(tessera())
             .arg("run")
             .arg("--policy")
@@ -494,39 +669,46 @@ impl Daemon {
             .arg("--cgroup")
             .arg(&attach)
             .arg("--api-socket")
-            .arg(scratch.dir.join("workload.sock"))
+            .arg(dir.join("workload.sock"))
             .arg("--admin-socket")
             .arg(&admin)
             .arg("--decision-log")
-            .arg(scratch.dir.join("decisions.jsonl"))
+            .arg(dir.join("decisions.jsonl"))
             .arg("--state-dir")
-            .arg(scratch.dir.join("state"))
+            .arg(dir.join("state"))
             .arg("--metrics-addr")
             .arg("off")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting tessera run")?;
-        let mut daemon = Daemon {
+        Ok(Daemon {
             child,
             admin,
             attach,
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while daemon.status().is_err() {
-            if let Some(st) = daemon.child.try_wait()? {
+            log,
+        })
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while self.status().is_err() {
+            if let Some(st) = self.child.try_wait()? {
                 bail!(
                     "tessera run exited before it was ready ({st}); see {}",
-                    scratch.dir.join("agent.log").display()
+                    self.log.display()
                 );
             }
             if Instant::now() > deadline {
-                bail!("tessera run not ready within 120 s");
+                bail!(
+                    "tessera run not ready within 180 s; see {}",
+                    self.log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(daemon)
+        Ok(())
     }
 
     fn status(&self) -> Result<Value> {
@@ -616,71 +798,4 @@ impl Drop for Daemon {
             .stdout(Stdio::null())
             .status();
     }
-}
-
-/// An empty connect4 program (`r0 = 1; exit`) attached through a BPF link to one cgroup: what
-/// any cgroup connect program costs at least. Loaded with raw bpf(2) calls (aya loads ELF
-/// objects only); the link detaches it when dropped.
-struct FloorProgram {
-    _prog: OwnedFd,
-    _link: OwnedFd,
-}
-
-impl FloorProgram {
-    fn attach(cgroup: &Path) -> Result<Self> {
-        const BPF_PROG_LOAD: libc::c_long = 5;
-        const BPF_LINK_CREATE: libc::c_long = 28;
-        const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
-        const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-        // mov64 r0, 1; exit
-        let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
-        let license = c"GPL";
-        let mut attr = [0u8; 128];
-        let put32 =
-            |a: &mut [u8; 128], at: usize, v: u32| a[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-        let put64 =
-            |a: &mut [u8; 128], at: usize, v: u64| a[at..at + 8].copy_from_slice(&v.to_ne_bytes());
-        put32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
-        put32(&mut attr, 4, insns.len() as u32);
-        put64(&mut attr, 8, insns.as_ptr() as u64);
-        put64(&mut attr, 16, license.as_ptr() as u64);
-        attr[48..48 + FLOOR_NAME.len()].copy_from_slice(FLOOR_NAME.as_bytes());
-        put32(&mut attr, 68, BPF_CGROUP_INET4_CONNECT);
-        let prog = bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty connect4 program")?;
-        let dir = std::fs::File::open(cgroup)?;
-        let mut attr = [0u8; 128];
-        put32(&mut attr, 0, prog.as_raw_fd() as u32);
-        put32(&mut attr, 4, dir.as_raw_fd() as u32);
-        put32(&mut attr, 8, BPF_CGROUP_INET4_CONNECT);
-        let link = bpf(BPF_LINK_CREATE, &mut attr).context("attaching the empty program")?;
-        Ok(FloorProgram {
-            _prog: prog,
-            _link: link,
-        })
-    }
-
-    /// (run count, run time in ns) of the empty program.
-    fn stats(&self) -> (u64, u64) {
-        aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.name_as_str() == Some(FLOOR_NAME))
-            .map(|p| {
-                (
-                    p.run_count(),
-                    u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
-                )
-            })
-            .unwrap_or((0, 0))
-    }
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-filled bpf_attr of 128 bytes whose pointers (instructions,
-    // license) outlive the call; the kernel returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: a file descriptor the kernel just returned, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -3,6 +3,7 @@
  *   client CGROUP_PROCS tcp PORT COUNT         COUNT loopback connect+close; prints the ns taken
  *   client CGROUP_PROCS udp PORT RATE SECONDS  sendto() at RATE datagrams/s for SECONDS, paced
  *                                              per millisecond; prints "sent ns"
+ *   client CGROUP_PROCS udp-burst PORT COUNT   COUNT sendto() as fast as it can; prints the ns
  *
  * It first moves itself into the cgroup whose cgroup.procs is CGROUP_PROCS, so every call it
  * makes is decided (or not) by what is attached there. */
@@ -30,7 +31,8 @@ static int enter_cgroup(const char *procs) {
 
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: client CGROUP_PROCS tcp PORT COUNT | udp PORT RATE SECONDS\n");
+        fprintf(stderr, "usage: client CGROUP_PROCS tcp PORT COUNT | udp PORT RATE SECONDS"
+                        " | udp-burst PORT COUNT\n");
         return 2;
     }
     if (enter_cgroup(argv[1]) != 0) return 1;
@@ -48,6 +50,18 @@ int main(int argc, char **argv) {
             setsockopt(s, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
             if (connect(s, (struct sockaddr *)&to, sizeof to) != 0) { perror("connect"); return 1; }
             close(s);
+        }
+        printf("%lld\n", now_ns() - start);
+        return 0;
+    }
+    if (strcmp(argv[2], "udp-burst") == 0) {
+        long count = atol(argv[4]);
+        int s = socket(AF_INET, SOCK_DGRAM, 0);
+        if (s < 0) { perror("socket"); return 1; }
+        long long start = now_ns();
+        for (long i = 0; i < count; i++) {
+            /* Unconnected, as above: every datagram passes sendmsg4. */
+            sendto(s, "x", 1, 0, (struct sockaddr *)&to, sizeof to);
         }
         printf("%lld\n", now_ns() - start);
         return 0;
