@@ -1080,19 +1080,18 @@ pub fn kid(token: &str) -> String {
         .expect("kid")
 }
 
-/// ValidateJWTSVID through `agent`, by py-spiffe (None: py-spiffe is not installed).
-pub fn validate_through(agent: &Agent, cgroup: &Path, token: &str) -> Option<Value> {
+/// `tests/spiffe_client.py ARGS` in `cgroup`, configured only by `SPIFFE_ENDPOINT_SOCKET` (the
+/// agent's Workload API), stdin and stdout piped; None (said why, for `what`) without py-spiffe.
+pub fn spiffe_client(agent: &Agent, cgroup: &Path, args: &[&str], what: &str) -> Option<Child> {
     let ok = Command::new(real_python())
         .args(["-c", "import spiffe"])
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!(
-            "ValidateJWTSVID not checked: py-spiffe is not installed (python3 -m pip install spiffe)"
-        );
+        eprintln!("{what} not checked: py-spiffe is not installed (python3 -m pip install spiffe)");
         return None;
     }
-    let mut child = Command::new(real_python())
+    let child = Command::new(real_python())
         .env_clear()
         .env(
             "SPIFFE_ENDPOINT_SOCKET",
@@ -1100,11 +1099,18 @@ pub fn validate_through(agent: &Agent, cgroup: &Path, token: &str) -> Option<Val
         )
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/spiffe_client.py"))
         .arg(cgroup)
-        .args(["validate", "vault", "test.tessera.dev", "1"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("run py-spiffe");
+    Some(child)
+}
+
+/// ValidateJWTSVID through `agent`, by py-spiffe (None: py-spiffe is not installed).
+pub fn validate_through(agent: &Agent, cgroup: &Path, token: &str) -> Option<Value> {
+    let args = ["validate", "vault", "test.tessera.dev", "1"];
+    let mut child = spiffe_client(agent, cgroup, &args, "ValidateJWTSVID")?;
     child
         .stdin
         .take()

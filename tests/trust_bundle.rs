@@ -11,12 +11,11 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    Agent, Servers, TestCgroup, Workload, kid, privileged, real_python, standard_policy,
+    Agent, Servers, TestCgroup, Workload, kid, privileged, spiffe_client, standard_policy,
     validate_through, wait_published,
 };
 
@@ -29,27 +28,8 @@ struct BundleWatch {
 impl BundleWatch {
     /// None: py-spiffe is not installed.
     fn start(agent: &Agent, cgroup: &Path) -> Option<BundleWatch> {
-        let ok = Command::new(real_python())
-            .args(["-c", "import spiffe"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("FetchJWTBundles not watched: py-spiffe is not installed");
-            return None;
-        }
-        let mut child = Command::new(real_python())
-            .env_clear()
-            .env(
-                "SPIFFE_ENDPOINT_SOCKET",
-                format!("unix://{}", agent.api.display()),
-            )
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/spiffe_client.py"))
-            .arg(cgroup)
-            .args(["watch", "-", "test.tessera.dev", "1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run py-spiffe");
+        let args = ["watch", "-", "test.tessera.dev", "1"];
+        let mut child = spiffe_client(agent, cgroup, &args, "FetchJWTBundles")?;
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

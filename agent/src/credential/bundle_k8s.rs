@@ -340,7 +340,7 @@ async fn watch_objects(api: kube::Api<ConfigMap>, bundle: K8sBundle) {
         selector = %bundle.place().selector(),
         "watching the trust bundle objects"
     );
-    follow(api, config, "trust bundle configmaps", |event| {
+    follow(api, config, "trust bundle", |event| {
         bundle.apply(event);
     })
     .await;

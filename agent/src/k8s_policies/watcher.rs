@@ -12,7 +12,11 @@ use crate::policy::crd::PolicyKind;
 pub(super) async fn run(client: kube::Client, kind: PolicyKind, resources: PolicyResources) {
     let api: kube::Api<DynamicObject> = kube::Api::all_with(client, &kind.api_resource());
     tracing::info!(kind = kind.kind(), "watching policy resources");
-    follow(api, watcher::Config::default(), kind.plural(), |event| {
+    let watched = match kind {
+        PolicyKind::Cluster => "policy resource (TesseraPolicy)",
+        PolicyKind::Namespaced => "policy resource (TesseraNamespacedPolicy)",
+    };
+    follow(api, watcher::Config::default(), watched, |event| {
         apply(&resources, kind, event);
     })
     .await;

@@ -26,6 +26,13 @@ fn object(namespace: &str, name: &str, domain: &str, jwks: &str) -> Value {
     })
 }
 
+/// Puts the object `name` of `namespace` holding the keys `kids`.
+fn put_keys(server: &FakeApiServer, namespace: &str, name: &str, domain: &str, kids: &[&str]) {
+    let keys: Vec<Value> = kids.iter().map(|k| key(k)).collect();
+    let jwks = json!({ "keys": keys }).to_string();
+    server.put(CONFIGMAPS, object(namespace, name, domain, &jwks));
+}
+
 fn configmap(value: Value) -> ConfigMap {
     serde_json::from_value(value).expect("a ConfigMap")
 }
@@ -116,33 +123,27 @@ fn names_are_checked() {
 async fn each_agent_applies_its_object_and_gathers_the_others() {
     let server = FakeApiServer::start().await;
     let place = BundlePlace::new("tessera", "node-a", "example.org").expect("place");
-    server.put(
-        CONFIGMAPS,
-        object(
-            "tessera",
-            "tessera-bundle-node-b",
-            "example.org",
-            &json!({ "keys": [key("b1"), key("b2")] }).to_string(),
-        ),
+    put_keys(
+        &server,
+        "tessera",
+        "tessera-bundle-node-b",
+        "example.org",
+        &["b1", "b2"],
     );
     // Another trust domain's, and one in another namespace: neither is read.
-    server.put(
-        CONFIGMAPS,
-        object(
-            "tessera",
-            "tessera-bundle-node-x",
-            "other.org",
-            &json!({ "keys": [key("x")] }).to_string(),
-        ),
+    put_keys(
+        &server,
+        "tessera",
+        "tessera-bundle-node-x",
+        "other.org",
+        &["x"],
     );
-    server.put(
-        CONFIGMAPS,
-        object(
-            "elsewhere",
-            "tessera-bundle-node-y",
-            "example.org",
-            &json!({ "keys": [key("y")] }).to_string(),
-        ),
+    put_keys(
+        &server,
+        "elsewhere",
+        "tessera-bundle-node-y",
+        "example.org",
+        &["y"],
     );
     let bundle = K8sBundle::spawn(server.client(), place.clone());
     within("the first list", bundle.wait_synced()).await;
@@ -177,14 +178,12 @@ async fn each_agent_applies_its_object_and_gathers_the_others() {
     // A new key of node B, then a malformed object: the first counts, the second changes nothing.
     let mut changes = bundle.changes();
     changes.borrow_and_update();
-    server.put(
-        CONFIGMAPS,
-        object(
-            "tessera",
-            "tessera-bundle-node-b",
-            "example.org",
-            &json!({ "keys": [key("b3")] }).to_string(),
-        ),
+    put_keys(
+        &server,
+        "tessera",
+        "tessera-bundle-node-b",
+        "example.org",
+        &["b3"],
     );
     within("the change", changes.changed()).await.expect("open");
     assert_eq!(kids(&bundle.others()), ["b3"]);
@@ -192,14 +191,12 @@ async fn each_agent_applies_its_object_and_gathers_the_others() {
         CONFIGMAPS,
         object("tessera", "tessera-bundle-node-c", "example.org", "{"),
     );
-    server.put(
-        CONFIGMAPS,
-        object(
-            "tessera",
-            "tessera-bundle-node-d",
-            "example.org",
-            &json!({ "keys": [key("d")] }).to_string(),
-        ),
+    put_keys(
+        &server,
+        "tessera",
+        "tessera-bundle-node-d",
+        "example.org",
+        &["d"],
     );
     within("the change", changes.changed()).await.expect("open");
     assert_eq!(kids(&bundle.others()), ["b3", "d"]);
@@ -218,14 +215,12 @@ async fn each_agent_applies_its_object_and_gathers_the_others() {
 
     // A watch that ends is resumed: nothing is missed.
     server.end_watches();
-    server.put(
-        CONFIGMAPS,
-        object(
-            "tessera",
-            "tessera-bundle-node-e",
-            "example.org",
-            &json!({ "keys": [key("e")] }).to_string(),
-        ),
+    put_keys(
+        &server,
+        "tessera",
+        "tessera-bundle-node-e",
+        "example.org",
+        &["e"],
     );
     within("node e", async {
         while !kids(&bundle.others()).contains(&"e".to_owned()) {

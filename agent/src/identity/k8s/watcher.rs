@@ -56,7 +56,7 @@ fn spawn_with(
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         tracing::info!(node, "watching this node's pods for kubernetes selectors");
         let mut listing: Option<HashMap<String, PodMetadata>> = None;
-        follow(pods, config, "pods", |event| {
+        follow(pods, config, "pod", |event| {
             apply(&filled, &mut listing, event);
         })
         .await;
@@ -67,7 +67,7 @@ fn spawn_with(
 /// Lists and watches `api` (as `config` selects) until the runtime stops, handing each event
 /// to `apply`. kube's watcher re-watches from the last resource version when a watch ends,
 /// lists again when that version is gone (410 Gone), and backs off exponentially after a
-/// failure instead of retrying at once; each failure is logged (`watched` names what).
+/// failure instead of retrying at once; each failure is logged as `<watched> watch failed`.
 pub(crate) async fn follow<K>(
     api: kube::Api<K>,
     config: watcher::Config,
@@ -81,7 +81,8 @@ pub(crate) async fn follow<K>(
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => apply(event),
-            Err(e) => tracing::warn!(watched, error = %e, "kubernetes watch failed; retrying"),
+            // The message names what is watched, as operators grep for it ("pod watch failed").
+            Err(e) => tracing::warn!(error = %e, "{watched} watch failed; retrying"),
         }
     }
 }
