@@ -3,7 +3,8 @@
 //! issued validates through the other (its JWKS lists the key, `ValidateJWTSVID` answers the
 //! SPIFFE ID); another trust domain's object and a malformed one change nothing; once the first
 //! agent is gone and its object deleted, its tokens still validate through the second until the
-//! last one it could have signed expires, and then its key is gone.
+//! last one it could have signed expires, and then its key is gone. Outside a cluster, or
+//! without a node name, the start is refused with the reason, before anything is written.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -231,4 +232,75 @@ fn agents_share_their_keys_through_the_api_server() {
     assert_eq!(kids(&b_jwks), [kid(&from_b)]);
     drop(agents);
     drop(rt);
+}
+
+/// `tessera run --trust-bundle-k8s` where it cannot work: the reason, exit 1, nothing written
+/// (no state directory, no socket).
+#[test]
+fn outside_a_cluster_the_start_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        standard_policy("/tessera-test-none", 8200, 8201, "audit"),
+    )
+    .expect("policy");
+    let run = |node: Option<&str>| {
+        let mut cmd = std::process::Command::new(support::TESSERA);
+        cmd.args([
+            "run",
+            "--config",
+            "/dev/null",
+            "--trust-bundle-k8s",
+            "--policy",
+        ])
+        .arg(&policy)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--api-socket")
+        .arg(dir.path().join("workload.sock"))
+        .arg("--admin-socket")
+        .arg(dir.path().join("admin.sock"))
+        .args(["--metrics-addr", "off", "--decision-log", "-"])
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("NODE_NAME");
+        if let Some(node) = node {
+            cmd.env("NODE_NAME", node);
+        }
+        let out = cmd.output().expect("run tessera");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--trust-bundle-k8s: the node name is unknown: set NODE_NAME"),
+        "{err}"
+    );
+    let (code, err) = run(Some("node-a"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "--trust-bundle-k8s: cannot reach the Kubernetes API server: not running in a Kubernetes cluster"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("not running in a Kubernetes cluster").count(),
+        1,
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from("policy.yaml")],
+        "nothing written"
+    );
 }

@@ -110,7 +110,8 @@ pub enum DaemonError {
     StateDir(#[from] state_dir::StateDirError),
     #[error("--k8s-policies: cannot reach the Kubernetes API server: {0}")]
     K8s(#[source] crate::identity::k8s::K8sError),
-    #[error("--trust-bundle-k8s: cannot reach the Kubernetes API server: {0}")]
+    // The reason follows from the source, as the error chain is printed.
+    #[error("--trust-bundle-k8s: cannot reach the Kubernetes API server")]
     TrustBundleK8sClient(#[source] crate::identity::k8s::K8sError),
     #[error(transparent)]
     TrustBundleK8s(#[from] credential::bundle_k8s::BundleK8sError),
