@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tessera_agent::config::FileConfig;
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
@@ -194,6 +194,54 @@ fn daemonset_shape() {
     let verbs: BTreeSet<String> =
         serde_json::from_value(role["rules"][0]["verbs"].clone()).unwrap();
     assert_eq!(verbs, ["get", "list", "watch"].map(String::from).into());
+    assert_trust_bundle_rbac(ds, &rbac, "tessera", "tessera");
+}
+
+/// The trust bundle (`--trust-bundle-k8s` from the pod's own namespace): the agent may read,
+/// create and patch ConfigMaps in `namespace` only (a Role, bound to its service account),
+/// nothing cluster-wide.
+fn assert_trust_bundle_rbac(ds: &Value, docs: &[Value], namespace: &str, account: &str) {
+    let env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let var = env
+        .iter()
+        .find(|e| e["name"] == "TESSERA_TRUST_BUNDLE_K8S")
+        .unwrap_or_else(|| panic!("no TESSERA_TRUST_BUNDLE_K8S: {env:?}"));
+    assert_eq!(
+        var["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role")
+        .expect("a Role for the trust bundle");
+    assert_eq!(role["metadata"]["namespace"], namespace);
+    let rules = role["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["apiGroups"], json!([""]));
+    assert_eq!(rules[0]["resources"], json!(["configmaps"]));
+    let verbs: BTreeSet<String> = serde_json::from_value(rules[0]["verbs"].clone()).unwrap();
+    assert_eq!(
+        verbs,
+        ["get", "list", "watch", "create", "patch"]
+            .map(String::from)
+            .into()
+    );
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "RoleBinding")
+        .expect("a RoleBinding for the trust bundle");
+    assert_eq!(binding["metadata"]["namespace"], namespace);
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], account);
+    assert_eq!(binding["subjects"][0]["namespace"], namespace);
+    let cluster = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    assert!(
+        !cluster.to_string().contains("configmaps"),
+        "ConfigMaps are not granted cluster-wide: {cluster}"
+    );
 }
 
 fn check_policy_text(text: &str) {
@@ -324,6 +372,8 @@ fn helm_chart_is_well_formed() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "DaemonSet",
     ]
@@ -473,6 +523,12 @@ fn helm_chart_renders_and_validates() {
     assert_eq!(kinds_and_names(&docs), kinds_and_names(&plain));
     assert!(!text.contains("tessera-tessera"), "{text}");
     assert_admin_socket_apart(&docs, "tessera-config");
+    assert_trust_bundle_rbac(
+        find(&docs, "DaemonSet", "tessera"),
+        &docs,
+        "tessera",
+        "tessera",
+    );
     let policies = find(&docs, "ConfigMap", "tessera-policies");
     let names: Vec<&String> = policies["data"].as_object().unwrap().keys().collect();
     assert_eq!(names, ["example.yaml"]);
@@ -503,6 +559,22 @@ fn helm_chart_renders_and_validates() {
         ],
     );
     assert!(text.contains("name: edge-tessera"), "{text}");
+    assert_trust_bundle_rbac(
+        find(&docs, "DaemonSet", "edge-tessera"),
+        &docs,
+        "tessera",
+        "edge-tessera",
+    );
+    // Switched off: no Role, no variable.
+    let (_, off) = helm_template(&helm, "tessera", &["--set", "trustBundleK8s=false"]);
+    assert!(
+        off.iter()
+            .all(|d| d["kind"] != "Role" && d["kind"] != "RoleBinding")
+    );
+    let env =
+        find(&off, "DaemonSet", "tessera")["spec"]["template"]["spec"]["containers"][0]["env"]
+            .to_string();
+    assert!(!env.contains("TESSERA_TRUST_BUNDLE_K8S"), "{env}");
     assert_admin_socket_apart(&docs, "edge-tessera-config");
     let policies = find(&docs, "ConfigMap", "edge-tessera-policies");
     let names: Vec<&String> = policies["data"].as_object().unwrap().keys().collect();

@@ -1069,3 +1069,74 @@ impl Drop for NetnsServer {
         let _ = self.child.wait();
     }
 }
+
+// ---- trust bundles: two agents of one trust domain ----
+
+/// The `kid` of a token's header.
+pub fn kid(token: &str) -> String {
+    jsonwebtoken::decode_header(token)
+        .expect("header")
+        .kid
+        .expect("kid")
+}
+
+/// `tests/spiffe_client.py ARGS` in `cgroup`, configured only by `SPIFFE_ENDPOINT_SOCKET` (the
+/// agent's Workload API), stdin and stdout piped; None (said why, for `what`) without py-spiffe.
+pub fn spiffe_client(agent: &Agent, cgroup: &Path, args: &[&str], what: &str) -> Option<Child> {
+    let ok = Command::new(real_python())
+        .args(["-c", "import spiffe"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("{what} not checked: py-spiffe is not installed (python3 -m pip install spiffe)");
+        return None;
+    }
+    let child = Command::new(real_python())
+        .env_clear()
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", agent.api.display()),
+        )
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/spiffe_client.py"))
+        .arg(cgroup)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run py-spiffe");
+    Some(child)
+}
+
+/// ValidateJWTSVID through `agent`, by py-spiffe (None: py-spiffe is not installed).
+pub fn validate_through(agent: &Agent, cgroup: &Path, token: &str) -> Option<Value> {
+    let args = ["validate", "vault", "test.tessera.dev", "1"];
+    let mut child = spiffe_client(agent, cgroup, &args, "ValidateJWTSVID")?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(token.as_bytes())
+        .expect("write token");
+    let out = child.wait_with_output().expect("py-spiffe");
+    Some(serde_json::from_slice(&out.stdout).expect("client JSON"))
+}
+
+/// Waits until `agent`'s JWKS lists `kid`.
+pub fn wait_published(agent: &Agent, w: &mut Workload, kid: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, jwks) = w.raw("GET", "/v1/jwks", None);
+        if jwks["keys"]
+            .as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k["kid"] == kid))
+        {
+            return jwks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kid {kid} never published by the other agent: {jwks}\n{}",
+            agent.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

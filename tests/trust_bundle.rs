@@ -10,55 +10,14 @@
 
 mod support;
 
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use support::{Agent, Servers, TestCgroup, Workload, privileged, real_python, standard_policy};
-
-fn kid(token: &str) -> String {
-    jsonwebtoken::decode_header(token)
-        .expect("header")
-        .kid
-        .expect("kid")
-}
-
-/// ValidateJWTSVID through `agent`, by py-spiffe (None: py-spiffe is not installed).
-fn validate_through(agent: &Agent, cgroup: &Path, token: &str) -> Option<Value> {
-    let ok = Command::new(real_python())
-        .args(["-c", "import spiffe"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "ValidateJWTSVID not checked: py-spiffe is not installed (python3 -m pip install spiffe)"
-        );
-        return None;
-    }
-    let mut child = Command::new(real_python())
-        .env_clear()
-        .env(
-            "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", agent.api.display()),
-        )
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/spiffe_client.py"))
-        .arg(cgroup)
-        .args(["validate", "vault", "test.tessera.dev", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run py-spiffe");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(token.as_bytes())
-        .expect("write token");
-    let out = child.wait_with_output().expect("py-spiffe");
-    Some(serde_json::from_slice(&out.stdout).expect("client JSON"))
-}
+use support::{
+    Agent, Servers, TestCgroup, Workload, kid, privileged, spiffe_client, standard_policy,
+    validate_through, wait_published,
+};
 
 /// py-spiffe's `stream_jwt_bundles` on an agent: the kids of each bundle the stream sends.
 struct BundleWatch {
@@ -69,27 +28,8 @@ struct BundleWatch {
 impl BundleWatch {
     /// None: py-spiffe is not installed.
     fn start(agent: &Agent, cgroup: &Path) -> Option<BundleWatch> {
-        let ok = Command::new(real_python())
-            .args(["-c", "import spiffe"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("FetchJWTBundles not watched: py-spiffe is not installed");
-            return None;
-        }
-        let mut child = Command::new(real_python())
-            .env_clear()
-            .env(
-                "SPIFFE_ENDPOINT_SOCKET",
-                format!("unix://{}", agent.api.display()),
-            )
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/spiffe_client.py"))
-            .arg(cgroup)
-            .args(["watch", "-", "test.tessera.dev", "1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run py-spiffe");
+        let args = ["watch", "-", "test.tessera.dev", "1"];
+        let mut child = spiffe_client(agent, cgroup, &args, "FetchJWTBundles")?;
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -127,26 +67,6 @@ impl Drop for BundleWatch {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
-    }
-}
-
-/// Waits until `agent`'s JWKS lists `kid`.
-fn wait_published(agent: &Agent, w: &mut Workload, kid: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, jwks) = w.raw("GET", "/v1/jwks", None);
-        if jwks["keys"]
-            .as_array()
-            .is_some_and(|keys| keys.iter().any(|k| k["kid"] == kid))
-        {
-            return jwks;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kid {kid} never published by the other agent: {jwks}\n{}",
-            agent.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

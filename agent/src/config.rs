@@ -38,6 +38,7 @@ struct RawConfig {
     signing_algorithm: Option<S<String>>,
     key_rotation: Option<S<String>>,
     trust_bundle_dir: Option<S<String>>,
+    trust_bundle_k8s: Option<S<RawTrustBundleK8s>>,
     issuer: Option<S<String>>,
     oidc: Option<S<RawOidc>>,
     dns_server: Option<S<String>>,
@@ -66,6 +67,13 @@ struct RawOidc {
     cert: Option<S<String>>,
     key: Option<S<String>>,
     plain_http: Option<S<bool>>,
+}
+
+/// `trustBundleK8s: { namespace: NS }` (`{}`: the agent's own namespace).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTrustBundleK8s {
+    namespace: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +106,8 @@ pub struct FileConfig {
     pub key_rotation: Option<Duration>,
     /// `--trust-bundle-dir`.
     pub trust_bundle_dir: Option<PathBuf>,
+    /// `--trust-bundle-k8s`: `Some(None)` is the agent's own namespace.
+    pub trust_bundle_k8s: Option<Option<String>>,
     /// `issuer`: the `iss` of tokens, an https:// URL (OIDC discovery).
     pub issuer: Option<crate::credential::oidc::Issuer>,
     /// `oidc.listen`; `Some(None)`: switched off (`listen: off`).

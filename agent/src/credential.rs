@@ -4,6 +4,7 @@
 mod admin;
 mod api;
 mod bundle_dir;
+pub mod bundle_k8s;
 mod client;
 mod decide;
 mod errors;

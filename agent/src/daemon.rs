@@ -54,6 +54,9 @@ pub struct DaemonConfig {
     pub key_rotation: Option<std::time::Duration>,
     /// Each agent's JWKS is written here; the union is served (`--trust-bundle-dir`).
     pub trust_bundle_dir: Option<PathBuf>,
+    /// Each node's agent publishes its JWKS in a ConfigMap of this namespace (`None`: the
+    /// agent's own) and serves the union (`--trust-bundle-k8s`).
+    pub trust_bundle_k8s: Option<Option<String>>,
     /// The `iss` of tokens (`--issuer`); `None`: `spiffe://<trust domain>/tessera-agent`.
     pub issuer: Option<crate::credential::oidc::Issuer>,
     /// The OIDC discovery listener (`--oidc-addr`, `--oidc-cert`, `--oidc-key`).
@@ -107,6 +110,11 @@ pub enum DaemonError {
     StateDir(#[from] state_dir::StateDirError),
     #[error("--k8s-policies: cannot reach the Kubernetes API server: {0}")]
     K8s(#[source] crate::identity::k8s::K8sError),
+    // The reason follows from the source, as the error chain is printed.
+    #[error("--trust-bundle-k8s: cannot reach the Kubernetes API server")]
+    TrustBundleK8sClient(#[source] crate::identity::k8s::K8sError),
+    #[error(transparent)]
+    TrustBundleK8s(#[from] credential::bundle_k8s::BundleK8sError),
 }
 
 /// How long the start waits for the first list of the policy resources before it enforces
@@ -129,6 +137,36 @@ async fn watch_policy_resources() -> Result<PolicyResources, DaemonError> {
         );
     }
     Ok(resources)
+}
+
+/// `--trust-bundle-k8s`: this agent's object and the watch of the trust domain's, listed (or
+/// given up waiting for).
+async fn watch_trust_bundle(
+    namespace: Option<&str>,
+    trust_domain: &str,
+) -> Result<credential::bundle_k8s::K8sBundle, DaemonError> {
+    use credential::bundle_k8s::{BundleK8sError, BundlePlace, K8sBundle};
+    let env = crate::identity::k8s::K8sEnvironment::from_env();
+    let node = env.node_name.clone().unwrap_or_default();
+    if node.is_empty() {
+        return Err(BundleK8sError::NoNodeName.into());
+    }
+    let client = crate::identity::k8s::client_for(&env)
+        .await
+        .map_err(DaemonError::TrustBundleK8sClient)?;
+    let namespace = namespace.unwrap_or(client.default_namespace()).to_owned();
+    let place = BundlePlace::new(&namespace, &node, trust_domain)?;
+    info!(namespace, node, trust_domain, object = %place.name, "sharing the trust bundle through kubernetes");
+    let bundle = K8sBundle::spawn(client, place);
+    if tokio::time::timeout(RESOURCES_SYNC_WAIT, bundle.wait_synced())
+        .await
+        .is_err()
+    {
+        warn!(
+            "the trust bundle objects are not listed yet: serving this agent's keys alone until they are"
+        );
+    }
+    Ok(bundle)
 }
 
 /// The next change of the policy resources; never without them.
@@ -192,6 +230,13 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .map(|m| m.rendered.clone())
         .unwrap_or_default();
     watch.watch_modules(&policy);
+    // Checked and listed before anything is loaded; nothing is written there until the key is.
+    let k8s_bundle = match &config.trust_bundle_k8s {
+        Some(namespace) => {
+            Some(watch_trust_bundle(namespace.as_deref(), &issuer_domain(&policy)).await?)
+        }
+        None => None,
+    };
     // Before anything is written there (kernel ids, policy copies, the key, the registry).
     state_dir::prepare_and_report(&config.state_dir)?;
     info!(
@@ -288,8 +333,18 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         )?
         .with_attestor(attestor.clone())
         .with_rate_limit(config.rate_limit)
-        .with_trust_bundle_dir(config.trust_bundle_dir.as_deref(), &config.state_dir)?,
+        .with_trust_bundle_dir(config.trust_bundle_dir.as_deref(), &config.state_dir)?
+        .with_trust_bundle_k8s(k8s_bundle.clone()),
     );
+    if let Some(bundle) = &k8s_bundle {
+        // Another agent's object changed: served (and verifying) at once.
+        let (service, mut changes) = (service.clone(), bundle.changes());
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                service.refresh_bundle(false);
+            }
+        });
+    }
     service.set_observer(metrics.clone());
     let sink = DecisionSink::open_with(
         Path::new(&config.decision_log),

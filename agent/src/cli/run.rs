@@ -86,6 +86,14 @@ pub struct RunArgs {
     /// (atomically, its own file) and serves the union of all. [default: none]
     #[arg(long, env = "TESSERA_TRUST_BUNDLE_DIR")]
     pub trust_bundle_dir: Option<PathBuf>,
+    /// Share the trust domain's keys through the Kubernetes API: publish this agent's public
+    /// keys in a ConfigMap of its own (`tessera-bundle-$NODE_NAME`) in NAMESPACE (default: the
+    /// agent's own namespace) and serve the union of every ConfigMap there labelled
+    /// `tessera.dev/trust-bundle=<trust domain>` (the in-cluster config, or the kubeconfig
+    /// KUBECONFIG names). [default: off]
+    #[arg(long, env = "TESSERA_TRUST_BUNDLE_K8S", value_name = "NAMESPACE", num_args = 0..=1,
+          default_missing_value = "")]
+    pub trust_bundle_k8s: Option<String>,
     /// The `iss` of every token, as an https:// URL (e.g. https://oidc.example.org) that
     /// verifiers can discover: <issuer>/.well-known/openid-configuration, served by
     /// --oidc-addr or from `tessera bundle export`. [default: spiffe://<trust domain>/tessera-agent]
@@ -327,6 +335,11 @@ pub fn resolve(args: &RunArgs, file: &FileConfig) -> (DaemonConfig, LogFormatArg
             .trust_bundle_dir
             .clone()
             .or_else(|| file.trust_bundle_dir.clone()),
+        trust_bundle_k8s: match args.trust_bundle_k8s.as_deref() {
+            Some("") => Some(None),
+            Some(namespace) => Some(Some(namespace.to_owned())),
+            None => file.trust_bundle_k8s.clone(),
+        },
         issuer: args.issuer.clone().or_else(|| file.issuer.clone()),
         oidc: crate::credential::oidc::OidcListen {
             addr: args.oidc_addr.map(|l| l.0).or(file.oidc_listen).flatten(),
@@ -385,6 +398,7 @@ fn describe(c: &DaemonConfig, log_format: LogFormatArg, file: &FileConfig) -> se
         "stateDir": c.state_dir.display().to_string(),
         "signingAlgorithm": c.signing_algorithm.as_str(),
         "trustBundleDir": c.trust_bundle_dir.as_ref().map(|p| p.display().to_string()),
+        "trustBundleK8s": c.trust_bundle_k8s.as_ref().map(|ns| serde_json::json!({ "namespace": ns })),
         "keyRotation": c.key_rotation.map(|d| humantime::format_duration(d).to_string()),
         "issuer": c.issuer.as_ref().map(|i| i.to_string()),
         "oidc": {

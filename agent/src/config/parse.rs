@@ -10,7 +10,7 @@ use super::{ConfigError, FileConfig, RawConfig, S};
 use crate::daemon::cgroupns::CgroupNamespace;
 
 const FIELDS: &str = "policies, cgroup, cgroupNamespace, mode, decisionLog, apiSocket, adminSocket, stateDir, \
-                      signingAlgorithm, keyRotation, trustBundleDir, issuer, oidc, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst, connectionEnd";
+                      signingAlgorithm, keyRotation, trustBundleDir, trustBundleK8s, issuer, oidc, dnsServer, logFormat, failOpen, metrics, rateLimit, rateLimitBurst, connectionEnd";
 
 pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError>) -> FileConfig {
     let mut out = FileConfig {
@@ -115,6 +115,20 @@ pub(super) fn validate(file: &Path, raw: RawConfig, errors: &mut Vec<ConfigError
     }
     if let Some(d) = raw.trust_bundle_dir {
         out.trust_bundle_dir = path(&d, "trustBundleDir", errors);
+    }
+    if let Some(k) = raw.trust_bundle_k8s {
+        let namespace = k.value.namespace.and_then(|n| {
+            let valid = crate::credential::bundle_k8s::is_dns_label(&n.value);
+            if !valid {
+                errors.push(err(
+                    n.referenced,
+                    format!("trustBundleK8s.namespace `{}` is not a namespace name", n.value),
+                    "write at most 63 lowercase letters, digits and '-', or leave namespace out for the agent's own",
+                ));
+            }
+            valid.then_some(n.value)
+        });
+        out.trust_bundle_k8s = Some(namespace);
     }
     if let Some(i) = raw.issuer {
         match i.value.parse() {

@@ -384,3 +384,32 @@ fn connection_end_comes_from_flag_file_or_default() {
     );
     assert!(e[0].contains("packet-drop"), "{e:?}");
 }
+
+#[test]
+fn the_kubernetes_trust_bundle_comes_from_flag_or_file() {
+    let (c, _) = resolve(&run_args(&[]), &FileConfig::default());
+    assert_eq!(c.trust_bundle_k8s, None, "off by default");
+    let own = load("trustBundleK8s: {}\n").unwrap();
+    assert_eq!(own.trust_bundle_k8s, Some(None));
+    let named = load("trustBundleK8s:\n  namespace: tessera\n").unwrap();
+    assert_eq!(named.trust_bundle_k8s, Some(Some("tessera".to_owned())));
+    assert_eq!(
+        resolve(&run_args(&[]), &named).0.trust_bundle_k8s,
+        Some(Some("tessera".to_owned()))
+    );
+    // The flag without a value: the agent's own namespace; with one, that namespace.
+    let (c, _) = resolve(&run_args(&["--trust-bundle-k8s"]), &named);
+    assert_eq!(c.trust_bundle_k8s, Some(None));
+    let (c, _) = resolve(&run_args(&["--trust-bundle-k8s", "bundles"]), &named);
+    assert_eq!(c.trust_bundle_k8s, Some(Some("bundles".to_owned())));
+    let e = errors("trustBundleK8s:\n  namespace: Not_A_Namespace\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with(
+            "/etc/tessera/config.yaml:2:14: trustBundleK8s.namespace `Not_A_Namespace` is not a namespace name"
+        ),
+        "{e:?}"
+    );
+    let e = errors("trustBundleK8s:\n  namespaces: tessera\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+}

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::GrantStore;
 use super::api::{TokenRequest, TokenResponse};
 use super::bundle_dir::BundleDir;
+use super::bundle_k8s::K8sBundle;
 use super::decide;
 use super::errors::{CredentialError, GrantStoreError, TokenError};
 use super::jwt::Claims;
@@ -38,6 +39,8 @@ pub struct CredentialService {
     bundle: tokio::sync::watch::Sender<serde_json::Value>,
     /// Where this agent publishes its keys and finds the trust domain's others.
     bundle_dir: Option<BundleDir>,
+    /// Where this agent publishes its keys and finds the others' in Kubernetes.
+    bundle_k8s: Option<K8sBundle>,
     /// Notified after every revocation: the connections counting on it are then ended.
     revocations: Arc<tokio::sync::Notify>,
 }
@@ -98,6 +101,7 @@ impl CredentialService {
             bundle,
             keys: RwLock::new(keys),
             bundle_dir: None,
+            bundle_k8s: None,
             issuer,
             attestor: Arc::new(Attestor::new(
                 EvidenceReader::default(),
@@ -126,16 +130,36 @@ impl CredentialService {
         Ok(self)
     }
 
-    /// Writes this agent's keys to the bundle directory (when `own_changed`), reads the
+    /// Publishes this agent's keys in its object of the Kubernetes trust bundle and serves
+    /// the union of the trust domain's objects (`--trust-bundle-k8s`).
+    pub fn with_trust_bundle_k8s(mut self, bundle: Option<K8sBundle>) -> Self {
+        if bundle.is_some() {
+            self.bundle_k8s = bundle;
+            self.refresh_bundle(true);
+        }
+        self
+    }
+
+    /// Writes this agent's keys to the bundle sources (when `own_changed`), reads the
     /// others', and tells bundle watchers when the union changed.
     pub fn refresh_bundle(&self, own_changed: bool) {
         let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
         let mut changed = own_changed;
+        let mut others = Vec::new();
         if let Some(dir) = &self.bundle_dir {
             if own_changed && let Err(e) = dir.publish(&ring.own_jwks()) {
                 warn!(error = %e, "cannot write this agent's keys to the trust bundle directory");
             }
-            changed |= ring.set_foreign(dir.others(), self.longest_ttl());
+            others.extend(dir.others());
+        }
+        if let Some(k8s) = &self.bundle_k8s {
+            if own_changed {
+                k8s.publish(&ring.own_jwks());
+            }
+            others.extend(k8s.others());
+        }
+        if self.bundle_dir.is_some() || self.bundle_k8s.is_some() {
+            changed |= ring.set_foreign(others, self.longest_ttl());
         }
         if changed {
             self.bundle.send_replace(ring.jwks());

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 mod pod;
 mod watcher;
 
+pub(crate) use watcher::follow;
 pub use watcher::{spawn_watch, spawn_watch_kubeconfig};
 
 /// One container of a pod, from its status.

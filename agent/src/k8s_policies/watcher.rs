@@ -1,30 +1,25 @@
 //! The list+watch of one kind into the [`PolicyResources`] store.
 
-use futures_util::StreamExt as _;
 use kube::api::DynamicObject;
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 
 use super::{PolicyResources, resource_of, specs};
+use crate::identity::k8s::follow;
 use crate::policy::crd::PolicyKind;
 
-/// Follows `kind` until the runtime stops; kube's watcher re-watches from the last resource
-/// version when a watch ends, and lists again when that version is gone.
+/// Follows `kind` until the runtime stops (see [`follow`]: re-watch, relist, backoff).
 pub(super) async fn run(client: kube::Client, kind: PolicyKind, resources: PolicyResources) {
     let api: kube::Api<DynamicObject> = kube::Api::all_with(client, &kind.api_resource());
-    // Failures back off exponentially (kube's default) instead of retrying at once.
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     tracing::info!(kind = kind.kind(), "watching policy resources");
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(event) => apply(&resources, kind, event),
-            Err(e) => {
-                tracing::warn!(kind = kind.kind(), error = %e, "policy resource watch failed; retrying")
-            }
-        }
-    }
+    let watched = match kind {
+        PolicyKind::Cluster => "policy resource (TesseraPolicy)",
+        PolicyKind::Namespaced => "policy resource (TesseraNamespacedPolicy)",
+    };
+    follow(api, watcher::Config::default(), watched, |event| {
+        apply(&resources, kind, event);
+    })
+    .await;
 }
 
 fn apply(resources: &PolicyResources, kind: PolicyKind, event: Event<DynamicObject>) {

@@ -54,20 +54,37 @@ fn spawn_with(
         };
         let pods: kube::Api<Pod> = kube::Api::all(client);
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-        // Failures back off exponentially (kube's default) instead of retrying at once.
-        let stream = watcher::watcher(pods, config).default_backoff();
         tracing::info!(node, "watching this node's pods for kubernetes selectors");
-        let mut stream = std::pin::pin!(stream);
         let mut listing: Option<HashMap<String, PodMetadata>> = None;
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(event) => apply(&filled, &mut listing, event),
-                // The watcher retries by itself; each failure is worth a line.
-                Err(e) => tracing::warn!(node, error = %e, "pod watch failed; retrying"),
-            }
-        }
+        follow(pods, config, "pod", |event| {
+            apply(&filled, &mut listing, event);
+        })
+        .await;
     });
     cache
+}
+
+/// Lists and watches `api` (as `config` selects) until the runtime stops, handing each event
+/// to `apply`. kube's watcher re-watches from the last resource version when a watch ends,
+/// lists again when that version is gone (410 Gone), and backs off exponentially after a
+/// failure instead of retrying at once; each failure is logged as `<watched> watch failed`.
+pub(crate) async fn follow<K>(
+    api: kube::Api<K>,
+    config: watcher::Config,
+    watched: &'static str,
+    mut apply: impl FnMut(Event<K>),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let stream = watcher::watcher(api, config).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => apply(event),
+            // The message names what is watched, as operators grep for it ("pod watch failed").
+            Err(e) => tracing::warn!(error = %e, "{watched} watch failed; retrying"),
+        }
+    }
 }
 
 fn apply(cache: &PodCache, listing: &mut Option<HashMap<String, PodMetadata>>, event: Event<Pod>) {
