@@ -189,18 +189,22 @@ fn daemonset_shape() {
         assert!(mounts.contains(path), "no mount at {path}: {mounts:?}");
     }
     let rbac = yaml_docs(&read("deploy/kubernetes/rbac.yaml"));
+    let namespaces = yaml_docs(&read("deploy/kubernetes/namespace.yaml"));
     let role = rbac.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
     assert_eq!(role["rules"][0]["resources"][0], "pods");
     let verbs: BTreeSet<String> =
         serde_json::from_value(role["rules"][0]["verbs"].clone()).unwrap();
     assert_eq!(verbs, ["get", "list", "watch"].map(String::from).into());
-    assert_trust_bundle_rbac(ds, &rbac, "tessera", "tessera");
+    let docs: Vec<Value> = rbac.iter().chain(&namespaces).cloned().collect();
+    assert_trust_bundle_rbac(ds, &docs, "tessera-trust-bundle", "tessera", "tessera");
 }
 
-/// The trust bundle (`--trust-bundle-k8s` from the pod's own namespace): the agent may read,
-/// create and patch ConfigMaps in `namespace` only (a Role, bound to its service account),
-/// nothing cluster-wide.
-fn assert_trust_bundle_rbac(ds: &Value, docs: &[Value], namespace: &str, account: &str) {
+/// The trust bundle (`--trust-bundle-k8s BUNDLE`): the agent may read, create and patch
+/// ConfigMaps in `bundle` only (a Role there, bound to its service account in `agent`), nothing
+/// cluster-wide, and not in its own namespace, where the configuration and policies every
+/// node's agent reads are.
+fn assert_trust_bundle_rbac(ds: &Value, docs: &[Value], bundle: &str, agent: &str, account: &str) {
+    assert_ne!(bundle, agent);
     let env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array()
         .unwrap();
@@ -208,15 +212,17 @@ fn assert_trust_bundle_rbac(ds: &Value, docs: &[Value], namespace: &str, account
         .iter()
         .find(|e| e["name"] == "TESSERA_TRUST_BUNDLE_K8S")
         .unwrap_or_else(|| panic!("no TESSERA_TRUST_BUNDLE_K8S: {env:?}"));
-    assert_eq!(
-        var["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.namespace"
+    assert_eq!(var["value"], bundle, "{var}");
+    assert!(
+        docs.iter()
+            .any(|d| d["kind"] == "Namespace" && d["metadata"]["name"] == bundle),
+        "the namespace {bundle} is created"
     );
     let role = docs
         .iter()
         .find(|d| d["kind"] == "Role")
         .expect("a Role for the trust bundle");
-    assert_eq!(role["metadata"]["namespace"], namespace);
+    assert_eq!(role["metadata"]["namespace"], bundle);
     let rules = role["rules"].as_array().unwrap();
     assert_eq!(rules.len(), 1, "{rules:?}");
     assert_eq!(rules[0]["apiGroups"], json!([""]));
@@ -232,11 +238,11 @@ fn assert_trust_bundle_rbac(ds: &Value, docs: &[Value], namespace: &str, account
         .iter()
         .find(|d| d["kind"] == "RoleBinding")
         .expect("a RoleBinding for the trust bundle");
-    assert_eq!(binding["metadata"]["namespace"], namespace);
+    assert_eq!(binding["metadata"]["namespace"], bundle);
     assert_eq!(binding["roleRef"]["kind"], "Role");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
     assert_eq!(binding["subjects"][0]["name"], account);
-    assert_eq!(binding["subjects"][0]["namespace"], namespace);
+    assert_eq!(binding["subjects"][0]["namespace"], agent);
     let cluster = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
     assert!(
         !cluster.to_string().contains("configmaps"),
@@ -376,6 +382,8 @@ fn helm_chart_is_well_formed() {
         "RoleBinding",
         "ConfigMap",
         "DaemonSet",
+        // The trust bundle's namespace, apart from the release's.
+        "Namespace",
     ]
     .map(String::from)
     .into();
@@ -526,6 +534,7 @@ fn helm_chart_renders_and_validates() {
     assert_trust_bundle_rbac(
         find(&docs, "DaemonSet", "tessera"),
         &docs,
+        "tessera-trust-bundle",
         "tessera",
         "tessera",
     );
@@ -562,6 +571,7 @@ fn helm_chart_renders_and_validates() {
     assert_trust_bundle_rbac(
         find(&docs, "DaemonSet", "edge-tessera"),
         &docs,
+        "tessera-trust-bundle",
         "tessera",
         "edge-tessera",
     );

@@ -26,3 +26,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/name: tessera
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{/* The namespace of the trust bundle's ConfigMaps: never the release's own. */}}
+{{- define "tessera.trustBundleNamespace" -}}
+{{- default (printf "%s-trust-bundle" .Release.Namespace) .Values.trustBundleNamespace -}}
+{{- end }}
