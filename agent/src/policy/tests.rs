@@ -116,6 +116,7 @@ fn valid_policy_round_trip() {
                 mode: Mode::Enforce,
                 scopes: Vec::new(),
                 issuance: None,
+                token_match: None,
             },
             Rule {
                 name: "everyone-to-dns".into(),
@@ -125,6 +126,7 @@ fn valid_policy_round_trip() {
                 mode: Mode::Audit,
                 scopes: Vec::new(),
                 issuance: None,
+                token_match: None,
             },
             Rule {
                 name: "batch-to-vault".into(),
@@ -139,9 +141,11 @@ fn valid_policy_round_trip() {
                 mode: Mode::Audit,
                 scopes: Vec::new(),
                 issuance: None,
+                token_match: None,
             },
         ],
         issuance: Vec::new(),
+        trusted_issuers: Vec::new(),
         sources: vec![PathBuf::from("t.yaml")],
     };
     assert_eq!(set, expected);
