@@ -144,12 +144,9 @@ fn refused_subject(w: &mut Workload, token: &str, why: &str) {
 
 /// `tessera_issuance_tokens_total{kind, result}` now (0 when absent).
 fn token_count(agent: &Agent, kind: &str, result: &str) -> u64 {
-    let (status, body) = agent.http_get("/metrics");
-    assert_eq!(status, 200, "{body}");
-    let prefix = format!("tessera_issuance_tokens_total{{kind=\"{kind}\",result=\"{result}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().expect("counter"))
+    agent.metric(&format!(
+        "tessera_issuance_tokens_total{{kind=\"{kind}\",result=\"{result}\"}}"
+    ))
 }
 
 /// Every file under `dir`, as text where it is one.

@@ -106,12 +106,9 @@ fn ask(w: &mut Workload, body: Value) -> (u16, Value) {
 
 /// `tessera_issuance_module_decisions_total{result="…"}` now (0 when absent).
 fn module_count(agent: &Agent, result: &str) -> u64 {
-    let (status, body) = agent.http_get("/metrics");
-    assert_eq!(status, 200, "{body}");
-    let prefix = format!("tessera_issuance_module_decisions_total{{result=\"{result}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().expect("counter"))
+    agent.metric(&format!(
+        "tessera_issuance_module_decisions_total{{result=\"{result}\"}}"
+    ))
 }
 
 /// Replaces `path` atomically (the agent never reads half a file).

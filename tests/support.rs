@@ -375,6 +375,17 @@ impl Agent {
         (status, body)
     }
 
+    /// The value of one metric series now, as `/metrics` prints it (`name{labels}`; 0 when
+    /// absent).
+    pub fn metric(&self, series: &str) -> u64 {
+        let (status, body) = self.http_get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        let prefix = format!("{series} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |v| v.trim().parse().expect("counter"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
