@@ -427,7 +427,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("spec.trustedIssuers.jwks", "The issuer's public keys."),
     (
         "spec.trustedIssuers.jwks.file",
-        "A JWKS file relative to the policy file; re-read when a token names an unknown key (at most every 10 s).",
+        "A JWKS file relative to the policy file; re-read when a token names an unknown key (at most every 10 s) and every minute.",
     ),
     (
         "spec.trustedIssuers.jwks.url",

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 /// The largest JWKS file read.
 const MAX_JWKS_BYTES: u64 = 256 * 1024;
 /// How often at most a token naming an unknown key makes the agent re-read the JWKS.
 pub const MIN_REFRESH: Duration = Duration::from_secs(10);
+/// How long a JWKS read is used before it is read again.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
 
 /// One issuer the policy trusts.
 pub struct TrustedIssuer {
@@ -29,6 +31,8 @@ pub struct TrustedIssuer {
     /// The JWKS file (joined to the policy file's directory).
     pub jwks: PathBuf,
     keys: RwLock<LoadedKeys>,
+    min_refresh: Duration,
+    max_age: Duration,
 }
 
 struct LoadedKeys {
@@ -73,32 +77,50 @@ impl TrustedIssuer {
                 at: Instant::now(),
                 keys,
             }),
+            min_refresh: MIN_REFRESH,
+            max_age: MAX_AGE,
         })
     }
 
-    /// The key a token's header names (`kid`; without one, the only key). A `kid` it does not
-    /// hold re-reads the JWKS (rotation), at most every [`MIN_REFRESH`].
+    /// The key a token's header names (`kid`; without one, the only key). The JWKS is
+    /// re-read when it is older than [`MAX_AGE`] (so a key the issuer withdrew stops
+    /// verifying), and when it lacks the `kid` (rotation), at most every [`MIN_REFRESH`].
     pub fn key(&self, kid: Option<&str>) -> Option<IssuerKey> {
-        if let Some(key) = self.find(kid) {
+        if self.age() >= self.max_age {
+            self.reread(Duration::ZERO, "period");
+        } else if let Some(key) = self.find(kid) {
             return Some(key);
-        }
-        {
-            let mut loaded = self.keys.write().unwrap_or_else(|e| e.into_inner());
-            if loaded.at.elapsed() < MIN_REFRESH {
-                return None;
-            }
-            loaded.at = Instant::now();
-            match read_jwks(&self.jwks) {
-                Ok(keys) => {
-                    info!(issuer = %self.name, keys = keys.len(), "trusted issuer's JWKS re-read for an unknown key id");
-                    loaded.keys = keys;
-                }
-                Err(e) => {
-                    warn!(issuer = %self.name, error = %e, "cannot re-read a trusted issuer's JWKS: the keys read before stay");
-                }
-            }
+        } else {
+            self.reread(self.min_refresh, "unknown key id");
         }
         self.find(kid)
+    }
+
+    fn age(&self) -> Duration {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .at
+            .elapsed()
+    }
+
+    /// Re-reads the JWKS unless it was read less than `min_age` ago; a JWKS that no longer
+    /// reads keeps the keys read before.
+    fn reread(&self, min_age: Duration, why: &'static str) {
+        let mut loaded = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if loaded.at.elapsed() < min_age {
+            return;
+        }
+        loaded.at = Instant::now();
+        match read_jwks(&self.jwks) {
+            Ok(keys) => {
+                debug!(issuer = %self.name, keys = keys.len(), why, "trusted issuer's JWKS re-read");
+                loaded.keys = keys;
+            }
+            Err(e) => {
+                warn!(issuer = %self.name, error = %e, "cannot re-read a trusted issuer's JWKS: the keys read before stay");
+            }
+        }
     }
 
     fn find(&self, kid: Option<&str>) -> Option<IssuerKey> {
@@ -264,6 +286,48 @@ mod tests {
         let keys = parse_jwks(&ec).expect("an ES256 key");
         assert_eq!(keys[0].algorithm, Algorithm::ES256);
         assert!(parse_jwks(r#"{"keys":[]}"#).is_err());
+    }
+
+    const KEY_A: &str = r#"{"kty":"EC","crv":"P-256","alg":"ES256","kid":"a",
+        "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+        "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}"#;
+    const KEY_B: &str = r#"{"kty":"EC","crv":"P-256","alg":"ES256","kid":"b",
+        "x":"EDFBt_d_WMPQOsXEay4bY7ndCSAccLYJW6h064bSF6Q",
+        "y":"O7tPnf-ylhJ0_xONjAQoII9J_varQtYs6X1IZL_BXjw"}"#;
+
+    fn issuer_with(
+        jwks: &str,
+        min_refresh: Duration,
+        max_age: Duration,
+    ) -> (tempfile::TempDir, TrustedIssuer) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("jwks.json");
+        std::fs::write(&file, jwks).expect("write");
+        let mut t = TrustedIssuer::load("i".into(), "https://i".into(), vec!["a".into()], file)
+            .expect("loads");
+        t.min_refresh = min_refresh;
+        t.max_age = max_age;
+        (dir, t)
+    }
+
+    #[test]
+    fn an_unknown_kid_rereads_at_most_every_min_refresh_and_a_stale_jwks_is_reread() {
+        let day = Duration::from_secs(86400);
+        // Rotation: key b appears; found at once when a re-read is due, not before.
+        for (min_refresh, found) in [(Duration::ZERO, true), (day, false)] {
+            let (_d, t) = issuer_with(&format!(r#"{{"keys":[{KEY_A}]}}"#), min_refresh, day);
+            std::fs::write(&t.jwks, format!(r#"{{"keys":[{KEY_A},{KEY_B}]}}"#)).expect("write");
+            assert_eq!(t.key(Some("b")).is_some(), found);
+            assert!(t.key(Some("a")).is_some());
+        }
+        // Withdrawal: key a is gone from the file; a stale JWKS is read again, so it is too.
+        let (_d, t) = issuer_with(&format!(r#"{{"keys":[{KEY_A}]}}"#), day, Duration::ZERO);
+        std::fs::write(&t.jwks, format!(r#"{{"keys":[{KEY_B}]}}"#)).expect("write");
+        assert!(t.key(Some("a")).is_none());
+        assert!(t.key(None).is_some_and(|k| k.kid.as_deref() == Some("b")));
+        // A file that no longer reads keeps the keys read before.
+        std::fs::write(&t.jwks, "not json").expect("write");
+        assert!(t.key(Some("b")).is_some());
     }
 
     #[test]
