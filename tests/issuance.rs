@@ -104,23 +104,11 @@ fn ask(w: &mut Workload, body: Value) -> (u16, Value) {
     w.raw("POST", "/v1/credentials", Some(&body.to_string()))
 }
 
-fn claims(token: &str) -> Value {
-    use base64::Engine as _;
-    let part = token.split('.').nth(1).expect("jwt payload");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .expect("base64url");
-    serde_json::from_slice(&bytes).expect("jwt json")
-}
-
 /// `tessera_issuance_module_decisions_total{result="…"}` now (0 when absent).
 fn module_count(agent: &Agent, result: &str) -> u64 {
-    let (status, body) = agent.http_get("/metrics");
-    assert_eq!(status, 200, "{body}");
-    let prefix = format!("tessera_issuance_module_decisions_total{{result=\"{result}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().expect("counter"))
+    agent.metric(&format!(
+        "tessera_issuance_module_decisions_total{{result=\"{result}\"}}"
+    ))
 }
 
 /// Replaces `path` atomically (the agent never reads half a file).
@@ -169,7 +157,7 @@ fn a_module_decides_by_label_time_and_history_and_narrows_the_token() {
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["scopes"], json!(["read"]), "{body}");
-    let c = claims(body["token"].as_str().unwrap());
+    let c = support::jwt_claims(body["token"].as_str().unwrap());
     assert_eq!(c["scope"], "read", "{c}");
     assert_eq!(
         c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(),
@@ -182,7 +170,7 @@ fn a_module_decides_by_label_time_and_history_and_narrows_the_token() {
     // Task deploy, no scopes named: all of the rule's.
     let (status, body) = ask(&mut w, json!({"audience": "vault.test", "task": "deploy"}));
     assert_eq!(status, 200, "{body}");
-    let c = claims(body["token"].as_str().unwrap());
+    let c = support::jwt_claims(body["token"].as_str().unwrap());
     assert_eq!(c["scope"], "read write", "{c}");
     assert_eq!(c["aud"], "vault.test", "{c}");
 
@@ -238,47 +226,11 @@ fn a_module_decides_by_label_time_and_history_and_narrows_the_token() {
         json!({"echo": "yes"}),
         "{input}"
     );
-    check_schema(&input);
+    support::check_issuance_input_schema(&input);
 
     assert_eq!(module_count(&agent, "allow"), 2);
     assert_eq!(module_count(&agent, "deny"), 4);
     w.exit();
-}
-
-/// Validates `input` with Python's jsonschema against docs/issuance-input.schema.json.
-fn check_schema(input: &Value) {
-    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/issuance-input.schema.json");
-    let has_jsonschema = Command::new("python3")
-        .args(["-c", "import jsonschema"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_jsonschema {
-        tessera_agent::testkit::skip(
-            "the Python package jsonschema is missing: the input's schema check did not run",
-        );
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("input.json");
-    std::fs::write(&file, input.to_string()).unwrap();
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, jsonschema\n\
-             schema = json.load(open(sys.argv[1]))\n\
-             jsonschema.Draft202012Validator.check_schema(schema)\n\
-             jsonschema.Draft202012Validator(schema).validate(json.load(open(sys.argv[2])))",
-        ])
-        .arg(&schema)
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the real input does not match {}: {}\n{input:#}",
-        schema.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -221,6 +221,7 @@ fn rule(name: &str, endpoints: Vec<u32>, credential: bool, mode: Mode) -> Rule {
         mode,
         scopes: Vec::new(),
         issuance: None,
+        token_match: None,
     }
 }
 
@@ -232,6 +233,7 @@ fn policy(workloads: Vec<Workload>, endpoints: Vec<Endpoint>, rules: Vec<Rule>) 
         rules,
         sources: Vec::new(),
         issuance: Vec::new(),
+        trusted_issuers: Vec::new(),
     }
 }
 

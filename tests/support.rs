@@ -375,6 +375,17 @@ impl Agent {
         (status, body)
     }
 
+    /// The value of one metric series now, as `/metrics` prints it (`name{labels}`; 0 when
+    /// absent).
+    pub fn metric(&self, series: &str) -> u64 {
+        let (status, body) = self.http_get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        let prefix = format!("{series} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |v| v.trim().parse().expect("counter"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -1139,4 +1150,51 @@ pub fn wait_published(agent: &Agent, w: &mut Workload, kid: &str) -> Value {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A JWT's claims, not verified (the tests verify what the agent wrote into them).
+pub fn jwt_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let part = token.split('.').nth(1).expect("jwt payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("jwt json")
+}
+
+/// Validates an issuance module's real `input` with Python's jsonschema against
+/// docs/issuance-input.schema.json (skipped, saying so, without jsonschema).
+pub fn check_issuance_input_schema(input: &Value) {
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/issuance-input.schema.json");
+    let has_jsonschema = Command::new("python3")
+        .args(["-c", "import jsonschema"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_jsonschema {
+        tessera_agent::testkit::skip(
+            "the Python package jsonschema is missing: the input's schema check did not run",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("input.json");
+    std::fs::write(&file, input.to_string()).expect("write input");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, jsonschema\n\
+             schema = json.load(open(sys.argv[1]))\n\
+             jsonschema.Draft202012Validator.check_schema(schema)\n\
+             jsonschema.Draft202012Validator(schema).validate(json.load(open(sys.argv[2])))",
+        ])
+        .arg(&schema)
+        .arg(&file)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "the real input does not match {}: {}\n{input:#}",
+        schema.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -8,6 +8,7 @@ pub mod bundle_k8s;
 mod client;
 mod decide;
 mod errors;
+mod external;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod grpc;
@@ -31,7 +32,8 @@ pub use client::{
     admin_oidc, admin_revoke, admin_rotate_key, admin_status, end_credential, request_token,
 };
 pub use errors::{ClientError, CredentialError, GrantStoreError, TokenError};
-pub use jwt::Claims;
+pub use external::ExternalToken;
+pub use jwt::{Claims, OnBehalfOf};
 pub use keyring::{RETIRED_FILE, Rotation};
 pub use keys::{ES256_KEY_FILE, KEY_FILE, SigningAlgorithm};
 pub use limit::{RateLimit, RateLimitSetting};

@@ -44,6 +44,12 @@ struct ModuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     revision: String,
 }
@@ -62,6 +68,7 @@ pub struct Metrics {
     credentials_refused: Family<ReasonLabels, Counter>,
     issuance_seconds: Histogram,
     module_decisions: Family<ModuleLabels, Counter>,
+    token_checks: Family<TokenLabels, Counter>,
     policy_info: Family<PolicyLabels, Gauge>,
     policy_loaded: Gauge,
     reload_failures: Counter,
@@ -101,6 +108,7 @@ impl Metrics {
             // 50 µs … ~3.3 s
             issuance_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 17)),
             module_decisions: Family::default(),
+            token_checks: Family::default(),
             policy_info: Family::default(),
             policy_loaded: Gauge::default(),
             reload_failures: Counter::default(),
@@ -156,6 +164,14 @@ impl Metrics {
             "Credential requests decided by an issuance module, by result: allow, deny, or \
              (each a deny) error, timeout, undefined, invalid_result",
             m.module_decisions.clone(),
+        );
+        registry.register(
+            "issuance_tokens",
+            "Outside tokens credential requests carried, by kind (subject, evidence) and result: \
+             verified, or why not (expired, bad_signature, wrong_audience, untrusted_issuer, \
+             unsigned, algorithm_mismatch, unknown_key, not_yet_valid, malformed, \
+             own_credential, invalid_claims)",
+            m.token_checks.clone(),
         );
         registry.register(
             "policy_info",
@@ -321,6 +337,12 @@ impl crate::credential::CredentialObserver for Metrics {
     fn module_decided(&self, result: &'static str) {
         self.module_decisions
             .get_or_create(&ModuleLabels { result })
+            .inc();
+    }
+
+    fn token_checked(&self, kind: &'static str, result: &'static str) {
+        self.token_checks
+            .get_or_create(&TokenLabels { kind, result })
             .inc();
     }
 }

@@ -19,6 +19,7 @@ use crate::identity::spiffe::SpiffeId;
 mod attested;
 pub mod crd;
 pub mod issuance;
+pub mod issuers;
 mod load;
 mod raw;
 pub mod resources;
@@ -26,6 +27,7 @@ mod validate;
 
 pub use crate::located::{LocatedError as PolicyError, LocatedErrors as PolicyErrors};
 pub use issuance::{IssuanceId, IssuanceModule};
+pub use issuers::{TokenMatch, TrustedIssuer};
 
 /// A validated policy: every loaded file, merged.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,6 +42,8 @@ pub struct PolicySet {
     pub rules: Vec<Rule>,
     /// The documents' issuance modules (`spec.issuance`); index = `IssuanceId.0`.
     pub issuance: Vec<Arc<IssuanceModule>>,
+    /// Every document's `spec.trustedIssuers` (names and `issuer`s unique across the set).
+    pub trusted_issuers: Vec<Arc<TrustedIssuer>>,
     /// The files loaded, in load order.
     pub sources: Vec<PathBuf>,
 }
@@ -173,6 +177,8 @@ pub struct Rule {
     pub scopes: Vec<String>,
     /// Its document's issuance module, which decides each credential request after the rule.
     pub issuance: Option<IssuanceId>,
+    /// `match.token`: a credential request must carry a matching evidence token.
+    pub token_match: Option<TokenMatch>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +285,11 @@ impl PolicySet {
     /// Panics if `id` is not from this set.
     pub fn issuance_module(&self, id: IssuanceId) -> &Arc<IssuanceModule> {
         &self.issuance[id.0 as usize]
+    }
+
+    /// The trusted issuer whose tokens carry `iss`.
+    pub fn trusted_issuer(&self, iss: &str) -> Option<&Arc<TrustedIssuer>> {
+        self.trusted_issuers.iter().find(|t| t.issuer == iss)
     }
 
     pub fn workload_by_name(&self, name: &str) -> Option<(WorkloadId, &Workload)> {

@@ -31,6 +31,8 @@ impl TokenArgs {
             task: self.task.clone(),
             ttl_seconds: self.ttl.map(|d| d.as_secs()),
             scopes: (!self.scopes.is_empty()).then(|| self.scopes.clone()),
+            subject_token: None,
+            evidence_tokens: Vec::new(),
         }
     }
 }

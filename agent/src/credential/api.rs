@@ -17,6 +17,7 @@ use tokio::net::UnixListener;
 use tracing::warn;
 
 use super::CredentialError;
+use super::external::{ExternalToken, MAX_TOKEN_LEN};
 use super::grpc;
 use super::http::{self, HttpResponse};
 use super::service::{CredentialService, Refusal};
@@ -29,7 +30,9 @@ use crate::identity::spiffe::SpiffeId;
 const MAX_TASK_LEN: usize = 256;
 /// Most `scopes` one request may name.
 const MAX_SCOPES: usize = 64;
-const REQUEST_SHAPE: &str = r#"{"audience": ENDPOINT, "task": ID (optional), "ttl_seconds": N (optional, >= 1), "scopes": [SCOPE, ...] (optional)}"#;
+/// Most `evidence_tokens` one request may carry.
+const MAX_EVIDENCE_TOKENS: usize = 8;
+const REQUEST_SHAPE: &str = r#"{"audience": ENDPOINT, "task": ID (optional), "ttl_seconds": N (optional, >= 1), "scopes": [SCOPE, ...] (optional), "subject_token": JWT (optional), "evidence_tokens": [JWT, ...] (optional)}"#;
 
 /// `POST /v1/credentials` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +50,16 @@ pub struct TokenRequest {
     /// rule's when absent. An issuance module may grant fewer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
+    /// The person the workload acts for: a JWT from one of the policy's `trustedIssuers`
+    /// (RFC 8693's `subject_token`). The credential then names them in `obo` and lives no
+    /// longer than this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_token: Option<ExternalToken>,
+    /// The workload's own tokens from trusted issuers (a Kubernetes projected service-account
+    /// token, a CI job's OIDC token): evidence for rules' `match.token` and the issuance
+    /// module, never its identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence_tokens: Vec<ExternalToken>,
 }
 
 /// `POST /v1/credentials` answer.
@@ -97,6 +110,19 @@ impl TokenRequest {
                      without spaces (e.g. [\"secrets:read\"]); leave scopes out to get the rule's"
                 )));
             }
+        }
+        let too_long = |t: &ExternalToken| t.0.is_empty() || t.0.len() > MAX_TOKEN_LEN;
+        if self.subject_token.as_ref().is_some_and(too_long) {
+            return Err(Refusal::BadRequest(format!(
+                "subject_token must be a JWT of 1 to {MAX_TOKEN_LEN} bytes"
+            )));
+        }
+        if self.evidence_tokens.len() > MAX_EVIDENCE_TOKENS
+            || self.evidence_tokens.iter().any(too_long)
+        {
+            return Err(Refusal::BadRequest(format!(
+                "evidence_tokens must be at most {MAX_EVIDENCE_TOKENS} JWTs of 1 to {MAX_TOKEN_LEN} bytes each"
+            )));
         }
         Ok(self.task.clone())
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::api::TokenRequest;
+use super::external::Verified;
 use super::registry::CredentialInfo;
 use super::service::Refusal;
 use crate::identity::evidence::Evidence;
@@ -30,6 +31,10 @@ pub(crate) struct Asked<'a> {
     pub scopes: &'a [String],
     pub now: SystemTime,
     pub history: History,
+    /// The verified `subject_token`: the person the workload acts for.
+    pub on_behalf_of: Option<&'a Verified>,
+    /// The verified `evidence_tokens`.
+    pub evidence_tokens: &'a [Verified],
 }
 
 /// What the module was given (`input`).
@@ -106,8 +111,11 @@ pub(crate) struct RequestInput<'a> {
     pub scopes: &'a [String],
     /// Whether the caller named its scopes (false: `scopes` are the rule's default).
     pub scopes_requested: bool,
-    /// On whose behalf (delegation): not supported yet, always null.
-    pub on_behalf_of: Option<()>,
+    /// On whose behalf (delegation): the verified `subject_token` (issuer, iss, sub, exp,
+    /// claims); null when the workload acts for itself.
+    pub on_behalf_of: Option<&'a Verified>,
+    /// The verified `evidence_tokens`, in the request's order.
+    pub evidence_tokens: &'a [Verified],
     /// The parent credential (agent-to-agent chains): not supported yet, always null.
     pub parent: Option<()>,
 }
@@ -281,7 +289,8 @@ impl Asked<'_> {
                 ttl_seconds: self.ttl_seconds,
                 scopes: self.scopes,
                 scopes_requested: self.request.scopes.is_some(),
-                on_behalf_of: None,
+                on_behalf_of: self.on_behalf_of,
+                evidence_tokens: self.evidence_tokens,
                 parent: None,
             },
             time: TimeInput::of(self.now),

@@ -225,6 +225,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
             task,
             ttl_seconds,
             scopes,
+            subject_token: None,
+            evidence_tokens: Vec::new(),
         };
         let (pidfd, attested) = attest(&self.svc, &self.caller).map_err(|r| status(&r))?;
         if let (Some(wanted), Some(wid)) = (&wanted, attested.workload) {

@@ -10,7 +10,7 @@ use super::keys::{SigningAlgorithm, SigningKeys};
 use crate::identity::spiffe::SpiffeId;
 
 /// Seconds of clock skew tolerated when checking `exp` and `nbf`.
-const LEEWAY_SECONDS: u64 = 5;
+pub(crate) const LEEWAY_SECONDS: u64 = 5;
 
 /// The claims of a Tessera credential.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,17 @@ pub struct Claims {
     /// The granted scopes, space-separated (RFC 8693 4.2); absent when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// On whose behalf (delegation): the person's token's issuer and subject; absent when the
+    /// workload acts for itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obo: Option<OnBehalfOf>,
+}
+
+/// The `obo` claim: who the holder acts for, from a verified `subject_token`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnBehalfOf {
+    pub iss: String,
+    pub sub: String,
 }
 
 impl SigningKeys {
@@ -182,6 +193,7 @@ mod tests {
             jti: uuid::Uuid::now_v7().to_string(),
             task: "job-42".to_owned(),
             scope: None,
+            obo: None,
         }
     }
 

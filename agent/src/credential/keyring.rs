@@ -351,6 +351,7 @@ mod tests {
             jti: "j".to_owned(),
             task: "t".to_owned(),
             scope: None,
+            obo: None,
         }
     }
 

@@ -14,7 +14,8 @@ use super::bundle_dir::BundleDir;
 use super::bundle_k8s::K8sBundle;
 use super::decide;
 use super::errors::{CredentialError, GrantStoreError, TokenError};
-use super::jwt::Claims;
+use super::external;
+use super::jwt::{Claims, OnBehalfOf};
 use super::keyring::{KeyRing, Rotation};
 use super::keys::SigningAlgorithm;
 use super::limit::{LimitKey, Limiter, RateLimit};
@@ -53,6 +54,9 @@ pub trait CredentialObserver: Send + Sync {
     /// An issuance module was asked: `allow`, `deny`, or why it gave no answer (`error`,
     /// `timeout`, `undefined`, `invalid_result`: each a deny).
     fn module_decided(&self, _result: &'static str) {}
+    /// A token a request carried was checked: `kind` `subject` or `evidence`, `result`
+    /// `verified` or why not (`expired`, `bad_signature`, …).
+    fn token_checked(&self, _kind: &'static str, _result: &'static str) {}
 }
 
 /// Why a request gets no credential: an HTTP status, a stable reason, a message saying what to do.
@@ -447,6 +451,39 @@ impl CredentialService {
             ));
         }
 
+        let tokens = external::verify_request(
+            &policy.trusted_issuers,
+            &self.issuer,
+            req,
+            &|kind, result| self.observe(|o| o.token_checked(kind, result)),
+        )?;
+        if let Some(m) = &rule.token_match
+            && !tokens
+                .evidence
+                .iter()
+                .any(|t| m.matches(&t.issuer, &t.sub, &t.claims))
+        {
+            return Err(Refusal::forbidden(
+                "evidence_not_matched",
+                format!(
+                    "rule {} asks for an evidence token from trusted issuer {}{}{}; the request \
+                     carried {} verified evidence token(s), none of them matching",
+                    rule.name,
+                    m.issuer,
+                    m.subject
+                        .as_ref()
+                        .map(|s| format!(" with sub {s:?}"))
+                        .unwrap_or_default(),
+                    if m.claims.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with claims {:?}", m.claims)
+                    },
+                    tokens.evidence.len()
+                ),
+            ));
+        }
+
         let scopes = decide::requested_scopes(rule, req.scopes.as_deref()).map_err(|unknown| {
             Refusal::forbidden(
                 "scope_not_allowed",
@@ -463,6 +500,20 @@ impl CredentialService {
             )
         })?;
         let now = SystemTime::now();
+        // Acting for a person: no longer than their token.
+        let ttl = match &tokens.subject {
+            None => ttl,
+            Some(person) => {
+                let left = person.exp.saturating_sub(unix_seconds(now));
+                if left == 0 {
+                    return Err(Refusal::forbidden(
+                        "untrusted_token",
+                        "subject_token is refused: it has expired",
+                    ));
+                }
+                ttl.min(left)
+            }
+        };
         let (ttl, scopes) = match rule.issuance {
             None => (ttl, scopes),
             Some(id) => {
@@ -478,6 +529,8 @@ impl CredentialService {
                     scopes: &scopes,
                     now,
                     history: decide::History::of(&self.registry.kept_of(&workload.spiffe_id), now),
+                    on_behalf_of: tokens.subject.as_ref(),
+                    evidence_tokens: &tokens.evidence,
                 };
                 let (result, decided) = decide::decide(policy.issuance_module(id), &asked);
                 self.module_decided(result);
@@ -501,6 +554,10 @@ impl CredentialService {
             jti: jti.clone(),
             task: task.unwrap_or_else(|| jti.clone()),
             scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
+            obo: tokens.subject.as_ref().map(|p| OnBehalfOf {
+                iss: p.iss.clone(),
+                sub: p.sub.clone(),
+            }),
         };
         let signed = {
             let mut ring = self.keys.write().unwrap_or_else(|e| e.into_inner());
@@ -610,13 +667,17 @@ impl CredentialService {
     }
 
     fn module_decided(&self, result: &'static str) {
+        self.observe(|o| o.module_decided(result));
+    }
+
+    fn observe(&self, tell: impl FnOnce(&dyn CredentialObserver)) {
         let observer = self
             .observer
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(observer) = observer {
-            observer.module_decided(result);
+            tell(observer.as_ref());
         }
     }
 
@@ -681,6 +742,10 @@ fn boot_time_ns() -> u64 {
         // CLOCK_BOOTTIME exists on every kernel Tessera runs on; 0 yields an already-expired grant.
         Err(_) => 0,
     }
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 fn duration_ns(d: Duration) -> u64 {

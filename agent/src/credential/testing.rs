@@ -235,6 +235,8 @@ pub(crate) fn req(audience: &str, ttl: Option<u64>) -> TokenRequest {
         task: Some("job-42".to_owned()),
         ttl_seconds: ttl,
         scopes: None,
+        subject_token: None,
+        evidence_tokens: Vec::new(),
     }
 }
 

@@ -83,6 +83,8 @@ async fn ttl_defaults_to_max_and_workload_bind_uses_workload_grant() {
             task: None,
             ttl_seconds: None,
             scopes: None,
+            subject_token: None,
+            evidence_tokens: Vec::new(),
         },
     )
     .await

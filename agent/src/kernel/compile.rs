@@ -461,6 +461,7 @@ mod tests {
                     mode: Mode::Enforce,
                     scopes: Vec::new(),
                     issuance: None,
+                    token_match: None,
                 },
                 Rule {
                     name: "c-net".to_owned(),
@@ -470,9 +471,11 @@ mod tests {
                     mode: Mode::Audit,
                     scopes: Vec::new(),
                     issuance: None,
+                    token_match: None,
                 },
             ],
             issuance: Vec::new(),
+            trusted_issuers: Vec::new(),
             sources: Vec::new(),
         }
     }

@@ -389,6 +389,51 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         "The scopes this rule's credentials may carry (the token's scope claim); a request asks for a subset.",
     ),
     (
+        "spec.rules.match",
+        "What a credential request under this rule must carry besides its workload's identity.",
+    ),
+    (
+        "spec.rules.match.token",
+        "An evidence token (evidence_tokens) from a trusted issuer with this subject and these claims.",
+    ),
+    (
+        "spec.rules.match.token.issuer",
+        "The name of a trusted issuer of this document.",
+    ),
+    (
+        "spec.rules.match.token.subject",
+        "The token's sub, exactly; any when absent.",
+    ),
+    (
+        "spec.rules.match.token.claims",
+        "Claims the token must carry with these values (strings; numbers and booleans as written).",
+    ),
+    (
+        "spec.trustedIssuers",
+        "Outside issuers whose JWTs a credential request may carry: a person's (subject_token) or the workload's own (evidence_tokens). Read from policy files only (a resource that names one is refused).",
+    ),
+    (
+        "spec.trustedIssuers.name",
+        "Unique across every policy source; rules' match.token.issuer names it.",
+    ),
+    (
+        "spec.trustedIssuers.issuer",
+        "The tokens' iss, exactly; unique across every policy source.",
+    ),
+    (
+        "spec.trustedIssuers.audiences",
+        "A token's aud must hold one of these.",
+    ),
+    ("spec.trustedIssuers.jwks", "The issuer's public keys."),
+    (
+        "spec.trustedIssuers.jwks.file",
+        "A JWKS file relative to the policy file; re-read when a token names an unknown key (at most every 10 s) and every minute.",
+    ),
+    (
+        "spec.trustedIssuers.jwks.url",
+        "An https URL: not supported yet (refused).",
+    ),
+    (
         "spec.issuance",
         "A Rego issuance module; read from policy files only (a resource that names one is refused).",
     ),

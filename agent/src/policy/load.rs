@@ -122,6 +122,7 @@ pub(super) fn from_texts(texts: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, Poli
     Ok(PolicySet {
         revision,
         issuance: validated.issuance,
+        trusted_issuers: validated.trusted_issuers,
         workloads: validated.workloads,
         endpoints: validated.endpoints,
         rules: validated.rules,

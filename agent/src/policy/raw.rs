@@ -52,6 +52,56 @@ pub(super) struct RawSpec {
     /// The Rego module that decides this document's credential requests.
     #[schemars(with = "Option<RawIssuance>")]
     pub issuance: Option<S<RawIssuance>>,
+    /// Issuers whose tokens a credential request may carry (a person's, a workload's).
+    #[serde(default)]
+    #[schemars(with = "Vec<RawTrustedIssuer>")]
+    pub trusted_issuers: Vec<S<RawTrustedIssuer>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawTrustedIssuer {
+    #[schemars(with = "Option<String>")]
+    pub name: Option<S<String>>,
+    /// The tokens' `iss`, exactly.
+    #[schemars(with = "Option<String>")]
+    pub issuer: Option<S<String>>,
+    /// What the tokens' `aud` must hold (one of these).
+    #[schemars(with = "Option<Vec<String>>")]
+    pub audiences: Option<S<Vec<S<String>>>>,
+    #[schemars(with = "Option<RawJwks>")]
+    pub jwks: Option<S<RawJwks>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawJwks {
+    /// A JWKS file, relative to the policy file.
+    #[schemars(with = "Option<String>")]
+    pub file: Option<S<String>>,
+    /// An `https://` URL (not supported yet: refused with a hint).
+    #[schemars(with = "Option<String>")]
+    pub url: Option<S<String>>,
+}
+
+/// A rule's `match:`: what a credential request must carry besides its workload's identity.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawRuleMatch {
+    #[schemars(with = "Option<RawTokenMatch>")]
+    pub token: Option<S<RawTokenMatch>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawTokenMatch {
+    /// A trusted issuer's name.
+    #[schemars(with = "Option<String>")]
+    pub issuer: Option<S<String>>,
+    #[schemars(with = "Option<String>")]
+    pub subject: Option<S<String>>,
+    #[schemars(with = "Option<BTreeMap<String, String>>")]
+    pub claims: Option<S<BTreeMap<String, S<String>>>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -159,6 +209,9 @@ pub(super) struct RawRule {
     pub connections: Option<S<String>>,
     #[schemars(with = "Option<Vec<String>>")]
     pub scopes: Option<S<Vec<S<String>>>>,
+    #[serde(rename = "match")]
+    #[schemars(with = "Option<RawRuleMatch>")]
+    pub selectors: Option<S<RawRuleMatch>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -203,6 +256,7 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
             "endpoints",
             "rules",
             "issuance",
+            "trustedIssuers",
         ],
         unsupported: &[],
     },
@@ -260,7 +314,28 @@ pub(super) const FIELD_SETS: &[FieldSet] = &[
             "mode",
             "connections",
             "scopes",
+            "match",
         ],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "trusted issuer",
+        fields: &["name", "issuer", "audiences", "jwks"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "trusted issuer jwks",
+        fields: &["file", "url"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "rule match",
+        fields: &["token"],
+        unsupported: &[],
+    },
+    FieldSet {
+        context: "rule match token",
+        fields: &["issuer", "subject", "claims"],
         unsupported: &[],
     },
     FieldSet {

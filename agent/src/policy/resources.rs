@@ -291,6 +291,18 @@ fn render(resource: &PolicyResource) -> Result<Rendering, Vec<ResourceError>> {
                 .into(),
         }]);
     }
+    if spec.get("trustedIssuers").is_some() {
+        // Its JWKS is a file on the node, and the agent reads nothing a resource names from
+        // the node's disk.
+        return Err(vec![ResourceError {
+            source: resource.key(),
+            path: "spec.trustedIssuers".into(),
+            message: "trusted issuers cannot come from a custom resource".into(),
+            hint: "put the document with spec.trustedIssuers (and the rules that match its \
+                   tokens) in a policy file (--policy)"
+                .into(),
+        }]);
+    }
     if let Some(namespace) = &resource.namespace {
         confine_to_namespace(&resource.key(), namespace, &mut spec)?;
     }

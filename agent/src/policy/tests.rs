@@ -116,6 +116,7 @@ fn valid_policy_round_trip() {
                 mode: Mode::Enforce,
                 scopes: Vec::new(),
                 issuance: None,
+                token_match: None,
             },
             Rule {
                 name: "everyone-to-dns".into(),
@@ -125,6 +126,7 @@ fn valid_policy_round_trip() {
                 mode: Mode::Audit,
                 scopes: Vec::new(),
                 issuance: None,
+                token_match: None,
             },
             Rule {
                 name: "batch-to-vault".into(),
@@ -139,9 +141,11 @@ fn valid_policy_round_trip() {
                 mode: Mode::Audit,
                 scopes: Vec::new(),
                 issuance: None,
+                token_match: None,
             },
         ],
         issuance: Vec::new(),
+        trusted_issuers: Vec::new(),
         sources: vec![PathBuf::from("t.yaml")],
     };
     assert_eq!(set, expected);
@@ -321,10 +325,14 @@ fn every_shipped_policy_loads() {
         .collect();
     files.sort();
     assert!(!files.is_empty());
-    // Rego issuance modules sit beside the policies that name them.
+    // Rego issuance modules and trusted issuers' JWKS files sit beside the policies that
+    // name them.
     let (modules, files): (Vec<PathBuf>, Vec<PathBuf>) = files
         .into_iter()
         .partition(|f| f.extension().is_some_and(|e| e == "rego"));
+    let (jwks, files): (Vec<PathBuf>, Vec<PathBuf>) = files
+        .into_iter()
+        .partition(|f| f.to_string_lossy().ends_with(".jwks.json"));
     for file in &files {
         let ext = file.extension().and_then(|e| e.to_str());
         assert!(
@@ -347,6 +355,15 @@ fn every_shipped_policy_loads() {
                 .any(|n| n.ends_with(module.file_name().unwrap())),
             "{} in policies/ is named by no policy",
             module.display()
+        );
+    }
+    for file in &jwks {
+        assert!(
+            all.trusted_issuers
+                .iter()
+                .any(|t| t.jwks.ends_with(file.file_name().unwrap())),
+            "{} in policies/ is the JWKS of no trusted issuer",
+            file.display()
         );
     }
 }

@@ -18,6 +18,7 @@ mod ambiguity;
 mod endpoint;
 mod fields;
 mod issuance;
+mod issuers;
 mod rule;
 mod selectors;
 mod workload;
@@ -38,6 +39,7 @@ pub(super) struct Validated {
     pub endpoints: Vec<Endpoint>,
     pub rules: Vec<Rule>,
     pub issuance: Vec<std::sync::Arc<super::IssuanceModule>>,
+    pub trusted_issuers: Vec<std::sync::Arc<super::TrustedIssuer>>,
 }
 
 /// Reports errors against one file.
@@ -107,6 +109,9 @@ struct Validator<'a> {
     /// Endpoints' `audiences:`, with the endpoint that lists each.
     audiences: HashMap<String, (String, Origin<'a>)>,
     rule_names: HashMap<String, Origin<'a>>,
+    /// Trusted issuers' names, and their `issuer`s with the name of the one that has it.
+    issuer_names: HashMap<String, Origin<'a>>,
+    issuer_urls: HashMap<String, (String, Origin<'a>)>,
     spiffe_ids: HashMap<SpiffeId, (String, Origin<'a>)>,
     /// Every valid workload's selectors, to find ambiguous ones.
     ambiguity: AmbiguityIndex,
@@ -229,11 +234,24 @@ impl<'a> Validator<'a> {
             }
         }
 
+        let mut issuers = LocalNames::default();
+        for raw in &spec.trusted_issuers {
+            let name = raw.value.name.as_ref().map(|n| n.value.clone());
+            match issuers::check(ctx, raw) {
+                Some(t) if self.add_issuer(ctx, &t, raw.referenced) => {
+                    issuers.valid.insert(t.name.clone(), ());
+                    self.out.trusted_issuers.push(std::sync::Arc::new(t));
+                }
+                _ => issuers.invalid.extend(name),
+            }
+        }
+
         for raw in &spec.rules {
             let before = ctx.error_count();
             let resolver = rule::Resolver {
                 workloads: &workloads,
                 endpoints: &endpoints,
+                issuers: &issuers,
                 other_workloads: &self.workload_names,
                 other_endpoints: &self.endpoint_names,
             };
@@ -381,6 +399,42 @@ impl<'a> Validator<'a> {
         }
         self.out.endpoints.push(e);
         Some(id)
+    }
+
+    /// Registers a trusted issuer unless its name or `issuer` is taken; false if it is.
+    fn add_issuer(
+        &mut self,
+        ctx: &mut Ctx<'a, '_>,
+        t: &super::TrustedIssuer,
+        loc: Location,
+    ) -> bool {
+        let here = ctx.origin(loc);
+        if let Some(first) = self.issuer_names.get(&t.name) {
+            ctx.error(
+                loc,
+                format!(
+                    "trusted issuer name `{}` is already used at {first}",
+                    t.name
+                ),
+                "trusted issuer names must be unique across all policy files; rename one",
+            );
+            return false;
+        }
+        if let Some((other, first)) = self.issuer_urls.get(&t.issuer) {
+            ctx.error(
+                loc,
+                format!(
+                    "trusted issuer `{}` has the issuer {} of trusted issuer `{other}` ({first})",
+                    t.name, t.issuer
+                ),
+                "a token's `iss` must name one trusted issuer; merge their audiences and keys",
+            );
+            return false;
+        }
+        self.issuer_names.insert(t.name.clone(), here);
+        self.issuer_urls
+            .insert(t.issuer.clone(), (t.name.clone(), here));
+        true
     }
 
     fn add_rule(&mut self, ctx: &mut Ctx<'a, '_>, r: Rule, loc: Location) {

@@ -186,6 +186,8 @@ impl Actor {
             task: Some("tessera-selftest".to_owned()),
             ttl_seconds: Some(120),
             scopes: None,
+            subject_token: None,
+            evidence_tokens: Vec::new(),
         };
         match credential::request_token(&self.req.api, &req).await {
             Ok(resp) => {

@@ -57,6 +57,8 @@ fn arguments() {
             task: Some("job-42".to_owned()),
             ttl_seconds: Some(300),
             scopes: None,
+            subject_token: None,
+            evidence_tokens: Vec::new(),
         }
     );
 

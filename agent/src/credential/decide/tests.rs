@@ -48,6 +48,7 @@ fn input<'a>(set: &'a PolicySet, scopes: &'a [String], ev: &'a Evidence) -> Inpu
             scopes,
             scopes_requested: false,
             on_behalf_of: None,
+            evidence_tokens: &[],
             parent: None,
         },
         time: TimeInput::of(UNIX_EPOCH + std::time::Duration::from_secs(1_796_378_400)),

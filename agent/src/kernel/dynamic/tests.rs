@@ -40,6 +40,7 @@ fn policy() -> PolicySet {
         rules: vec![],
         sources: vec![],
         issuance: Vec::new(),
+        trusted_issuers: Vec::new(),
     }
 }
 

@@ -165,6 +165,23 @@ fn a_resource_naming_an_issuance_module_is_refused() {
 }
 
 #[test]
+fn a_resource_naming_trusted_issuers_is_refused() {
+    let mut spec = vault_spec("delegating", "10m");
+    spec["trustedIssuers"] = json!([{"name": "people", "issuer": "https://login.example.org",
+        "audiences": ["tessera"], "jwks": {"file": "/etc/shadow"}}]);
+    let bad = cluster("delegating", 1, spec);
+    let merged = merge(&files(), &[new(bad.clone())]).expect("merged");
+    assert!(merged.policy.workload_by_name("delegating").is_none());
+    assert!(merged.policy.trusted_issuers.is_empty());
+    let errors = refused_errors(&merged, &bad.key());
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("TesseraPolicy/delegating spec.trustedIssuers: "),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn a_refused_update_keeps_the_accepted_spec_enforcing() {
     let accepted = cluster("payments", 1, vault_spec("payments", "10m"));
     let update = cluster("payments", 2, vault_spec("payments", "48h"));

@@ -21,6 +21,8 @@ const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub(super) struct Resolver<'r, 'a> {
     pub workloads: &'r LocalNames<WorkloadId>,
     pub endpoints: &'r LocalNames<EndpointId>,
+    /// The document's trusted issuers (`match.token.issuer` names one).
+    pub issuers: &'r LocalNames<()>,
     pub other_workloads: &'r HashMap<String, Origin<'a>>,
     pub other_endpoints: &'r HashMap<String, Origin<'a>>,
 }
@@ -69,6 +71,8 @@ pub(super) fn check(
         Some(m) => parse_mode(ctx, Some(m)),
     };
     let scopes = check_scopes(ctx, raw.scopes.as_ref(), &credential);
+    let token_match =
+        super::issuers::check_token_match(ctx, raw.selectors.as_ref(), &credential, names.issuers);
     Some(Rule {
         name: name?,
         workloads: workloads?,
@@ -77,6 +81,7 @@ pub(super) fn check(
         mode: mode?,
         scopes: scopes?,
         issuance: None,
+        token_match: token_match?,
     })
 }
 

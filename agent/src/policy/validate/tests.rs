@@ -78,7 +78,7 @@ fn unknown_fields_name_the_key_and_the_allowed_ones() {
     assert_errors(
         &with_head("  workload: []\n"),
         &[
-            "p.yaml:6:3: unknown field `workload` in spec — allowed: trustDomain, mode, workloads, endpoints, rules, issuance",
+            "p.yaml:6:3: unknown field `workload` in spec — allowed: trustDomain, mode, workloads, endpoints, rules, issuance, trustedIssuers",
         ],
     );
     assert_errors(
