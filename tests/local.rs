@@ -12,6 +12,7 @@
 
 mod support;
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -185,4 +186,89 @@ fn a_caller_in_another_network_namespace_is_decided_by_the_agents_addresses() {
     for ip in [host_addr.as_str(), "127.0.0.1", "0.0.0.0"] {
         assert_eq!(holder.net("connect", 4, ip, s.port), "ok", "{ip}");
     }
+}
+
+/// The record of a connect to another form of a local address keeps the address the caller
+/// gave (`destination.original`) beside the one decided (`destination.ip`) and its endpoint;
+/// a connect to the address itself (loopback, an alias, the host's address) has no `original`.
+///
+/// Ignored: this build's kernel programs do not fill `destination.original` yet (classifying
+/// the address as the event is written, or carrying it through the decision, took 6.1's
+/// verifier over the kernel matrix's budget: README, *The decision log*). Run it with
+/// `--ignored` once they do.
+#[test]
+#[ignore = "the kernel programs do not fill destination.original yet (6.1 verifier budget)"]
+fn a_record_keeps_the_address_the_caller_gave_beside_the_one_decided() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("local-original");
+    let host_addr = s.ns.addr(1);
+    let mut bare = Workload::spawn(&s.app, &s.agent.api);
+    // (family, as given, as decided, hook, the record's `original`)
+    let cases = [
+        (4u8, "0.0.0.0", "127.0.0.1", "connect4", Some("0.0.0.0")),
+        (6, "::", "::1", "connect6", Some("::")),
+        (
+            6,
+            "::ffff:0.0.0.0",
+            "127.0.0.1",
+            "connect6",
+            Some("::ffff:0.0.0.0"),
+        ),
+        // IPv4-compatible (deprecated): decided as the IPv4 address it embeds.
+        (
+            6,
+            "::127.0.0.1",
+            "127.0.0.1",
+            "connect6",
+            Some("::127.0.0.1"),
+        ),
+        (4, "127.0.0.1", "127.0.0.1", "connect4", None),
+        (4, "127.0.0.2", "127.0.0.2", "connect4", None),
+        (4, host_addr.as_str(), host_addr.as_str(), "connect4", None),
+        (6, "::1", "::1", "connect6", None),
+        // IPv4-mapped: the IPv4 address itself, on an IPv6 socket.
+        (6, "::ffff:127.0.0.1", "127.0.0.1", "connect6", None),
+    ];
+    for (family, given, decided, hook, original) in cases {
+        let (result, d, _) = s
+            .agent
+            .settled(bare.pid, || bare.net("connect", family, given, s.port));
+        assert_eq!(result, "EPERM", "{given} without a credential: {d}");
+        assert!(
+            denied_as_vault(bare.pid, decided, s.port)(&d) && d["hook"] == hook,
+            "{given}: decided as {decided} (vault, {hook}): {d}"
+        );
+        match original {
+            // Compared as addresses: the log writes `::127.0.0.1` as `::7f00:1` (RFC 5952).
+            Some(ip) => {
+                let logged = &d["destination"]["original"];
+                assert_eq!(
+                    logged["ip"].as_str().and_then(|a| a.parse::<IpAddr>().ok()),
+                    Some(ip.parse::<IpAddr>().unwrap()),
+                    "{given}: {d}"
+                );
+                assert_eq!(logged["port"], s.port, "{given}: {d}");
+            }
+            None => assert!(
+                d["destination"].get("original").is_none(),
+                "{given}: a connect to the address decided has no original: {d}"
+            ),
+        }
+    }
+    // An allow says the same.
+    let mut holder = Workload::spawn(&s.app, &s.agent.api);
+    holder.must_token("vault", Some(60));
+    let (result, d, _) = s
+        .agent
+        .settled(holder.pid, || holder.net("connect", 4, "0.0.0.0", s.port));
+    assert_eq!(result, "ok", "{d}");
+    assert_eq!(d["reason"], "credential_valid", "{d}");
+    assert_eq!(d["destination"]["ip"], "127.0.0.1", "{d}");
+    assert_eq!(
+        d["destination"]["original"],
+        serde_json::json!({"ip": "0.0.0.0", "port": s.port}),
+        "{d}"
+    );
 }

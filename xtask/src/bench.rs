@@ -16,15 +16,51 @@ pub struct BenchArgs {
     /// Seconds of the daemon benchmark's sustained part.
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
-    /// Run only the daemon benchmark.
-    #[arg(long)]
+    /// Run only the daemon benchmark (`--only daemon`).
+    #[arg(long, conflicts_with = "only")]
     pub daemon_only: bool,
+    /// Run only these benchmarks (repeatable; default: all, in this order).
+    #[arg(long, value_enum)]
+    pub only: Vec<Bench>,
+}
+
+/// One benchmark of `cargo xtask bench` (agent/benches/NAME.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bench {
+    Connect,
+    Attest,
+    Packets,
+    Revocation,
+    Daemon,
+}
+
+impl Bench {
+    fn name(self) -> &'static str {
+        match self {
+            Bench::Connect => "connect",
+            Bench::Attest => "attest",
+            Bench::Packets => "packets",
+            Bench::Revocation => "revocation",
+            Bench::Daemon => "daemon",
+        }
+    }
+}
+
+impl BenchArgs {
+    fn runs(&self, bench: Bench) -> bool {
+        if self.daemon_only {
+            bench == Bench::Daemon
+        } else {
+            self.only.is_empty() || self.only.contains(&bench)
+        }
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     crate::setup::run()?;
-    if !args.daemon_only {
-        program_benches(args)?;
+    program_benches(args)?;
+    if !args.runs(Bench::Daemon) {
+        return Ok(());
     }
     // The real daemon under load (agent/benches/daemon.rs).
     let daemon_json = absolute("target/bench/daemon.json")?;
@@ -58,19 +94,25 @@ fn program_benches(args: &BenchArgs) -> Result<()> {
     let json = json
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("the --json path is not UTF-8"))?;
-    crate::setup::cargo(&[
-        "bench",
-        "--package",
-        "tessera-agent",
-        "--bench",
-        "connect",
-        "--",
-        "--json",
-        json,
-    ])?;
+    if args.runs(Bench::Connect) {
+        crate::setup::cargo(&[
+            "bench",
+            "--package",
+            "tessera-agent",
+            "--bench",
+            "connect",
+            "--",
+            "--json",
+            json,
+        ])?;
+    }
     // Attestation cost per process (agent/benches/attest.rs), the packet-drop programs' cost
     // on unprotected traffic and the revocation latency, beside the connect results.
-    for bench in ["attest", "packets", "revocation"] {
+    for bench in [Bench::Attest, Bench::Packets, Bench::Revocation] {
+        if !args.runs(bench) {
+            continue;
+        }
+        let bench = bench.name();
         let out = absolute(&format!("target/bench/{bench}.json"))?;
         crate::setup::cargo(&[
             "bench",

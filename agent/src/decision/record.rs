@@ -66,8 +66,8 @@ pub struct Destination {
     pub contested: Vec<String>,
     /// The destination as the caller gave it, when the kernel decided it as `ip`: an
     /// unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`, decided as the loopback it
-    /// reaches), an IPv4-mapped or IPv4-compatible IPv6 address (decided as the IPv4 one).
-    /// Absent when it is `ip` itself.
+    /// reaches) or an IPv4-compatible IPv6 address (decided as the IPv4 one). Absent when it
+    /// is `ip` itself, or `ip`'s IPv4-mapped form on an IPv6 hook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original: Option<OriginalDestination>,
 }
